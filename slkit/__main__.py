@@ -1,0 +1,5 @@
+import sys
+
+from slkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit setup`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slkit", description="Self-Lengthen on one GPU (or a CPU).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the notebooks of a recipe for every macro-iteration (resumes)")
+    run.add_argument("params")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
+    run.add_argument("--no-progress", action="store_true")
+    check = sub.add_parser("check", help="validate a params file and print it with its defaults")
+    check.add_argument("params")
+    sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
+    args = parser.parse_args(argv)
+
+    from slkit.params import ParamsError
+    from slkit.records import RecordFileError
+
+    try:
+        if args.command == "run":
+            from slkit.pipeline import run_pipeline
+
+            run_dir = run_pipeline(args.params, _overrides(args.set), show_progress=not args.no_progress)
+            print(f"done: {run_dir}")
+        elif args.command == "check":
+            from slkit.params import load_params
+
+            print(yaml.safe_dump(load_params(args.params).to_dict(), sort_keys=False, allow_unicode=True))
+        else:
+            from slkit.models import resolve_model_path
+            from slkit.pipeline import ensure_kernel
+
+            print(f"kernel: {ensure_kernel()}")
+            print(f"demo model: {resolve_model_path('builtin:gemma-3-270m')}")
+    except (ParamsError, RecordFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

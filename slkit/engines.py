@@ -1,0 +1,158 @@
+"""Generation engines behind one interface, so stages never care which backend runs.
+
+    engine = load_engine(params, adapters={"generator": "runs/x/iter_1/adapters/generator"})
+    texts = engine.generate([Request(prompt, role="generator", max_new_tokens=512, seed=1)], params.sampling)
+
+A Request's prompt is the complete text the model continues (rendered with `engine.render`), so
+chat turns, raw completions and pre-filled answers are all the same call. `role` picks the LoRA
+adapter; None, or a role with no adapter yet (iteration 1), generates with the base model.
+Now: transformers. A vLLM backend and OpenAI-compatible endpoints implement the same methods.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from slkit.params import Params, SamplingParams
+from slkit.prompts import render_user_turn
+
+_SENTENCE_END = re.compile(r"[.!?。！？][\"')\]”’」』》）】]*(?=\s|$)|```\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str  # the full text to continue
+    role: str | None  # "generator", "extender" or None for the base model
+    max_new_tokens: int
+    seed: int = 0
+
+
+class Engine(Protocol):
+    def render(self, message: str) -> str: ...
+    def generate(self, requests: list[Request], sampling: SamplingParams,
+                 on_done: Callable[[int], None] | None = None) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """Text up to the first stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def trim_unfinished(text: str) -> str:
+    """Drop an unfinished last sentence (text after the last sentence end)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[:ends[-1].end()] if ends else text
+
+
+def postprocess(text: str, sampling: SamplingParams) -> str:
+    text = cut_at_stop(text, sampling.stop)
+    if sampling.trim_unfinished:
+        text = trim_unfinished(text)
+    return text.strip()
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from any values, stable across processes (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+class TransformersEngine:
+    """Batched, left-padded `generate` with every sampling parameter explicit and per-role LoRA adapters."""
+
+    def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
+        import torch
+        from slkit.models import load_model, load_tokenizer
+
+        self.params = params
+        self.tokenizer = load_tokenizer(params.model)
+        self.tokenizer.padding_side = "left"
+        self.model = load_model(params.model, device=params.engine.device, for_training=False)
+        self.adapters = {role: path for role, path in (adapters or {}).items() if path}
+        if self.adapters:
+            from peft import PeftModel
+
+            roles = list(self.adapters)
+            self.model = PeftModel.from_pretrained(self.model, self.adapters[roles[0]], adapter_name=roles[0])
+            for role in roles[1:]:
+                self.model.load_adapter(self.adapters[role], adapter_name=role)
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")  # Gemma's chat turn end
+        self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id} | ({end_of_turn} if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else set()) - {None})
+        self._torch = torch
+
+    def render(self, message: str) -> str:
+        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Any]:
+        bos = self.tokenizer.bos_token
+        # A rendered chat template already starts with <bos>; plain prompts get it from the tokenizer.
+        with_bos = [p if (bos and p.startswith(bos)) else (bos or "") + p for p in prompts]
+        return self.tokenizer(with_bos, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams,
+                 on_done: Callable[[int], None] | None = None) -> list[str]:
+        torch = self._torch
+        outputs: list[str] = [""] * len(requests)
+        # Group by adapter, then by prompt length so a batch pads little.
+        order = sorted(range(len(requests)), key=lambda i: (str(requests[i].role), len(requests[i].prompt)))
+        size = self.params.engine.batch_size
+        i = 0
+        while i < len(order):
+            role = requests[order[i]].role
+            batch = [order[i]]
+            while len(batch) < size and i + len(batch) < len(order) and requests[order[i + len(batch)]].role == role:
+                batch.append(order[i + len(batch)])
+            i += len(batch)
+            enc = self._encode([requests[j].prompt for j in batch])
+            greedy = sampling.temperature == 0
+            kwargs = dict(
+                max_new_tokens=max(requests[j].max_new_tokens for j in batch),
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy else sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            torch.manual_seed(stable_seed(*(requests[j].seed for j in batch)))
+            with torch.inference_mode(), self._adapter(role):
+                out = self.model.generate(**enc, **kwargs)
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            for row, j in enumerate(batch):
+                ids = new_tokens[row][: requests[j].max_new_tokens]
+                outputs[j] = postprocess(self.tokenizer.decode(ids, skip_special_tokens=True), sampling)
+            if on_done:
+                on_done(len(batch))
+        return outputs
+
+    def _adapter(self, role: str | None):
+        import contextlib
+
+        if role in self.adapters:
+            self.model.set_adapter(role)
+            return contextlib.nullcontext()
+        if self.adapters:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        del self.model
+        import gc
+
+        gc.collect()
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()
+
+
+def load_engine(params: Params, adapters: dict[str, str | None] | None = None) -> Engine:
+    if params.engine.backend == "transformers":
+        return TransformersEngine(params, adapters)
+    raise ValueError(f"engine.backend: unknown backend {params.engine.backend!r}")

