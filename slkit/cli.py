@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check", help="validate a params file and print it with its defaults")
     check.add_argument("params")
-    sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
+    setup = sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
+    setup.add_argument("--kernel-only", action="store_true", help="only register the kernel")
     args = parser.parse_args(argv)
 
     from slkit.params import ParamsError
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             from slkit.pipeline import ensure_kernel
 
             print(f"kernel: {ensure_kernel()}")
-            print(f"demo model: {resolve_model_path('builtin:gemma-3-270m')}")
+            if not args.kernel_only:
+                print(f"demo model: {resolve_model_path('builtin:gemma-3-270m')}")
     except (ParamsError, RecordFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

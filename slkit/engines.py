@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from slkit.params import Params, SamplingParams
-from slkit.prompts import render_user_turn
+from slkit.prompts import has_chat_template, render_user_turn
 
 _SENTENCE_END = re.compile(r"[.!?。！？][\"')\]”’」』》）】]*(?=\s|$)|```\s*$", re.S)
 
@@ -30,6 +30,8 @@ class Request:
 
 
 class Engine(Protocol):
+    is_chat: bool  # prompts are rendered with a chat template (else the plain instruction format)
+
     def render(self, message: str) -> str: ...
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[str]: ...
@@ -86,6 +88,11 @@ class TransformersEngine:
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")  # Gemma's chat turn end
         self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id} | ({end_of_turn} if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else set()) - {None})
         self._torch = torch
+
+    @property
+    def is_chat(self) -> bool:
+        fmt = self.params.model.prompt_format
+        return fmt == "chat" or (fmt == "auto" and has_chat_template(self.tokenizer))
 
     def render(self, message: str) -> str:
         return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)

@@ -17,10 +17,21 @@ SELF_INSTRUCT_HEADER = {
 }
 SELF_INSTRUCT_LABEL = {"en": "Instruction {n}:", "zh": "指令{n}："}
 
+# Few-shot, so base models answer in the same form as chat models; ends where the verdict goes.
 JUDGE = {
-    "en": ("Decide whether the writing request below is suitable for guiding a long article of more than "
-           "2,000 words. Answer with one word, yes or no.\n\nRequest: {query}"),
-    "zh": "判断下面的写作请求是否适合用来指导写一篇两千字以上的长文。只回答一个字：是 或 否。\n\n请求：{query}",
+    "en": ("Decide whether each writing request is suitable for guiding a long article of more than 2,000 words. "
+           "Answer yes or no.\n\n"
+           "Request: Write a detailed history of the printing press and how it changed Europe.\nAnswer: yes\n\n"
+           "Request: What is the capital of Peru?\nAnswer: no\n\n"
+           "Request: Compose a long story about two sisters who run a mountain inn through one hard winter.\nAnswer: yes\n\n"
+           "Request: Give me a synonym for happy.\nAnswer: no\n\n"
+           "Request: {query}\nAnswer:"),
+    "zh": ("判断每条写作请求是否适合用来指导写一篇两千字以上的长文。回答“是”或“否”。\n\n"
+           "请求：请详细介绍印刷术的发展历史及其对欧洲的影响。\n回答：是\n\n"
+           "请求：秘鲁的首都是哪里？\n回答：否\n\n"
+           "请求：写一篇长篇小说，讲述两姐妹在一个严冬里经营山间客栈的故事。\n回答：是\n\n"
+           "请求：给我一个“高兴”的近义词。\n回答：否\n\n"
+           "请求：{query}\n回答："),
 }
 
 EXTEND_PART = {

@@ -15,7 +15,7 @@ from slkit.engines import Engine, Request, stable_seed
 from slkit.params import Params
 from slkit.prompts import judge_prompt, parse_judge, parse_self_instruct, self_instruct_prompt
 from slkit.records import RecordWriter
-from slkit.textstats import count_words
+from slkit.textstats import count_words, detect_language
 
 
 def shingles(text: str, k: int = 5) -> set[str]:
@@ -44,6 +44,12 @@ class NearDuplicateIndex:
         self.sets.append(grams)
 
 
+def judge_request(engine: Engine, query: str, language: str) -> str:
+    """The few-shot judge prompt: a chat turn for chat models, raw completion for base models."""
+    prompt = judge_prompt(" ".join(query.split()), language)
+    return engine.render(prompt) if engine.is_chat else prompt
+
+
 def _query_id(iteration: int, slot: int) -> str:
     return f"it{iteration}-q{slot}"
 
@@ -66,7 +72,7 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
             raise ValueError(f"queries: the seed pool has {len(examples)} {lang} queries, "
                              f"fewer than examples_per_prompt={qp.examples_per_prompt}")
     for r in writer.records:
-        if qp.grow_pool:
+        if qp.grow_pool and r["language"] in by_language:
             by_language[r["language"]].append(r["query"])
 
     # Slot s asks for one query in language languages[s % L]; a resumed stage skips the slots already written.
@@ -98,16 +104,17 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
         verdicts = {}
         if qp.judge and candidates:
             judged = engine.generate(
-                [Request(engine.render(judge_prompt(q, slots[s])), None, 4, 0) for s, q in candidates.items()], greedy)
+                [Request(judge_request(engine, q, slots[s]), None, 4, 0) for s, q in candidates.items()], greedy)
             verdicts = {s: parse_judge(a) for s, a in zip(candidates, judged)}
         still_pending = []
         for s in pending:
             if s in candidates and (not qp.judge or verdicts.get(s) is True):
-                record = {"id": _query_id(iteration, s), "query": candidates[s], "language": slots[s],
+                # The language of a query is what it is written in, whatever its slot asked for.
+                record = {"id": _query_id(iteration, s), "query": candidates[s], "language": detect_language(candidates[s]),
                           "words": count_words(candidates[s]), "tries": tries[s]}
                 writer.write(record)
-                if qp.grow_pool:
-                    by_language[slots[s]].append(candidates[s])
+                if qp.grow_pool and record["language"] in by_language:
+                    by_language[record["language"]].append(candidates[s])
                 if on_done:
                     on_done(1)
                 continue

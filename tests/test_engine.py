@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from slkit.engines import Request, TransformersEngine, cut_at_stop, trim_unfinished
+
+
+def test_stop_strings_and_trimming():
+    assert cut_at_stop("para one.\n\n\n\nnext doc", ["\n\n\n"]) == "para one."
+    assert cut_at_stop("a\n---\nb", ["\n---\n", "zzz"]) == "a"
+    assert trim_unfinished("First sentence. Second one is cut") == "First sentence."
+    assert trim_unfinished("他来了。然后他") == "他来了。"
+    assert trim_unfinished('She said "go." and then') == 'She said "go."'
+    assert trim_unfinished("no end at all") == "no end at all"
+
+
+@pytest.fixture(scope="module")
+def engine(smoke_params, tiny_model_path):
+    params = smoke_params.model_copy(update={"engine": smoke_params.engine.model_copy(update={"batch_size": 4})})
+    return TransformersEngine(params)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(engine, smoke_params):
+    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": []})
+    prompts = ["Write a long essay on tea.", "Hi", "请写一篇关于城市河流的长文，介绍它的历史。", "Tell me more."]
+    requests = [Request(engine.render(p), None, 12) for p in prompts]
+    batched = engine.generate(requests, greedy)
+    single = [engine.generate([r], greedy)[0] for r in requests]
+    assert batched == single
+    assert any(batched)
+
+
+def test_sampling_is_reproducible_by_seed(engine, smoke_params):
+    r = [Request(engine.render("Write."), None, 16, seed=7)]
+    assert engine.generate(r, smoke_params.sampling) == engine.generate(r, smoke_params.sampling)
+
+
+def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from slkit.models import load_model
+
+    model = get_peft_model(load_model(smoke_params.model), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)  # a LoRA that changes the output
+    model.save_pretrained(tmp_path / "gen")
+    engine = TransformersEngine(smoke_params, {"generator": str(tmp_path / "gen"), "extender": None})
+    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": []})
+    prompt = engine.render("Write a long story.")
+    with_adapter = engine.generate([Request(prompt, "generator", 12)], greedy)[0]
+    base_engine = TransformersEngine(smoke_params)
+    base = base_engine.generate([Request(prompt, None, 12)], greedy)[0]
+    # the extender has no adapter yet (iteration 1): it must be the base model
+    assert engine.generate([Request(prompt, "extender", 12)], greedy)[0] == base
+    assert with_adapter != base

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from slkit.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    params = load_params(path)
+    assert params.run_name
+    assert params.model.trust_remote_code is False  # no recipe runs remote code by default
+
+
+def test_defaults_are_the_reference_values(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\n")
+    p = load_params(f)
+    assert (p.sampling.temperature, p.sampling.top_p, p.sampling.top_k, p.sampling.repetition_penalty) == (0.7, 0.8, 20, 1.1)
+    assert p.sampling.max_new_tokens == 16384 and p.training.max_length == 16384
+    assert (p.queries.per_iteration, p.queries.examples_per_prompt, p.queries.max_tries) == (5000, 2, 10)
+    assert (p.queries.min_words, p.queries.max_words) == (3, 500)
+    assert (p.drafts.samples_per_query, p.drafts.max_tries) == (2, 20)
+    assert (p.extension.micro_iterations, p.extension.min_ratio, p.extension.max_tries) == (3, 1.2, 20)
+    assert p.extension.keep_fraction == pytest.approx(2 / 3)
+    assert (p.resampling.coefficient, p.resampling.exponent) == (2.0, 3.0)
+    assert p.training.line_keep_prob == 0.8
+    assert (p.training.learning_rate, p.training.epochs, p.training.lr_scheduler, p.training.warmup_ratio) == (1e-4, 4.0, "cosine", 0.1)
+    assert (p.quality.ngram_zh, p.quality.ngram_en) == (13, 10)
+    assert p.macro_iterations == 3
+
+
+def _write(tmp_path, text):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  lora_rank: 8\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml:5: training.lora_rank: unknown key"):
+        load_params(f)
+
+
+def test_wrong_type_names_key_and_line(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\nsampling:\n  top_k: twenty\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml:5: sampling.top_k: .*integer.*'twenty'"):
+        load_params(f)
+
+
+def test_missing_model_is_named(tmp_path):
+    f = _write(tmp_path, "run_name: x\n")
+    with pytest.raises(ParamsError, match=r"model: missing required key"):
+        load_params(f)
+
+
+def test_model_directory_that_does_not_exist(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: ./no/such/model\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml:3: model.path: .*neither an existing model directory nor a hub id"):
+        load_params(f)
+
+
+def test_hub_id_and_unknown_builtin(tmp_path):
+    assert load_params(_write(tmp_path, "run_name: x\nmodel:\n  path: Qwen/Qwen2.5-7B-Instruct\n")).model.path
+    with pytest.raises(ParamsError, match="unknown builtin model"):
+        load_params(_write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gpt-5\n"))
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml:\d+: malformed YAML"):
+        load_params(f)
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  learning_rate: 2e-4\n")
+    assert load_params(f).training.learning_rate == 2e-4
+
+
+def test_overrides(tmp_path):
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\n")
+    p = load_params(f, {"training.epochs": 2.0, "macro_iterations": 1})
+    assert p.training.epochs == 2.0 and p.macro_iterations == 1

@@ -1,0 +1,76 @@
+"""End to end: `slkit run` executes the five notebooks with papermill for 2 macro-iterations on the
+smoke recipe (tiny random model), then a rerun skips every finished stage."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from slkit.params import ParamsError
+from slkit.pipeline import prepare_run, run_pipeline
+from slkit.stages import STAGES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_model_path):
+    out = tmp_path_factory.mktemp("runs")
+    run_dir = run_pipeline(REPO / "params" / "smoke.yaml", {"output_dir": str(out)}, show_progress=False)
+    return run_dir
+
+
+def test_run_writes_every_file_of_both_iterations(smoke_run):
+    from datasets import load_dataset
+
+    assert (smoke_run / "params.yaml").exists()
+    for k in (1, 2):
+        d = smoke_run / f"iter_{k}"
+        for name in ("00_seed", "01_generate", "02_extend", "03_train", "04_evaluate"):
+            nb = json.loads((d / f"{name}.ipynb").read_text())
+            assert nb["metadata"]["papermill"]["parameters"] == {"run_dir": str(smoke_run), "iteration": k}
+        for stage in STAGES:
+            assert (d / f"{stage}.done.json").exists()
+        for name in ("queries", "drafts", "extensions", "resampled", "generator_sft", "extender_sft", "longen_outputs"):
+            rows = load_dataset("json", data_files=str(d / f"{name}.jsonl"), split="train")
+            assert len(rows) > 0, name
+        for role in ("generator", "extender"):
+            assert (d / "adapters" / role / "adapter_model.safetensors").exists()
+        assert (d / "lengths.png").stat().st_size > 1000
+        assert not list(d.glob("*.partial"))
+
+
+def test_metrics_and_iteration_chaining(smoke_run):
+    m1 = json.loads((smoke_run / "iter_1" / "metrics.json").read_text())
+    m2 = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())
+    for m in (m1, m2):
+        assert set(m["longen"]["per_type"]) == {"about", "range", "above", "below"}
+        assert 0 <= m["longen"]["overall"] <= 1
+        assert m["counts"]["queries"] == 4 and m["counts"]["drafts"] == 8
+        assert m["words"]["extensions"] > m["words"]["drafts"]
+    train2 = json.loads((smoke_run / "iter_2" / "train.done.json").read_text())["summary"]
+    assert train2["generator"]["init_adapter"] == str(smoke_run / "iter_1" / "adapters" / "generator")
+    # iteration 2's queries are new: none repeats iteration 1's
+    q1 = {json.loads(line)["query"] for line in (smoke_run / "iter_1" / "queries.jsonl").open()}
+    q2 = {json.loads(line)["query"] for line in (smoke_run / "iter_2" / "queries.jsonl").open()}
+    assert not q1 & q2
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")}
+    run_pipeline(smoke_run / "params.yaml", show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")} == before
+
+
+def test_resume_with_changed_params_is_refused(smoke_run):
+    with pytest.raises(ParamsError, match=r"sampling.top_p differ.*new run"):
+        prepare_run(smoke_run / "params.yaml", {"sampling.top_p": 0.5})
+
+
+def test_cli_reports_bad_params_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\nquerys:\n  per_iteration: 3\n")
+    result = subprocess.run([sys.executable, "-m", "slkit", "run", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "bad.yaml:4: querys: unknown key" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,45 @@
+"""The repository's own contracts: notebooks stripped with a literal parameters cell, and
+environment.yml in step with pyproject.toml."""
+import ast
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def test_five_ordered_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["00_seed", "01_generate", "02_extend", "03_train", "04_evaluate"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stripped_and_has_a_literal_parameters_cell(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+    [params] = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+    for node in ast.parse("".join(params["source"])).body:
+        assert isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+    # notebooks orchestrate: no function or class is defined in them
+    for c in code:
+        tree = ast.parse("".join(c["source"]))
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree))
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    declared = {_name(r) for r in project["dependencies"]} | {_name(r) for r in project["optional-dependencies"]["dev"]}
+    in_env = {_name(r) for r in pip if not r.startswith("-e")} | {_name(r) for r in conda if r not in ("pip", "python=3.11")}
+    assert declared == in_env

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slkit.training import IGNORE, chunked_causal_lm_loss, tokenize_example, train_adapter
+
+
+def test_chunked_loss_equals_full_cross_entropy_with_same_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE  # a prompt
+    full = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    g_full = torch.autograd.grad(full, [hidden, head.weight])
+    chunked = chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=3)
+    g_chunk = torch.autograd.grad(chunked, [hidden, head.weight])
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    for a, b in zip(g_full, g_chunk):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_chunked_loss_divides_by_num_items_for_accumulation():
+    head = torch.nn.Linear(4, 7, bias=False)
+    hidden = torch.randn(1, 5, 4)
+    labels = torch.randint(0, 7, (1, 5))
+    mean = chunked_causal_lm_loss(hidden, head, labels)
+    assert chunked_causal_lm_loss(hidden, head, labels, num_items=8).item() == pytest.approx(mean.item() * 4 / 8)
+
+
+def test_tokenize_masks_prompt_and_cuts(smoke_params, tiny_model_path):
+    from slkit.models import load_tokenizer
+
+    tok = load_tokenizer(smoke_params.model)
+    ex = tokenize_example(tok, "Write about rivers.", "Rivers flow.", max_length=512)
+    n_prompt = sum(1 for label in ex["labels"] if label == IGNORE)
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["input_ids"][-1] == tok.eos_token_id
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert tok.decode(ex["input_ids"][n_prompt:], skip_special_tokens=True) == "Rivers flow."
+    cut = tokenize_example(tok, "Write about rivers.", "Rivers flow. " * 50, max_length=20)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 20
+
+
+def test_train_adapter_learns_and_continues(smoke_params, tiny_model_path, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Say the words.", "completion": "alpha beta gamma delta."}) + "\n"
+                            for _ in range(6)))
+    params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+        update={"epochs": 3.0, "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0})})
+    first = train_adapter(params, data, tmp_path / "adapters" / "generator")
+    assert first["trained"] and first["final_loss"] < first["first_loss"]
+    assert (tmp_path / "adapters" / "generator" / "adapter_config.json").exists()
+    assert (tmp_path / "adapters" / "generator" / "adapter_model.safetensors").exists()
+    second = train_adapter(params, data, tmp_path / "next", init_adapter=str(tmp_path / "adapters" / "generator"))
+    assert second["first_loss"] < first["first_loss"]  # started from the trained adapter
+
+
+def test_no_samples_carries_the_previous_adapter(smoke_params, tiny_model_path, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fresh = train_adapter(smoke_params, empty, tmp_path / "a")
+    assert fresh["trained"] is False and (tmp_path / "a" / "adapter_config.json").exists()

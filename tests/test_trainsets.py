@@ -1,0 +1,41 @@
+import random
+
+import pytest
+
+from slkit.trainsets import drop_lines, extender_examples, generator_examples, resample_by_length
+
+
+def test_resampling_statistics_match_the_method():
+    n = 20000
+    items = [{"id": i, "words": i} for i in range(n)]  # id == length rank
+    kept = resample_by_length(items, random.Random(0))
+    assert len(kept) / n == pytest.approx(0.595, abs=0.015)  # 1 - integral of min(1, 2 r^3)
+    # r = 1 - rank/N > 2^(-1/3) = 0.794: the shortest ~20.6% never survive
+    assert min(k["words"] for k in kept) >= int(n * (1 - 0.5 ** (1 / 3)))
+    longest_tenth = [k for k in kept if k["words"] >= 0.9 * n]
+    assert len(longest_tenth) / (0.1 * n) == pytest.approx(1.0, abs=0.01)  # r <= 0.1 -> p(drop) <= 0.002
+
+
+def test_resampling_ranks_by_words_not_input_order():
+    items = [{"id": i, "words": w} for i, w in enumerate([900, 5, 800, 7, 1000, 3, 950, 2, 990, 1] * 200)]
+    kept = resample_by_length(items, random.Random(3))
+    assert all(k["words"] >= 800 for k in kept[:50])  # short ones (<=7 words, bottom half) all dropped
+
+
+def test_drop_lines_keeps_about_80_percent():
+    text = "\n".join(f"line {i}" for i in range(5000))
+    kept = drop_lines(text, 0.8, random.Random(0)).split("\n")
+    assert len(kept) / 5000 == pytest.approx(0.8, abs=0.02)
+    assert kept == [line for line in text.split("\n") if line in set(kept)]  # order preserved
+    assert drop_lines("only line", 0.0001, random.Random(0)) == "only line"  # never empty
+
+
+def test_training_sets():
+    items = [{"id": "a", "query": "Write about tea.", "language": "en", "draft": "l1\nl2\nl3\nl4\nl5",
+              "extended": "long text."}]
+    gen = generator_examples(items)
+    assert gen == [{"id": "a", "prompt": "Write about tea.", "completion": "long text."}]
+    ext = extender_examples(items, 0.8, random.Random(0))
+    assert ext[0]["completion"] == "long text." and "Write about tea." in ext[0]["prompt"]
+    dropped = extender_examples(items * 200, 0.8, random.Random(1))
+    assert any("l3" not in e["prompt"] for e in dropped) and any("l3" in e["prompt"] for e in dropped)
