@@ -18,7 +18,9 @@ from typing import Any, Callable, Protocol
 from slkit.params import Params, SamplingParams
 from slkit.prompts import has_chat_template, render_user_turn
 
-_SENTENCE_END = re.compile(r"[.!?。！？][\"')\]”’」』》）】]*(?=\s|$)|```\s*$", re.S)
+_CLOSERS = "[\"')\\]”’」』》）】]*"
+# An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.
+_SENTENCE_END = re.compile(f"[.!?]{_CLOSERS}(?=\\s|$)|[。！？]{_CLOSERS}|```\\s*$")
 
 
 @dataclass(frozen=True)

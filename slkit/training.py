@@ -192,8 +192,8 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
             report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
             bf16=on_gpu and params.model.dtype == "bfloat16", fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
-            gradient_checkpointing=tp.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            activation_checkpointing=tp.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False})
         trainer = make_trainer_class()(
             model=model, args=args, train_dataset=Dataset.from_list(features),
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),

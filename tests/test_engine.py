@@ -20,7 +20,7 @@ def engine(smoke_params, tiny_model_path):
 
 
 def test_batched_left_padded_generation_matches_one_by_one(engine, smoke_params):
-    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": []})
+    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": [], "repetition_penalty": 3.0})
     prompts = ["Write a long essay on tea.", "Hi", "请写一篇关于城市河流的长文，介绍它的历史。", "Tell me more."]
     requests = [Request(engine.render(p), None, 12) for p in prompts]
     batched = engine.generate(requests, greedy)
@@ -46,7 +46,7 @@ def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_mod
                 p.normal_(0, 1.0)  # a LoRA that changes the output
     model.save_pretrained(tmp_path / "gen")
     engine = TransformersEngine(smoke_params, {"generator": str(tmp_path / "gen"), "extender": None})
-    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": []})
+    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": [], "repetition_penalty": 3.0})
     prompt = engine.render("Write a long story.")
     with_adapter = engine.generate([Request(prompt, "generator", 12)], greedy)[0]
     base_engine = TransformersEngine(smoke_params)
