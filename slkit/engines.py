@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from slkit.params import Params, SamplingParams
-from slkit.prompts import has_chat_template, render_user_turn
+from slkit.prompts import has_chat_template, render_user_turn, with_bos
 
 _CLOSERS = "[\"')\\]”’」』》）】]*"
 # An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.
@@ -64,6 +64,17 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the generation config's, the tokenizer's eos, a chat turn end."""
+    configured = model.generation_config.eos_token_id
+    ids = {configured} if isinstance(configured, int) else set(configured or [])
+    ids.add(tokenizer.eos_token_id)
+    for token in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):  # Gemma, Qwen, Llama 3 turn ends
+        if token in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return sorted(i for i in ids if i is not None)
+
+
 class TransformersEngine:
     """Batched, left-padded `generate` with every sampling parameter explicit and per-role LoRA adapters."""
 
@@ -85,10 +96,7 @@ class TransformersEngine:
                 self.model.load_adapter(self.adapters[role], adapter_name=role)
         self.model.eval()
         self.device = next(self.model.parameters()).device
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")  # Gemma's chat turn end
-        self.eos_ids = sorted({*eos, self.tokenizer.eos_token_id} | ({end_of_turn} if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else set()) - {None})
+        self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self._torch = torch
 
     @property
@@ -100,10 +108,8 @@ class TransformersEngine:
         return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
 
     def _encode(self, prompts: list[str]) -> dict[str, Any]:
-        bos = self.tokenizer.bos_token
-        # A rendered chat template already starts with <bos>; plain prompts get it from the tokenizer.
-        with_bos = [p if (bos and p.startswith(bos)) else (bos or "") + p for p in prompts]
-        return self.tokenizer(with_bos, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        texts = [with_bos(self.tokenizer, p) for p in prompts]
+        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[str]:

@@ -63,6 +63,13 @@ def render_user_turn(tokenizer: Any, message: str, prompt_format: str = "auto") 
     return PLAIN_TEMPLATE.format(message=message)
 
 
+def with_bos(tokenizer: Any, text: str) -> str:
+    """`text` starting with the tokenizer's <bos> exactly once (chat templates often include it already);
+    encode the result with add_special_tokens=False."""
+    bos = tokenizer.bos_token
+    return text if not bos or text.startswith(bos) else bos + text
+
+
 def self_instruct_prompt(examples: list[str], language: str) -> str:
     """Raw-completion prompt listing `examples`; the model writes the next instruction."""
     label = SELF_INSTRUCT_LABEL[language]

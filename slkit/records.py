@@ -37,6 +37,10 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[di
     return records
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -6,15 +6,16 @@ stage whose done-marker exists. A killed stage resumes from its `.partial` recor
 """
 from __future__ import annotations
 
-import random
-from pathlib import Path
 import functools
-import json
+import random
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 from slkit.engines import load_engine, stable_seed
 from slkit.params import Params, load_params
-from slkit.records import Progress, RecordWriter, done_marker, mark_done, read_jsonl, write_json_atomic, write_jsonl_atomic
+from slkit.records import (Progress, RecordWriter, done_marker, mark_done, read_json, read_jsonl, write_json_atomic,
+                           write_jsonl_atomic)
 
 STAGES = ("seed", "generate", "extend", "train", "evaluate")
 ROLES = ("generator", "extender")
@@ -58,6 +59,24 @@ def skip_when_done(stage: str) -> Callable:
     return wrap
 
 
+def _generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
+                      work: Callable[..., Counter]) -> tuple[list[dict], Counter]:
+    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` incrementally."""
+    params, out = _prepare(run_dir, iteration)
+    with RecordWriter(out / output) as writer:
+        progress = Progress(out, stage, total, len(writer.records))
+        engine = load_engine(params, current_adapters(run_dir, iteration))
+        try:
+            counts = work(engine, writer, progress.advance)
+        finally:
+            engine.close()
+        return writer.finish(), counts
+
+
+def _earlier_queries(run_dir: str | Path, iteration: int) -> list[dict]:
+    return [r for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
+
+
 @skip_when_done("seed")
 def seed_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """-> queries.jsonl: new queries by self-instruct, judged, length-filtered, deduplicated."""
@@ -65,17 +84,14 @@ def seed_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     from slkit.seeds import load_seeds
 
     params, out = _prepare(run_dir, iteration)
+    earlier = _earlier_queries(run_dir, iteration)
     pool = load_seeds(params.queries.seed_files)
-    seen = [r["query"] for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
     if params.queries.grow_pool:  # earlier iterations' queries are examples too
-        pool = pool + [{"query": q, "language": lang} for k in range(1, iteration)
-                       for q, lang in ((r["query"], r["language"]) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl"))]
-    with RecordWriter(out / "queries.jsonl") as writer:
-        progress = Progress(out, "seed", params.queries.per_iteration, len(writer.records))
-        engine = load_engine(params, current_adapters(run_dir, iteration))
-        rejected = synthesize_queries(engine, pool, seen, params, iteration, writer, progress.advance)
-        engine.close()
-        records = writer.finish()
+        pool += [{"query": r["query"], "language": r["language"]} for r in earlier]
+    records, rejected = _generate_records(
+        run_dir, iteration, "seed", "queries.jsonl", params.queries.per_iteration,
+        lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
+                                                           iteration, writer, on_done))
     summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
     mark_done(out, "seed", summary)
     return summary
@@ -88,12 +104,9 @@ def generate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
 
     params, out = _prepare(run_dir, iteration)
     queries = read_jsonl(out / "queries.jsonl")
-    with RecordWriter(out / "drafts.jsonl") as writer:
-        progress = Progress(out, "generate", len(queries) * params.drafts.samples_per_query, len(writer.records))
-        engine = load_engine(params, current_adapters(run_dir, iteration))
-        rejected = write_drafts(engine, queries, params, iteration, writer, params.quality, progress.advance)
-        engine.close()
-        records = writer.finish()
+    records, rejected = _generate_records(
+        run_dir, iteration, "generate", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
+        lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done))
     summary = {"drafts": len(records), "rejected": dict(rejected)}
     mark_done(out, "generate", summary)
     return summary
@@ -106,12 +119,9 @@ def extend_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
 
     params, out = _prepare(run_dir, iteration)
     drafts = read_jsonl(out / "drafts.jsonl")
-    with RecordWriter(out / "extensions.jsonl") as writer:
-        progress = Progress(out, "extend", len(drafts), len(writer.records))
-        engine = load_engine(params, current_adapters(run_dir, iteration))
-        counts = extend_drafts(engine, drafts, params, iteration, writer, params.quality, progress.advance)
-        engine.close()
-        records = writer.finish()
+    records, counts = _generate_records(
+        run_dir, iteration, "extend", "extensions.jsonl", len(drafts),
+        lambda engine, writer, on_done: extend_drafts(engine, drafts, params, iteration, writer, params.quality, on_done))
     summary = {"extensions": len(records), "drafts": len(drafts), "counts": dict(counts)}
     mark_done(out, "extend", summary)
     return summary
@@ -179,29 +189,26 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         metrics["longen"] = summarize_scores(scored)
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
-                         for name in ("queries", "drafts", "extensions", "resampled") if (out / f"{name}.jsonl").exists()}
+                         for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
     write_json_atomic(out / "metrics.json", metrics)
     plot_lengths(length_table(run_dir, upto=iteration), out / "lengths.png")
     mark_done(out, "evaluate", metrics)
     return metrics
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-STAGE_FILES = {"queries": "words", "drafts": "words", "extensions": "words", "resampled": "words"}
+WORD_FILES = ("queries", "drafts", "extensions", "resampled")
 
 
 def stage_word_means(out: Path) -> dict[str, float]:
+    """Mean words per record of each stage file in one iteration directory."""
     from statistics import mean
 
     means = {}
-    for name, key in STAGE_FILES.items():
+    for name in WORD_FILES:
         path = out / f"{name}.jsonl"
         rows = read_jsonl(path) if path.exists() else []
         if rows:
-            means[name] = round(mean(r[key] for r in rows), 1)
+            means[name] = round(mean(r["words"] for r in rows), 1)
     return means
 
 

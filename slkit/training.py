@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slkit.params import Params
-from slkit.prompts import render_user_turn
+from slkit.prompts import render_user_turn, with_bos
 from slkit.records import read_jsonl
 
 IGNORE = -100
@@ -29,10 +29,7 @@ IGNORE = -100
 def tokenize_example(tokenizer: Any, prompt: str, completion: str, max_length: int,
                      prompt_format: str = "auto") -> dict[str, list[int]]:
     """input_ids and labels for one (prompt, completion) pair: loss on response tokens only, cut at max_length."""
-    rendered = render_user_turn(tokenizer, prompt, prompt_format)
-    bos = tokenizer.bos_token
-    if bos and not rendered.startswith(bos):
-        rendered = bos + rendered
+    rendered = with_bos(tokenizer, render_user_turn(tokenizer, prompt, prompt_format))
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + completion_ids)[:max_length]
