@@ -154,7 +154,6 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
     """
     import torch
-    from datasets import Dataset
     from transformers import TrainingArguments
 
     from slkit.models import load_tokenizer
@@ -192,7 +191,7 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
             activation_checkpointing=tp.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False})
         trainer = make_trainer_class()(
-            model=model, args=args, train_dataset=Dataset.from_list(features),
+            model=model, args=args, train_dataset=features,
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
             loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens)
         if on_gpu:

@@ -62,3 +62,17 @@ def test_no_samples_carries_the_previous_adapter(smoke_params, tiny_model_path, 
     empty.write_text("")
     fresh = train_adapter(smoke_params, empty, tmp_path / "a")
     assert fresh["trained"] is False and (tmp_path / "a" / "adapter_config.json").exists()
+
+
+def test_qlora_4bit_path_trains(smoke_params, tiny_model_path, tmp_path):
+    """The GPU recipes' path (nf4 + double quant through bitsandbytes) on CPU: loads, trains, saves."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "Say it.", "completion": "alpha beta gamma."}) + "\n")
+    params = smoke_params.model_copy(update={"model": smoke_params.model.model_copy(update={"load_in_4bit": True, "dtype": "bfloat16"})})
+    from slkit.training import build_lora_model
+
+    model = build_lora_model(params, None)
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    summary = train_adapter(params, data, tmp_path / "q")
+    assert summary["trained"] and summary["steps"] == 1
+    assert (tmp_path / "q" / "adapter_model.safetensors").exists()
