@@ -129,6 +129,7 @@ class TransformersEngine:
             greedy = sampling.temperature == 0
             kwargs = dict(
                 max_new_tokens=max(requests[j].max_new_tokens for j in batch),
+                min_new_tokens=sampling.min_new_tokens or None,
                 do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p,

@@ -75,30 +75,37 @@ def _convert_gemma_gguf(out: Path) -> None:
     gguf_path.unlink()
 
 
-def _build_tiny_random_llama(out: Path) -> None:
-    """A 2-layer Llama with a 600-token byte-level BPE tokenizer trained on the shipped seeds."""
-    import torch
+def train_small_tokenizer(out: Path, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on the shipped seeds (any text encodes), saved to `out`.
+    Random-weight models (tests, benchmarks of real shapes) use it: its ids fit any vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from slkit.seeds import load_shipped_seeds
 
-    texts = [s["query"] for s in load_shipped_seeds()]
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
+    bpe.train_from_iterator([s["query"] for s in load_shipped_seeds()], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(str(out))
+    return tok
+
+
+def _build_tiny_random_llama(out: Path) -> None:
+    """A 2-layer Llama with a 600-token tokenizer: the smoke recipe's and the tests' model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_small_tokenizer(out)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
-
 
 def load_tokenizer(model_params: Any):
     from transformers import AutoTokenizer

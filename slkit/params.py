@@ -71,6 +71,7 @@ class SamplingParams(_Section):
     top_k: int = Field(20, ge=0)
     repetition_penalty: float = Field(1.1, gt=0)
     max_new_tokens: int = Field(16384, ge=1)
+    min_new_tokens: int = Field(0, ge=0)  # 0 lets the model stop when it is done; benchmarks force long outputs
     stop: list[str] = ["\n---\n", "\n\n\n"]
     # Cut an unfinished last sentence instead of letting the quality check reject the text.
     # Off in the reference; the demo turns it on because its outputs are capped far below a full answer.
@@ -137,7 +138,9 @@ class TrainingParams(_Section):
     max_length: int = Field(16384, ge=16)  # samples are cut here; memory grows with it
     gradient_checkpointing: bool = True  # non-reentrant; trades ~30% speed for activation memory
     loss: Literal["chunked", "liger", "model"] = "chunked"  # chunked never holds full-vocabulary fp32 logits
-    loss_chunk_tokens: int = Field(2048, ge=1)
+    loss_chunk_tokens: int = Field(2048, ge=1)  # fp32 logits exist for this many tokens at a time
+    activation_offload: bool = False  # keep checkpointed layer inputs in pinned CPU memory (GPU): longer samples, ~10% slower
+    liger_kernels: bool = False  # Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install liger-kernel)
     optimizer: str = "adamw_torch"  # paged_adamw_8bit on GPU saves optimizer memory
     line_keep_prob: float = Field(0.8, gt=0, le=1)  # Extender set: each draft line kept with this probability
     continue_adapters: bool = True  # iteration k starts from iteration k-1's adapters

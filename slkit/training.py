@@ -96,12 +96,24 @@ def make_trainer_class():
     class SelfLengthenTrainer(Trainer):
         """Trainer whose loss is chunked (default), Liger's fused linear cross-entropy, or the model's own."""
 
-        def __init__(self, *args: Any, loss_kind: str = "chunked", loss_chunk_tokens: int = 2048, **kwargs: Any):
+        def __init__(self, *args: Any, loss_kind: str = "chunked", loss_chunk_tokens: int = 2048,
+                     activation_offload: bool = False, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.loss_kind, self.loss_chunk_tokens = loss_kind, loss_chunk_tokens
+            self.activation_offload = activation_offload
             self.model_accepts_loss_kwargs = True  # our loss divides by num_items_in_batch itself
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.activation_offload:
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            # Tensors autograd keeps for backward (with checkpointing: each layer's input) wait in
+            # pinned CPU memory and come back to the GPU when backward reaches them.
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
             if self.loss_kind == "model":
                 out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
@@ -130,6 +142,32 @@ def _liger_loss(hidden, head, labels, num_items):
     return loss_sum / max(1, num_items or int((targets != IGNORE).sum()))
 
 
+def _make_step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall-clock seconds of each optimizer step (CUDA-synchronised), for tokens/s."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def _sync(self):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = self._sync()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(round(self._sync() - self._start, 4))
+
+    return StepTimer()
+
+
 def build_lora_model(params: Params, init_adapter: str | None):
     """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -138,6 +176,15 @@ def build_lora_model(params: Params, init_adapter: str | None):
 
     tp = params.training
     model = load_model(params.model, device=params.engine.device, for_training=True)
+    if tp.liger_kernels:
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise RuntimeError("training.liger_kernels needs the liger-kernel package (CUDA only): "
+                               "pip install liger-kernel, or set it to false") from None
+        # Kernels only; the loss stays slkit's (training.loss picks chunked or Liger's fused one).
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
@@ -193,7 +240,8 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
         trainer = make_trainer_class()(
             model=model, args=args, train_dataset=features,
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
-            loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens)
+            loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
+            callbacks=[step_timer := _make_step_timer()])
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
@@ -202,7 +250,7 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
         summary.update(trained=True, steps=result.global_step, seconds=round(time.time() - start, 1),
                        tokens=sum(len(f["input_ids"]) for f in features) * math.ceil(tp.epochs),
                        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-                       losses=losses,
+                       losses=losses, step_seconds=step_timer.seconds,
                        peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
         model.save_pretrained(str(tmp_dir))
         shutil.rmtree(args.output_dir, ignore_errors=True)

@@ -76,3 +76,16 @@ def test_qlora_4bit_path_trains(smoke_params, tiny_model_path, tmp_path):
     summary = train_adapter(params, data, tmp_path / "q")
     assert summary["trained"] and summary["steps"] == 1
     assert (tmp_path / "q" / "adapter_model.safetensors").exists()
+
+
+def test_activation_offload_gives_the_same_training(smoke_params, tiny_model_path, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Say.", "completion": f"word {i} and more words."}) + "\n"
+                            for i in range(3)))
+    runs = []
+    for offload in (False, True):
+        params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+            update={"activation_offload": offload})})
+        runs.append(train_adapter(params, data, tmp_path / f"o{offload}"))
+    assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-4)
+    assert len(runs[1]["step_seconds"]) == runs[1]["steps"] == 3
