@@ -42,6 +42,8 @@ VARIANTS = {
                       "training.lora_dropout": 0.05, "training.loss_chunk_tokens": 2048},
     "slkit+offload": {"training.activation_offload": True},
     "slkit+offload+liger": {"training.activation_offload": True, "training.liger_kernels": True},
+    "slkit+offload+liger+tiled": {"training.activation_offload": True, "training.liger_kernels": True,
+                                  "training.mlp_tile_tokens": 4096},
 }
 
 

@@ -140,6 +140,7 @@ class TrainingParams(_Section):
     loss: Literal["chunked", "liger", "model"] = "chunked"  # chunked never holds full-vocabulary fp32 logits
     loss_chunk_tokens: int = Field(2048, ge=1)  # fp32 logits exist for this many tokens at a time
     activation_offload: bool = False  # keep checkpointed layer inputs in pinned CPU memory (GPU): longer samples, ~10% slower
+    mlp_tile_tokens: int = Field(0, ge=0)  # >0: run each MLP over the sequence in tiles this long, checkpointed (long samples)
     liger_kernels: bool = False  # Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install liger-kernel)
     optimizer: str = "adamw_torch"  # paged_adamw_8bit on GPU saves optimizer memory
     line_keep_prob: float = Field(0.8, gt=0, le=1)  # Extender set: each draft line kept with this probability

@@ -168,6 +168,29 @@ def _make_step_timer():
     return StepTimer()
 
 
+def tile_mlps(model: Any, tile_tokens: int) -> int:
+    """Run every MLP block over the sequence in tiles of `tile_tokens`, each under its own checkpoint.
+
+    An MLP acts on each position alone, so tiling is exact; in backward only one tile's
+    intermediate activations (tile x intermediate_size, several tensors) exist instead of the
+    whole sequence's. Returns the number of MLPs tiled.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("MLP") and hasattr(module, "down_proj"):
+            def forward(x, _inner=module.forward):
+                if x.shape[-2] <= tile_tokens or not torch.is_grad_enabled():
+                    return _inner(x)
+                return torch.cat([checkpoint(_inner, part, use_reentrant=False)
+                                  for part in x.split(tile_tokens, dim=-2)], dim=-2)
+            module.forward = forward
+            count += 1
+    return count
+
+
 def build_lora_model(params: Params, init_adapter: str | None):
     """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -185,6 +208,8 @@ def build_lora_model(params: Params, init_adapter: str | None):
         # Kernels only; the loss stays slkit's (training.loss picks chunked or Liger's fused one).
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
+    if tp.mlp_tile_tokens:
+        tile_mlps(model, tp.mlp_tile_tokens)
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,

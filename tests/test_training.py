@@ -89,3 +89,23 @@ def test_activation_offload_gives_the_same_training(smoke_params, tiny_model_pat
         runs.append(train_adapter(params, data, tmp_path / f"o{offload}"))
     assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-4)
     assert len(runs[1]["step_seconds"]) == runs[1]["steps"] == 3
+
+
+def test_tiled_mlp_is_exact_and_covers_every_layer(smoke_params, tiny_model_path):
+    from slkit.models import load_model
+    from slkit.training import tile_mlps
+
+    base = load_model(smoke_params.model)
+    tiled = load_model(smoke_params.model)
+    assert tile_mlps(tiled, 5) == base.config.num_hidden_layers
+    ids = torch.randint(0, 500, (1, 23))
+    base.train()
+    tiled.train()
+    out_base = base(input_ids=ids, labels=ids)
+    out_tiled = tiled(input_ids=ids, labels=ids)
+    out_base.loss.backward()
+    out_tiled.loss.backward()
+    assert out_tiled.loss.item() == pytest.approx(out_base.loss.item(), rel=1e-5)
+    g_base = base.model.layers[0].mlp.up_proj.weight.grad
+    g_tiled = tiled.model.layers[0].mlp.up_proj.weight.grad
+    assert torch.allclose(g_base, g_tiled, atol=1e-5)
