@@ -37,9 +37,8 @@ SHAPES = {  # the published configs' dimensions
 RECIPE = REPO / "params" / "qwen2.5-7b-24gb.yaml"
 VARIANTS = {
     "naive": None,
-    "slkit": {},  # the GPU recipe as shipped
-    "slkit-chunked": {"training.activation_offload": False, "training.liger_kernels": False,
-                      "training.lora_dropout": 0.05, "training.loss_chunk_tokens": 2048},
+    "slkit": {},  # the GPU recipe as shipped (chunked loss + activation offload + Liger kernels)
+    "slkit-chunked": {"training.activation_offload": False, "training.liger_kernels": False},
     "slkit+offload": {"training.activation_offload": True},
     "slkit+offload+liger": {"training.activation_offload": True, "training.liger_kernels": True},
     "slkit+offload+liger+tiled": {"training.activation_offload": True, "training.liger_kernels": True,
