@@ -98,7 +98,7 @@ class QueryParams(_Section):
     judge: bool = True  # ask the model whether the query suits a 2,000+ word article
     min_words: int = Field(3, ge=1)
     max_words: int = Field(500, ge=1)
-    grow_pool: bool = True  # accepted queries join the sampling pool
+    grow_pool: bool = True  # accepted queries join the sampling pool of later iterations
     dedup_similarity: float = Field(0.8, gt=0, le=1)  # character 5-gram Jaccard at or above this is a duplicate
     max_new_tokens: int = Field(256, ge=1)
 
@@ -146,6 +146,7 @@ class TrainingParams(_Section):
     line_keep_prob: float = Field(0.8, gt=0, le=1)  # Extender set: each draft line kept with this probability
     continue_adapters: bool = True  # iteration k starts from iteration k-1's adapters
     min_samples: int = Field(1, ge=1)  # fewer training samples than this skips training (adapters carried over)
+    save_steps: int = Field(0, ge=0)  # >0: checkpoint every N steps; a killed training resumes from the last one
 
 
 class EvaluationParams(_Section):

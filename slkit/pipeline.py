@@ -8,8 +8,11 @@ A stage whose done-marker exists is skipped, so a rerun continues where the last
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +20,17 @@ import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
 from slkit.records import is_done
-from slkit.stages import STAGES, iter_dir
+from slkit.stages import STAGES, iter_dir, lock_path
 
 KERNEL_NAME = "slkit"
 NOTEBOOKS = {"seed": "00_seed.ipynb", "generate": "01_generate.ipynb", "extend": "02_extend.ipynb",
              "train": "03_train.ipynb", "evaluate": "04_evaluate.ipynb"}
-# Keys a resumed run may change without invalidating finished stages.
-RESUMABLE_KEYS = {"macro_iterations"}
+# Keys a resumed run may change: how much is done, and how memory is spent (what an
+# out-of-memory message asks to lower). Every change is logged in params_changes.log.
+RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
+                  "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
+                  "training.mlp_tile_tokens", "training.liger_kernels", "training.loss_chunk_tokens",
+                  "training.gradient_checkpointing", "training.save_steps"}
 
 
 def notebooks_dir() -> Path:
@@ -84,11 +91,23 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
             [(f"queries.seed_files.{i}", p) for i, p in enumerate(params.queries.seed_files)]:
         if path and not Path(path).is_file():
             raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
+    # Seed and benchmark files are read now, so a broken line stops the run before any model loads.
+    from slkit.evaluation import load_longen
+    from slkit.seeds import load_seeds
+
+    model_dir = Path(params.model.path).expanduser()
+    if model_dir.is_dir() and not (model_dir / "config.json").is_file():
+        raise ParamsError(f"{params_path}: model.path: {model_dir} has no config.json: not a transformers model directory")
+    load_seeds(params.queries.seed_files)
+    if params.evaluation.benchmark:
+        load_longen(params.evaluation.benchmark)
     run_dir = params.run_dir
     snapshot = run_dir / "params.yaml"
+    changed: list[str] = []
     if snapshot.exists():
         old = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
-        diff = [k for k in changed_keys(old, params.to_dict()) if k not in RESUMABLE_KEYS]
+        changed = changed_keys(old, params.to_dict())
+        diff = [k for k in changed if k not in RESUMABLE_KEYS]
         if diff:
             raise ParamsError(
                 f"{run_dir} was started with other params ({', '.join(diff)} differ); resuming would mix "
@@ -97,9 +116,31 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_params(params, snapshot)
+        if changed:
+            with open(run_dir / "params_changes.log", "a", encoding="utf-8") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed with changed {', '.join(changed)}\n")
     except OSError as err:
         raise ParamsError(f"{params_path}: output_dir: cannot write {run_dir} ({err.strerror})") from None
     return params, run_dir
+
+
+def stop_orphaned_stage(lock: Path) -> None:
+    """A kernel of a killed `slkit run` may still be running a stage: stop it before rerunning the stage."""
+    try:
+        pid = int(lock.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"ipykernel" not in cmdline and b"slkit" not in cmdline:
+        return  # the PID now belongs to something else
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
 
 
 class _ProgressPoller:
@@ -156,6 +197,7 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
         if is_done(out, stage):
             continue
         out.mkdir(parents=True, exist_ok=True)
+        stop_orphaned_stage(lock_path(run_dir, k, stage))
         executed = out / NOTEBOOKS[stage]
         with _ProgressPoller(out, items_bar):
             try:

@@ -58,11 +58,12 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
                        writer: RecordWriter, on_done: Callable[[int], None] | None = None) -> Counter:
     """Fill `writer` with params.queries.per_iteration new queries; returns rejection counts by reason.
 
-    `pool` holds {"query", "language"} examples to imitate; `seen` every earlier query (for dedup).
-    Records already in `writer` (a resumed stage) count as done.
+    `pool` holds {"query", "language"} examples to imitate (the seeds, plus earlier iterations'
+    queries when queries.grow_pool: the pool grows between iterations, so that a resumed stage
+    replays the same prompts); `seen` every earlier query (for dedup). Records already in `writer`
+    (a resumed stage) count as done.
     """
     qp = params.queries
-    rng = random.Random(stable_seed(params.seed, iteration, "queries", len(writer.records)))
     index = NearDuplicateIndex(qp.dedup_similarity)
     for text in seen + [p["query"] for p in pool] + [r["query"] for r in writer.records]:
         index.add(text)
@@ -71,9 +72,6 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
         if len(examples) < qp.examples_per_prompt:
             raise ValueError(f"queries: the seed pool has {len(examples)} {lang} queries, "
                              f"fewer than examples_per_prompt={qp.examples_per_prompt}")
-    for r in writer.records:
-        if qp.grow_pool and r["language"] in by_language:
-            by_language[r["language"]].append(r["query"])
 
     # Slot s asks for one query in language languages[s % L]; a resumed stage skips the slots already written.
     slots = [qp.languages[s % len(qp.languages)] for s in range(qp.per_iteration)]
@@ -84,8 +82,9 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
     sampling = params.sampling
     greedy = sampling.model_copy(update={"temperature": 0.0, "stop": ["\n"]})
     while pending:
-        prompts = [self_instruct_prompt(rng.sample(by_language[slots[s]], qp.examples_per_prompt), slots[s])
-                   for s in pending]
+        # Examples depend only on (seed, iteration, slot, try), so a resumed stage asks the same prompts.
+        prompts = [self_instruct_prompt(random.Random(stable_seed(params.seed, iteration, s, tries[s])).sample(
+                       by_language[slots[s]], qp.examples_per_prompt), slots[s]) for s in pending]
         requests = [Request(p, None, qp.max_new_tokens, stable_seed(params.seed, iteration, s, tries[s]))
                     for p, s in zip(prompts, pending)]
         raw = engine.generate(requests, sampling.model_copy(update={"trim_unfinished": False}))
@@ -113,8 +112,6 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
                 record = {"id": _query_id(iteration, s), "query": candidates[s], "language": detect_language(candidates[s]),
                           "words": count_words(candidates[s]), "tries": tries[s]}
                 writer.write(record)
-                if qp.grow_pool and record["language"] in by_language:
-                    by_language[record["language"]].append(candidates[s])
                 if on_done:
                     on_done(1)
                 continue

@@ -7,6 +7,7 @@ stage whose done-marker exists. A killed stage resumes from its `.partial` recor
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -46,15 +47,43 @@ def _prepare(run_dir: str | Path, iteration: int) -> tuple[Params, Path]:
     return params, out
 
 
+OOM_ADVICE = {
+    "train": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "
+              "training.activation_offload: true, training.mlp_tile_tokens: 4096, training.liger_kernels: true"),
+    "generation": ("lower engine.batch_size (now {e.batch_size}) or the stage's max_new_tokens "
+                   "(sampling.max_new_tokens is {s.max_new_tokens}), or set model.load_in_4bit: true"),
+}
+
+
+def lock_path(run_dir: str | Path, iteration: int, stage: str) -> Path:
+    """Holds the PID of the process running a stage, so a resumed run can stop an orphaned kernel."""
+    return iter_dir(run_dir, iteration) / f"{stage}.lock"
+
+
 def skip_when_done(stage: str) -> Callable:
-    """A finished stage returns its recorded summary instead of running again."""
+    """A finished stage returns its recorded summary instead of running again. A running stage
+    leaves its PID in <stage>.lock; out of GPU memory, it stops with the params to lower."""
     def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
         @functools.wraps(fn)
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
             marker = done_marker(iter_dir(run_dir, iteration), stage)
             if marker.exists():
                 return read_json(marker)["summary"]
-            return fn(run_dir, iteration)
+            lock = lock_path(run_dir, iteration, stage)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(str(os.getpid()))
+            try:
+                return fn(run_dir, iteration)
+            except Exception as err:
+                if type(err).__name__ != "OutOfMemoryError":
+                    raise
+                p = load_run_params(run_dir)
+                advice = OOM_ADVICE["train" if stage == "train" else "generation"].format(
+                    t=p.training, e=p.engine, s=p.sampling)
+                raise MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
+                                  f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.") from err
+            finally:
+                lock.unlink(missing_ok=True)
         return run
     return wrap
 
@@ -134,7 +163,8 @@ def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     from slkit.training import train_adapter
 
     params, out = _prepare(run_dir, iteration)
-    extensions = read_jsonl(out / "extensions.jsonl")
+    # In id order: files hold records in completion order, which a resumed stage changes.
+    extensions = sorted(read_jsonl(out / "extensions.jsonl"), key=lambda r: r["id"])
     rng = random.Random(stable_seed(params.seed, iteration, "train"))
     rp = params.resampling
     kept = resample_by_length(extensions, rng, rp.coefficient, rp.exponent) if rp.enabled else extensions

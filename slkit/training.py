@@ -243,6 +243,11 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     # A prompt longer than max_length leaves nothing to learn from: drop it, and say so.
     features = [f for f in features if any(label != IGNORE for label in f["labels"][1:])]
     summary["dropped_no_response_tokens"] = len(examples) - len(features)
+    # Seed before the LoRA weights are initialised: the adapter must not depend on what ran
+    # earlier in this process (a resumed stage trains in a fresh one).
+    from transformers import set_seed
+
+    set_seed(params.seed)
     if len(features) < tp.min_samples:
         if init_adapter:
             shutil.copytree(init_adapter, tmp_dir)
@@ -252,11 +257,13 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     else:
         model = build_lora_model(params, init_adapter)
         on_gpu = next(model.parameters()).device.type == "cuda"
+        checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
         args = TrainingArguments(
-            output_dir=str(output_dir.parent / f".{output_dir.name}-checkpoints"),
+            output_dir=str(checkpoints), save_steps=tp.save_steps or 500,
             per_device_train_batch_size=tp.batch_size, gradient_accumulation_steps=tp.gradient_accumulation,
             num_train_epochs=tp.epochs, learning_rate=tp.learning_rate, lr_scheduler_type=tp.lr_scheduler,
-            warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1, save_strategy="no",
+            warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
+            save_strategy="steps" if tp.save_steps else "no",
             report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
             bf16=on_gpu and params.model.dtype == "bfloat16", fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
@@ -270,7 +277,11 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
-        result = trainer.train()
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        summary["resumed_from"] = last
+        result = trainer.train(resume_from_checkpoint=last)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         summary.update(trained=True, steps=result.global_step, seconds=round(time.time() - start, 1),
                        tokens=sum(len(f["input_ids"]) for f in features) * math.ceil(tp.epochs),

@@ -1,0 +1,101 @@
+"""Bad input stops `slkit run` with one clear error before any model is loaded (issue: nothing lost)."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from slkit.params import ParamsError
+from slkit.pipeline import prepare_run
+from slkit.records import RecordFileError
+
+SMOKE = REPO / "params" / "smoke.yaml"
+
+
+def _prepare(tmp_path, **overrides):
+    return prepare_run(SMOKE, {"output_dir": str(tmp_path / "runs"), **overrides})
+
+
+def test_seed_file_with_a_broken_line(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"query": "Write a long history of tea."}\n{"query": "Write about rivers.",\n')
+    with pytest.raises(RecordFileError, match=r"seeds.jsonl:2: not valid JSON"):
+        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_seed_record_without_query(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"prompt": "Write a long history of tea."}\n')
+    with pytest.raises(RecordFileError, match=r"seeds.jsonl:1: missing field\(s\) query"):
+        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+
+
+def test_empty_seed_pool(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n")
+    with pytest.raises(RecordFileError, match="the seed pool is empty"):
+        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+
+
+def test_missing_seed_file(tmp_path):
+    with pytest.raises(ParamsError, match=r"queries.seed_files.0: file .*nope.jsonl does not exist"):
+        _prepare(tmp_path, **{"queries.seed_files": [str(tmp_path / "nope.jsonl")]})
+
+
+def test_benchmark_with_a_broken_line(tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text((REPO / "tests" / "fixtures" / "longen_mini.jsonl").read_text() + '{"language": "en"}\n')
+    with pytest.raises(RecordFileError, match=r"bench.jsonl:9: missing field\(s\) range, type, constraint, query"):
+        _prepare(tmp_path, **{"evaluation.benchmark": str(bench)})
+
+
+def test_model_directory_that_is_not_a_model(tmp_path):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    with pytest.raises(ParamsError, match=r"model.path: .* has no config.json"):
+        _prepare(tmp_path, **{"model.path": str(empty)})
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ParamsError, match=r"output_dir: cannot write"):
+        prepare_run(SMOKE, {"output_dir": str(blocker / "runs")})
+
+
+def test_resume_with_resource_keys_is_allowed_and_logged(tmp_path):
+    _prepare(tmp_path)
+    params, run_dir = _prepare(tmp_path, **{"engine.batch_size": 2, "training.max_length": 128})
+    assert params.engine.batch_size == 2
+    assert "engine.batch_size, training.max_length" in (run_dir / "params_changes.log").read_text()
+    with pytest.raises(ParamsError, match=r"seed differ"):
+        _prepare(tmp_path, seed=5)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("not json\n")
+    result = subprocess.run([sys.executable, "-m", "slkit", "run", str(SMOKE), "--set", f"output_dir={tmp_path}",
+                             "--set", f"queries.seed_files=[{seeds}]"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {seeds}:1: not valid JSON (Expecting value)"
+
+
+def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
+    import torch
+
+    from slkit import stages
+
+    _, run_dir = _prepare(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("slkit.training.train_adapter", boom)
+    (run_dir / "iter_1").mkdir()
+    (run_dir / "iter_1" / "extensions.jsonl").write_text(
+        '{"id": "a", "query": "q", "language": "en", "draft": "d.", "extended": "dd.", "words": 2}\n')
+    with pytest.raises(MemoryError, match=r"lower training.max_length \(now 256\).*activation_offload.*resume"):
+        stages.train_stage(run_dir, 1)
+    assert not stages.lock_path(run_dir, 1, "train").exists()
