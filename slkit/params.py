@@ -149,6 +149,19 @@ class TrainingParams(_Section):
     save_steps: int = Field(0, ge=0)  # >0: checkpoint every N steps; a killed training resumes from the last one
 
 
+class LengthControlParams(_Section):
+    """The final stage: queries rewritten to carry a length their response meets, then a last SFT."""
+    enabled: bool = False
+    min_words: int = Field(2000, ge=1)  # responses kept for the stage, and the bounds' clamp
+    max_words: int = Field(8000, ge=1)
+    round_to: int = Field(1000, ge=1)  # N, A and B are multiples of this
+    coarse_prob: float = Field(0.25, ge=0, le=1)  # "about N" rounded to 2 x round_to this often
+    proportions: dict[Literal["about", "range", "above", "below"], float] = {
+        "about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
+    rewrite: Literal["template", "model"] = "template"  # model rewrites failing the check fall back to templates
+    fresh_adapter: bool = False  # False: continue from the last iteration's Generator adapter
+
+
 class EvaluationParams(_Section):
     benchmark: str | None = "../shared/data/LonGen.jsonl"  # LonGen-format jsonl; None skips it
     subset_size: int = Field(24, ge=1)  # queries drawn evenly over language x type
@@ -170,6 +183,7 @@ class Params(_Section):
     resampling: ResamplingParams = ResamplingParams()
     training: TrainingParams = TrainingParams()
     evaluation: EvaluationParams = EvaluationParams()
+    length_control: LengthControlParams = LengthControlParams()
 
     @property
     def run_dir(self) -> Path:

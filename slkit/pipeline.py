@@ -20,11 +20,11 @@ import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
 from slkit.records import is_done
-from slkit.stages import STAGES, iter_dir, lock_path
+from slkit.stages import STAGES, lock_path, stage_dir
 
 KERNEL_NAME = "slkit"
 NOTEBOOKS = {"seed": "00_seed.ipynb", "generate": "01_generate.ipynb", "extend": "02_extend.ipynb",
-             "train": "03_train.ipynb", "evaluate": "04_evaluate.ipynb"}
+             "train": "03_train.ipynb", "evaluate": "04_evaluate.ipynb", "length_control": "05_length_control.ipynb"}
 # Keys a resumed run may change: how much is done, and how memory is spent (what an
 # out-of-memory message asks to lower). Every change is logged in params_changes.log.
 RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
@@ -107,7 +107,8 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
     if snapshot.exists():
         old = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
         changed = changed_keys(old, params.to_dict())
-        diff = [k for k in changed if k not in RESUMABLE_KEYS]
+        # The final stage runs after every iteration: its params cannot change finished work.
+        diff = [k for k in changed if k not in RESUMABLE_KEYS and k.split(".")[0] != "length_control"]
         if diff:
             raise ParamsError(
                 f"{run_dir} was started with other params ({', '.join(diff)} differ); resuming would mix "
@@ -189,10 +190,12 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
 
     resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
     plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in STAGES]
+    if params.length_control.enabled:
+        plan.append((params.macro_iterations, "length_control"))
     stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
     items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
     for k, stage in stages_bar:
-        out = iter_dir(run_dir, k)
+        out = stage_dir(run_dir, k, stage)
         stages_bar.set_postfix_str(f"iter {k} {stage}")
         if is_done(out, stage):
             continue

@@ -1,6 +1,6 @@
-"""The five stages of one macro-iteration, each a function from files to files.
+"""The five stages of a macro-iteration and the final length-control stage, each a function from files to files.
 
-Every stage reads and writes runs/<run>/iter_<k>/, records its summary in <stage>.done.json last,
+Every stage reads and writes runs/<run>/iter_<k>/ (the final one runs/<run>/length_control/), records its summary in <stage>.done.json last,
 and returns that summary. The notebooks call these and show the results; `slkit run` skips a
 stage whose done-marker exists. A killed stage resumes from its `.partial` records.
 """
@@ -55,9 +55,14 @@ OOM_ADVICE = {
 }
 
 
+def stage_dir(run_dir: str | Path, iteration: int, stage: str) -> Path:
+    """Where a stage writes: iter_<k>/, or length_control/ for the final stage."""
+    return Path(run_dir) / "length_control" if stage == "length_control" else iter_dir(run_dir, iteration)
+
+
 def lock_path(run_dir: str | Path, iteration: int, stage: str) -> Path:
     """Holds the PID of the process running a stage, so a resumed run can stop an orphaned kernel."""
-    return iter_dir(run_dir, iteration) / f"{stage}.lock"
+    return stage_dir(run_dir, iteration, stage) / f"{stage}.lock"
 
 
 def skip_when_done(stage: str) -> Callable:
@@ -66,7 +71,7 @@ def skip_when_done(stage: str) -> Callable:
     def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
         @functools.wraps(fn)
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-            marker = done_marker(iter_dir(run_dir, iteration), stage)
+            marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
             if marker.exists():
                 return read_json(marker)["summary"]
             lock = lock_path(run_dir, iteration, stage)
@@ -185,38 +190,46 @@ def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     return summary
 
 
+def score_longen(params: Params, adapters: dict[str, str | None], out: Path, stage: str) -> dict[str, Any] | None:
+    """The Generator answers the LonGen subset -> out/longen_outputs.jsonl (resumable); returns the scores."""
+    from slkit.engines import Request
+    from slkit.evaluation import load_longen, longen_score, stratified_subset, summarize_scores
+    from slkit.textstats import count_words
+
+    ev = params.evaluation
+    if not ev.benchmark:
+        return None
+    subset = stratified_subset(load_longen(ev.benchmark), ev.subset_size, params.seed)
+    with RecordWriter(out / "longen_outputs.jsonl") as writer:
+        done = {r["index"] for r in writer.records}
+        todo = [(i, r) for i, r in enumerate(subset) if i not in done]
+        progress = Progress(out, stage, len(subset), len(done))
+        if todo:
+            engine = load_engine(params, adapters)
+            max_new = ev.max_new_tokens or params.sampling.max_new_tokens
+            texts = engine.generate([Request(engine.render(r["query"]), "generator", max_new,
+                                             stable_seed(params.seed, "longen", i)) for i, r in todo],
+                                    params.sampling, progress.advance)
+            engine.close()
+            for (i, r), text in zip(todo, texts):
+                words = count_words(text)
+                writer.write({"index": i, "language": r["language"], "type": r["type"], "range": r["range"],
+                              "constraint": r["constraint"], "interval": list(r["interval"]), "words": words,
+                              "score": longen_score(words, r["interval"]), "output": text})
+        scored = writer.finish()
+    return summarize_scores(scored)
+
+
 @skip_when_done("evaluate")
 def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """LonGen subset with this iteration's Generator -> longen_outputs.jsonl, metrics.json, lengths.png."""
-    from slkit.engines import Request
-    from slkit.evaluation import load_longen, longen_score, stratified_subset, summarize_scores
     from slkit.plots import plot_lengths
-    from slkit.textstats import count_words
 
     params, out = _prepare(run_dir, iteration)
-    ev = params.evaluation
     metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
-    if ev.benchmark:
-        subset = stratified_subset(load_longen(ev.benchmark), ev.subset_size, params.seed)
-        trained = {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
-        with RecordWriter(out / "longen_outputs.jsonl") as writer:
-            done = {r["index"] for r in writer.records}
-            todo = [(i, r) for i, r in enumerate(subset) if i not in done]
-            progress = Progress(out, "evaluate", len(subset), len(done))
-            if todo:
-                engine = load_engine(params, trained)
-                max_new = ev.max_new_tokens or params.sampling.max_new_tokens
-                texts = engine.generate([Request(engine.render(r["query"]), "generator", max_new,
-                                                 stable_seed(params.seed, "longen", i)) for i, r in todo],
-                                        params.sampling, progress.advance)
-                engine.close()
-                for (i, r), text in zip(todo, texts):
-                    words = count_words(text)
-                    writer.write({"index": i, "language": r["language"], "type": r["type"], "range": r["range"],
-                                  "constraint": r["constraint"], "interval": list(r["interval"]), "words": words,
-                                  "score": longen_score(words, r["interval"]), "output": text})
-            scored = writer.finish()
-        metrics["longen"] = summarize_scores(scored)
+    longen = score_longen(params, {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}, out, "evaluate")
+    if longen:
+        metrics["longen"] = longen
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
                          for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
@@ -224,6 +237,65 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     plot_lengths(length_table(run_dir, upto=iteration), out / "lengths.png")
     mark_done(out, "evaluate", metrics)
     return metrics
+
+
+@skip_when_done("length_control")
+def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """All iterations' extensions in the word window -> length_control/constrained.jsonl (queries carrying a
+    length their response meets), a final Generator adapter trained on them, LonGen before and after."""
+    from slkit.engines import Request
+    from slkit.length_control import assign_constraint, rewrite_failure, rewrite_prompt, satisfies, template_rewrite
+    from slkit.training import train_adapter
+
+    params = load_run_params(run_dir)
+    lc = params.length_control
+    out = stage_dir(run_dir, iteration, "length_control")
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = sorted((r for k in range(1, iteration + 1) if (iter_dir(run_dir, k) / "extensions.jsonl").exists()
+                    for r in read_jsonl(iter_dir(run_dir, k) / "extensions.jsonl")
+                    if lc.min_words <= r["words"] <= lc.max_words), key=lambda r: r["id"])
+    rng = random.Random(stable_seed(params.seed, "length_control"))
+    constraints = [assign_constraint(p["words"], rng, lc.round_to, lc.min_words, lc.max_words, dict(lc.proportions),
+                                     lc.coarse_prob) for p in pairs]
+    rewrites = [template_rewrite(p["query"], c, p["language"], rng) for p, c in zip(pairs, constraints)]
+    how = ["template"] * len(pairs)
+    refused: Counter = Counter()
+    if lc.rewrite == "model" and pairs:
+        engine = load_engine(params, {})
+        asked = engine.generate([Request(engine.render(rewrite_prompt(p["query"], c, p["language"], rng)), None,
+                                         params.queries.max_new_tokens, stable_seed(params.seed, "rewrite", p["id"]))
+                                 for p, c in zip(pairs, constraints)], params.sampling)
+        engine.close()
+        for i, (p, c, text) in enumerate(zip(pairs, constraints, asked)):
+            failure = rewrite_failure(p["query"], text, c)
+            if failure:
+                refused[failure] += 1
+            else:
+                rewrites[i], how[i] = text.strip(), "model"
+    records = []
+    for p, c, query, h in zip(pairs, constraints, rewrites, how):
+        if not satisfies(c, p["words"]):  # cannot happen by construction; never train on a false constraint
+            raise AssertionError(f"constraint {c} is not true of {p['id']} ({p['words']} words)")
+        records.append({"id": p["id"], "query": query, "original_query": p["query"], "language": p["language"],
+                        "constraint": {"kind": c.kind, "low": c.low, "high": c.high}, "words": p["words"],
+                        "rewrite": h, "completion": p["extended"]})
+    write_jsonl_atomic(out / "constrained.jsonl", records)
+    write_jsonl_atomic(out / "generator_sft.jsonl",
+                       [{"id": r["id"], "prompt": r["query"], "completion": r["completion"]} for r in records])
+    last = adapter_dir(run_dir, iteration, "generator")
+    init = None if lc.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
+    final = out / "adapters" / "generator"
+    training = (read_json(final / "slkit-train.json") if (final / "slkit-train.json").exists()
+                else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
+    before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("longen")
+    after = score_longen(params, {"generator": str(final)}, out, "length_control")
+    summary = {"pairs": len(records), "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
+               "rewrites": dict(Counter(how)), "model_rewrites_refused": dict(refused),
+               "training": {k: v for k, v in training.items() if k != "losses"},
+               "longen_before": before, "longen_after": after}
+    write_json_atomic(out / "metrics.json", summary)
+    mark_done(out, "length_control", summary)
+    return summary
 
 
 WORD_FILES = ("queries", "drafts", "extensions", "resampled")

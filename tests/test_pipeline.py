@@ -74,3 +74,22 @@ def test_cli_reports_bad_params_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "slkit", "run", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "bad.yaml:4: querys: unknown key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
+    from slkit.length_control import Constraint, satisfies
+
+    out = smoke_run / "length_control"
+    assert json.loads((out / "05_length_control.ipynb").read_text())["metadata"]["papermill"]["parameters"] == {
+        "run_dir": str(smoke_run), "iteration": 2}
+    records = [json.loads(line) for line in (out / "constrained.jsonl").open()]
+    extensions = sum(1 for k in (1, 2) for _ in (smoke_run / f"iter_{k}" / "extensions.jsonl").open())
+    assert 0 < len(records) <= extensions
+    for r in records:
+        assert satisfies(Constraint(**r["constraint"]), r["words"])
+        assert r["original_query"].rstrip("。.") in r["query"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["longen_before"] == json.loads((smoke_run / "iter_2" / "metrics.json").read_text())["longen"]
+    assert 0 <= metrics["longen_after"]["overall"] <= 1
+    assert metrics["training"]["init_adapter"] == str(smoke_run / "iter_2" / "adapters" / "generator")
+    assert (out / "adapters" / "generator" / "adapter_model.safetensors").exists()

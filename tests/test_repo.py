@@ -13,8 +13,9 @@ from conftest import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
-def test_five_ordered_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["00_seed", "01_generate", "02_extend", "03_train", "04_evaluate"]
+def test_six_ordered_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["00_seed", "01_generate", "02_extend", "03_train", "04_evaluate",
+                                          "05_length_control"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
