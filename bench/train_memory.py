@@ -92,7 +92,7 @@ def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) 
     data = workdir / f"samples-{length}.jsonl"
     write_samples(data, load_tokenizer(params.model), length)
     summary = train_adapter(params, data, workdir / "adapter-out")
-    return {"peak_gib": summary["peak_gpu_gb"], "step_s": summary["step_seconds"][-1], "steps": summary["steps"]}
+    return {"peak_gib": summary["peak_gpu_gib"], "step_s": summary["step_seconds"][-1], "steps": summary["steps"]}
 
 
 def measure_naive(model_dir: Path, length: int, workdir: Path) -> dict:

@@ -226,7 +226,8 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
     """
     import torch
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
     from slkit.models import load_tokenizer
 
@@ -245,8 +246,6 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     summary["dropped_no_response_tokens"] = len(examples) - len(features)
     # Seed before the LoRA weights are initialised: the adapter must not depend on what ran
     # earlier in this process (a resumed stage trains in a fresh one).
-    from transformers import set_seed
-
     set_seed(params.seed)
     if len(features) < tp.min_samples:
         if init_adapter:
@@ -277,8 +276,6 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
-        from transformers.trainer_utils import get_last_checkpoint
-
         last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         summary["resumed_from"] = last
         result = trainer.train(resume_from_checkpoint=last)
@@ -287,7 +284,7 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
                        tokens=sum(len(f["input_ids"]) for f in features) * math.ceil(tp.epochs),
                        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
                        losses=losses, step_seconds=step_timer.seconds,
-                       peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
+                       peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
         model.save_pretrained(str(tmp_dir))
         shutil.rmtree(args.output_dir, ignore_errors=True)
         del trainer, model
