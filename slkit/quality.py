@@ -36,6 +36,3 @@ def quality_failure(text: str, language: str, rules: QualityParams = QualityPara
         return "meta-talk"
     return None
 
-
-def passes_quality(text: str, language: str, rules: QualityParams = QualityParams()) -> bool:
-    return quality_failure(text, language, rules) is None
