@@ -16,21 +16,26 @@ LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
 LONGEN_TYPES = ("about", "range", "above", "below")
 
 
-def longen_interval(kind: str, constraint: str) -> tuple[float, float]:
-    """The accepted word interval of a LonGen constraint, e.g. ('about', 'around 2000 words') -> (1600, 2400)."""
-    numbers = [int(n) for n in re.findall(r"\d+", constraint.replace(",", ""))]
-    if not numbers or (kind == "range" and len(numbers) < 2):
-        raise ValueError(f"constraint {constraint!r} does not hold the numbers a {kind!r} constraint needs")
+def accepted_interval(kind: str, numbers: list[int]) -> tuple[float, float]:
+    """The accepted word interval of a constraint kind given its numbers (about/above/below: [T]; range: [A, B])."""
+    if kind == "range":
+        return float(min(numbers[:2])), float(max(numbers[:2]))
     t = numbers[0]
     if kind == "about":
         return 0.8 * t, 1.2 * t
-    if kind == "range":
-        return float(min(numbers[:2])), float(max(numbers[:2]))
     if kind == "above":
         return float(t), 1.5 * t
     if kind == "below":
         return 0.5 * t, float(t)
     raise ValueError(f"unknown LonGen type {kind!r}; expected one of {', '.join(LONGEN_TYPES)}")
+
+
+def longen_interval(kind: str, constraint: str) -> tuple[float, float]:
+    """The accepted word interval of a LonGen constraint, e.g. ('about', 'around 2000 words') -> (1600, 2400)."""
+    numbers = [int(n) for n in re.findall(r"\d+", constraint.replace(",", ""))]
+    if not numbers or (kind == "range" and len(numbers) < 2):
+        raise ValueError(f"constraint {constraint!r} does not hold the numbers a {kind!r} constraint needs")
+    return accepted_interval(kind, numbers)
 
 
 def longen_score(length: float, interval: tuple[float, float]) -> float:

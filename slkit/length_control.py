@@ -4,7 +4,7 @@ Long (query, response) pairs from all iterations get a length constraint that th
 satisfies, of four kinds drawn 40% about / 25% range / 10% above / 25% below, and the query is
 rewritten to carry it: by templates (varied phrasing and placement, en and zh, Chinese numerals
 sometimes) or by the model, whose rewrite is kept only if it shows the number and keeps the query.
-"True" means inside LonGen's accepted interval for that kind (evaluation.longen_interval), so the
+"True" means inside LonGen's accepted interval for that kind (evaluation.accepted_interval), so the
 Chinese "more/less than" bounds cannot be swapped without a test failing.
 """
 from __future__ import annotations
@@ -13,9 +13,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from slkit.evaluation import accepted_interval
 from slkit.queries import shingles
-
-KINDS = ("about", "range", "above", "below")
 
 
 @dataclass(frozen=True)
@@ -26,13 +25,7 @@ class Constraint:
 
     def interval(self) -> tuple[float, float]:
         """LonGen's accepted interval for this constraint."""
-        if self.kind == "about":
-            return 0.8 * self.low, 1.2 * self.low
-        if self.kind == "range":
-            return float(self.low), float(self.high)
-        if self.kind == "above":
-            return float(self.low), 1.5 * self.low
-        return 0.5 * self.high, float(self.high)
+        return accepted_interval(self.kind, self.numbers())
 
     def numbers(self) -> list[int]:
         return [n for n in (self.low, self.high) if n is not None]

@@ -107,6 +107,7 @@ def _build_tiny_random_llama(out: Path) -> None:
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
 
+
 def load_tokenizer(model_params: Any):
     from transformers import AutoTokenizer
 
