@@ -38,28 +38,18 @@ def _write(tmp_path, text):
     return f
 
 
-def test_unknown_key_names_key_file_and_line(tmp_path):
-    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  lora_rank: 8\n")
-    with pytest.raises(ParamsError, match=r"bad.yaml:5: training.lora_rank: unknown key"):
-        load_params(f)
-
-
-def test_wrong_type_names_key_and_line(tmp_path):
-    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\nsampling:\n  top_k: twenty\n")
-    with pytest.raises(ParamsError, match=r"bad.yaml:5: sampling.top_k: .*integer.*'twenty'"):
-        load_params(f)
-
-
-def test_missing_model_is_named(tmp_path):
-    f = _write(tmp_path, "run_name: x\n")
-    with pytest.raises(ParamsError, match=r"model: missing required key"):
-        load_params(f)
-
-
-def test_model_directory_that_does_not_exist(tmp_path):
-    f = _write(tmp_path, "run_name: x\nmodel:\n  path: ./no/such/model\n")
-    with pytest.raises(ParamsError, match=r"bad.yaml:3: model.path: .*neither an existing model directory nor a hub id"):
-        load_params(f)
+@pytest.mark.parametrize("text,error", [
+    ("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  lora_rank: 8\n",
+     r"bad.yaml:5: training.lora_rank: unknown key"),
+    ("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\nsampling:\n  top_k: twenty\n",
+     r"bad.yaml:5: sampling.top_k: .*integer.*'twenty'"),
+    ("run_name: x\n", r"model: missing required key"),
+    ("run_name: x\nmodel:\n  path: ./no/such/model\n",
+     r"bad.yaml:3: model.path: .*neither an existing model directory nor a hub id"),
+], ids=["unknown key", "wrong type", "missing model", "model directory that does not exist"])
+def test_error_names_key_file_and_line(tmp_path, text, error):
+    with pytest.raises(ParamsError, match=error):
+        load_params(_write(tmp_path, text))
 
 
 def test_hub_id_and_unknown_builtin(tmp_path):
