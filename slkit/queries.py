@@ -82,11 +82,11 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
     sampling = params.sampling
     greedy = sampling.model_copy(update={"temperature": 0.0, "stop": ["\n"]})
     while pending:
-        # Examples depend only on (seed, iteration, slot, try), so a resumed stage asks the same prompts.
-        prompts = [self_instruct_prompt(random.Random(stable_seed(params.seed, iteration, s, tries[s])).sample(
-                       by_language[slots[s]], qp.examples_per_prompt), slots[s]) for s in pending]
-        requests = [Request(p, None, qp.max_new_tokens, stable_seed(params.seed, iteration, s, tries[s]))
-                    for p, s in zip(prompts, pending)]
+        # Examples and sampling depend only on (seed, iteration, slot, try): a resumed stage asks the same.
+        seeds = [stable_seed(params.seed, iteration, s, tries[s]) for s in pending]
+        prompts = [self_instruct_prompt(random.Random(seed).sample(by_language[slots[s]], qp.examples_per_prompt), slots[s])
+                   for s, seed in zip(pending, seeds)]
+        requests = [Request(p, None, qp.max_new_tokens, seed) for p, seed in zip(prompts, seeds)]
         raw = engine.generate(requests, sampling.model_copy(update={"trim_unfinished": False}))
         candidates = {}
         for s, completion in zip(pending, raw):
