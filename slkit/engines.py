@@ -3,10 +3,13 @@
     engine = load_engine(params, adapters={"generator": "runs/x/iter_1/adapters/generator"})
     texts = engine.generate([Request(prompt, role="generator", max_new_tokens=512, seed=1)], params.sampling)
 
-A Request's prompt is the complete text the model continues (rendered with `engine.render`), so
-chat turns, raw completions and pre-filled answers are all the same call. `role` picks the LoRA
-adapter; None, or a role with no adapter yet (iteration 1), generates with the base model.
-Now: transformers. A vLLM backend and OpenAI-compatible endpoints implement the same methods.
+A Request's prompt is what `engine.render` made of a user message (or a raw text to complete) and
+its prefill the start of the answer the model goes on from, so chat turns, raw completions and
+pre-filled answers are all the same call. `role` picks the LoRA adapter; None, or a role with no
+adapter yet (iteration 1), generates with the base model.
+
+Backends (engine.backend): transformers (here), vllm (slkit.vllm_engine, offline `LLM` on this GPU)
+and openai (slkit.endpoint_engine, one or many OpenAI-compatible servers).
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ class Request:
     role: str | None  # "generator", "extender" or None for the base model
     max_new_tokens: int
     seed: int = 0
+    prefill: str = ""  # the answer so far: generation continues it (extension stage 2)
+
+    @property
+    def text(self) -> str:
+        """Prompt and prefill as one raw text, for engines that complete text."""
+        return self.prompt + self.prefill
 
 
 class Engine(Protocol):
@@ -116,7 +125,7 @@ class TransformersEngine:
         torch = self._torch
         outputs: list[str] = [""] * len(requests)
         # Group by adapter, then by prompt length so a batch pads little.
-        order = sorted(range(len(requests)), key=lambda i: (str(requests[i].role), len(requests[i].prompt)))
+        order = sorted(range(len(requests)), key=lambda i: (str(requests[i].role), len(requests[i].text)))
         size = self.params.engine.batch_size
         i = 0
         while i < len(order):
@@ -125,7 +134,7 @@ class TransformersEngine:
             while len(batch) < size and i + len(batch) < len(order) and requests[order[i + len(batch)]].role == role:
                 batch.append(order[i + len(batch)])
             i += len(batch)
-            enc = self._encode([requests[j].prompt for j in batch])
+            enc = self._encode([requests[j].text for j in batch])
             greedy = sampling.temperature == 0
             kwargs = dict(
                 max_new_tokens=max(requests[j].max_new_tokens for j in batch),
@@ -169,6 +178,15 @@ class TransformersEngine:
 
 
 def load_engine(params: Params, adapters: dict[str, str | None] | None = None) -> Engine:
+    """The engine of params.engine.backend with each role's adapter (None: that role uses the base model)."""
     if params.engine.backend == "transformers":
         return TransformersEngine(params, adapters)
+    if params.engine.backend == "vllm":
+        from slkit.vllm_engine import VLLMEngine
+
+        return VLLMEngine(params, adapters)
+    if params.engine.backend == "openai":
+        from slkit.endpoint_engine import EndpointEngine
+
+        return EndpointEngine(params, adapters)
     raise ValueError(f"engine.backend: unknown backend {params.engine.backend!r}")

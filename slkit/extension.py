@@ -64,9 +64,10 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
             [Request(engine.render(extend_part_prompt(former_part(j.current), j.draft["language"])), "extender", max1, s)
              for j, s in zip(jobs, seeds)], params.sampling)
         kept = [keep_head(t, ep.keep_fraction) for t in stage1]
-        prefills = [engine.render(extend_whole_prompt(j.draft["query"], j.current, j.draft["language"]))
-                    + (k + "\n\n" if k else "") for j, k in zip(jobs, kept)]
-        stage2 = engine.generate([Request(p, "extender", max2, s + 1) for p, s in zip(prefills, seeds)], params.sampling)
+        stage2 = engine.generate(
+            [Request(engine.render(extend_whole_prompt(j.draft["query"], j.current, j.draft["language"])), "extender",
+                     max2, s + 1, prefill=k + "\n\n" if k else "") for j, k, s in zip(jobs, kept, seeds)],
+            params.sampling)
         remaining = []
         for job, k, continuation in zip(jobs, kept, stage2):
             new_text = join_paragraphs([p for p in (k, continuation) if p])

@@ -59,10 +59,41 @@ class ModelParams(_Section):
         return value
 
 
+class VLLMParams(_Section):
+    """Offline vLLM (engine.backend: vllm). One engine serves every role: LoRA adapters per request."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # share of the GPU vLLM may take (weights + KV cache)
+    max_model_len: int | None = Field(None, ge=16)  # None: the model's own limit
+    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
+    max_loras: int = Field(2, ge=1)  # adapters in one batch: Generator and Extender share the engine
+    max_lora_rank: int | None = Field(None, ge=1)  # None: training.lora_r
+    enforce_eager: bool = False  # True skips CUDA graphs: starts ~1 min faster, decodes slower
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+
+
+class EndpointParams(_Section):
+    """OpenAI-compatible servers (engine.backend: openai): `vllm serve --enable-lora`, `transformers serve`, ..."""
+    base_urls: list[str] = ["http://localhost:8000/v1"]  # requests are spread over these servers
+    api: Literal["completions", "chat"] = "completions"  # completions: prompts rendered here, pre-fills work
+    model: str | None = None  # the served name of the base model; None: model.path
+    api_key_env: str | None = None  # name of the environment variable holding the key (never the key itself)
+    # How a role's adapter reaches the servers. load: POST /v1/load_lora_adapter (vLLM with
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the servers must see the adapter path); named: the servers were
+    # started with the names in adapter_names (--lora-modules); none: every role uses the base model.
+    adapters: Literal["load", "named", "none"] = "load"
+    adapter_names: dict[str, str] = {}
+    vllm_sampling: bool = True  # also send top_k, repetition_penalty, min_tokens (vLLM extras; strict servers refuse them)
+    concurrency: int = Field(8, ge=1)  # requests in flight per server
+    timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(4, ge=0)  # per request and server (the openai client's exponential backoff)
+
+
 class EngineParams(_Section):
-    backend: Literal["transformers"] = "transformers"  # vLLM and OpenAI-compatible endpoints plug in here
-    batch_size: int = Field(8, ge=1)  # sequences decoded together; higher is faster and uses more memory
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    batch_size: int = Field(8, ge=1)  # transformers: sequences decoded together; higher is faster and uses more memory
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    vllm: VLLMParams = VLLMParams()
+    endpoint: EndpointParams = EndpointParams()
 
 
 class SamplingParams(_Section):

@@ -47,7 +47,7 @@ def test_two_stage_extension_builds_kept_part_plus_continuation(tmp_path, script
     stage2 = [r for r in engine.requests if "Passage:" not in r.prompt]
     # stage 2 sees the query and the whole current text, and is pre-filled with the kept part
     assert "Write long." in stage2[0].prompt and _draft(10)["draft"] in stage2[0].prompt
-    assert stage2[0].prompt.endswith(kept + "\n\n")
+    assert stage2[0].prefill == kept + "\n\n" and stage2[0].prompt.endswith("</user>\n")
     assert all(r.role == "extender" for r in engine.requests)
     assert counts["accepted"] == 1
 

@@ -1,0 +1,144 @@
+"""The vLLM backend (engine.backend: vllm): offline `vllm.LLM` with per-role LoRA adapters.
+
+One engine holds the base model once and serves every role: each request carries the LoRARequest
+of its role (Generator, Extender) or none (base model), so a batch mixes roles freely. Every field
+of vLLM's SamplingParams that matters is set from the recipe (vLLM's own max_tokens default is 16).
+Prompts are token ids made by slkit's tokenizer, so a pre-filled answer is a raw completion and the
+BOS rule is the transformers engine's. A stage is one notebook process: vLLM's GPU memory goes back
+when the process ends, before the train notebook starts.
+
+vLLM installs on Linux with a CUDA GPU only (`pip install slkit[gpu]`); the request building below
+is plain Python so it is tested on CPU.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from slkit.engines import Request, postprocess, stop_token_ids
+from slkit.models import load_tokenizer, resolve_model_path
+from slkit.params import Params, SamplingParams
+from slkit.prompts import has_chat_template, render_user_turn, with_bos
+
+# Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
+CALL_SIZE = 1024
+
+
+def lora_ids(adapters: dict[str, str | None] | None) -> dict[str, tuple[str, int, str]]:
+    """(name, id, path) per role that has an adapter; ids start at 1 and follow the role order."""
+    present = [(role, path) for role, path in (adapters or {}).items() if path]
+    return {role: (role, i, str(path)) for i, (role, path) in enumerate(present, start=1)}
+
+
+def sampling_kwargs(sampling: SamplingParams, request: Request, stop_ids: list[int]) -> dict[str, Any]:
+    """Keyword arguments of vllm.SamplingParams for one request: every field explicit."""
+    greedy = sampling.temperature == 0
+    return dict(
+        n=1,
+        max_tokens=request.max_new_tokens,
+        min_tokens=min(sampling.min_new_tokens, request.max_new_tokens),
+        temperature=0.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=0 if greedy or sampling.top_k == 0 else sampling.top_k,  # 0: no top-k cut
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        seed=request.seed,
+        stop=[s for s in sampling.stop if s],
+        stop_token_ids=stop_ids,
+        ignore_eos=False,
+        skip_special_tokens=True,
+    )
+
+
+def engine_kwargs(params: Params, model_dir: str, max_lora_rank: int) -> dict[str, Any]:
+    """Keyword arguments of vllm.LLM for a recipe."""
+    vp = params.engine.vllm
+    kwargs: dict[str, Any] = dict(
+        model=model_dir,
+        tokenizer=model_dir,
+        dtype=params.model.dtype,
+        seed=params.seed,
+        trust_remote_code=params.model.trust_remote_code,
+        gpu_memory_utilization=vp.gpu_memory_utilization,
+        max_num_seqs=vp.max_num_seqs,
+        enforce_eager=vp.enforce_eager,
+        tensor_parallel_size=vp.tensor_parallel_size,
+        enable_prefix_caching=vp.enable_prefix_caching,
+        enable_lora=True,
+        max_loras=vp.max_loras,
+        max_lora_rank=max_lora_rank,
+    )
+    if vp.max_model_len:
+        kwargs["max_model_len"] = vp.max_model_len
+    if params.model.load_in_4bit:
+        kwargs["quantization"] = "bitsandbytes"
+    return kwargs
+
+
+def supported_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds `rank` (it takes 8, 16, 32, 64, 128, 256, 320, 512)."""
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"training.lora_r: vLLM serves LoRA ranks up to 512, got {rank}")
+
+
+class VLLMEngine:
+    def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.params = params
+        self.tokenizer = load_tokenizer(params.model)
+        model_dir = resolve_model_path(params.model.path)
+        rank = supported_lora_rank(params.engine.vllm.max_lora_rank or params.training.lora_r)
+        self.llm = LLM(**engine_kwargs(params, model_dir, rank))
+        self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
+        self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
+
+    @property
+    def is_chat(self) -> bool:
+        fmt = self.params.model.prompt_format
+        return fmt == "chat" or (fmt == "auto" and has_chat_template(self.tokenizer))
+
+    def render(self, message: str) -> str:
+        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams,
+                 on_done: Callable[[int], None] | None = None) -> list[str]:
+        from vllm import SamplingParams as VSamplingParams
+
+        outputs: list[str] = []
+        for start in range(0, len(requests), CALL_SIZE):
+            chunk = requests[start:start + CALL_SIZE]
+            prompts = [{"prompt_token_ids": self.tokenizer(with_bos(self.tokenizer, r.text),
+                                                           add_special_tokens=False)["input_ids"]} for r in chunk]
+            results = self.llm.generate(
+                prompts,
+                sampling_params=[VSamplingParams(**sampling_kwargs(sampling, r, self.eos_ids)) for r in chunk],
+                lora_request=[self.loras.get(r.role) for r in chunk],
+                use_tqdm=False)
+            outputs += [postprocess(res.outputs[0].text, sampling) for res in results]
+            if on_done:
+                on_done(len(chunk))
+        return outputs
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _generation_config(model_dir: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # a model saved without generation_config.json
+        return GenerationConfig()

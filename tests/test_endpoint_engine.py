@@ -1,0 +1,181 @@
+"""The OpenAI-compatible endpoint engine against real servers: `transformers serve` processes serving
+the tiny model on this CPU (marker `server`; CI runs them, ~1 min). Request bodies are unit-tested too."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from slkit.endpoint_engine import EndpointEngine, adapter_name, request_body
+from slkit.engines import Request, TransformersEngine
+from slkit.params import SamplingParams
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+GREEDY = SamplingParams(temperature=0, stop=[])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    serve = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(serve), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url + "/v1"
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("transformers serve did not start in 120 s")
+
+
+@pytest.fixture(scope="module")
+def served_model(tiny_model_path, tmp_path_factory):
+    """The tiny model with a small chat template, served twice (a two-server pool)."""
+    model_dir = tmp_path_factory.mktemp("served") / "tiny-chat"
+    shutil.copytree(tiny_model_path, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation["do_sample"] = True  # transformers serve samples only when the model's generation config does
+    (model_dir / "generation_config.json").write_text(json.dumps(generation))
+    servers = [_start_server(model_dir, model_dir.parent / f"server{i}.log") for i in range(2)]
+    yield model_dir, [url for _, url in servers]
+    for proc, _ in servers:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _params(smoke_params, model_dir, **endpoint):
+    from slkit.params import params_from_dict
+
+    data = smoke_params.to_dict()
+    data["model"]["path"] = str(model_dir)
+    data["engine"].update(backend="openai", endpoint={"adapters": "none", "vllm_sampling": False, "max_retries": 0,
+                                                        "timeout_s": 60.0, **endpoint})
+    return params_from_dict(data)
+
+
+def _dead_url() -> str:
+    return f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+
+
+pytestmark = pytest.mark.server
+
+
+def test_completions_match_the_local_engine_and_spread_over_servers(served_model, smoke_params):
+    model_dir, urls = served_model
+    params = _params(smoke_params, model_dir, base_urls=urls, concurrency=2)
+    engine = EndpointEngine(params)
+    local = TransformersEngine(params)
+    assert engine.render("Hi") == local.render("Hi") == "<user>Hi</user>\n<assistant>"
+    requests = [Request(engine.render(f"Write about topic {i}."), None, 12, seed=i, prefill="Sure" if i % 2 else "")
+                for i in range(6)]
+    done = []
+    remote = engine.generate(requests, GREEDY, on_done=done.append)
+    # greedy decoding of the same rendered text (pre-fill included, one <bos>) gives the same tokens
+    assert remote == local.generate(requests, GREEDY)
+    assert sum(done) == len(requests) and all(remote)
+    engine.close()
+
+
+def test_chat_api_sends_the_message_and_the_server_applies_its_template(served_model, smoke_params):
+    model_dir, urls = served_model
+    engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=urls[:1], api="chat"))
+    local = TransformersEngine(_params(smoke_params, model_dir))
+    assert engine.is_chat and engine.render("Hello") == "Hello"
+    [remote] = engine.generate([Request("Hello", None, 10)], GREEDY)
+    [expected] = local.generate([Request(local.render("Hello"), None, 10)], GREEDY)
+    assert remote == expected
+    with pytest.raises(ValueError, match="api: chat cannot pre-fill"):
+        engine.generate([Request("Hello", None, 10, prefill="Once")], GREEDY)
+
+
+def test_a_dead_server_is_skipped_and_all_dead_is_one_clear_error(served_model, smoke_params):
+    model_dir, urls = served_model
+    engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=[_dead_url(), urls[0]], timeout_s=5.0))
+    out = engine.generate([Request(f"x{i}", None, 4, seed=i) for i in range(4)], GREEDY)
+    assert len(out) == 4 and all(out)
+    dead = _dead_url()
+    engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=[dead], timeout_s=5.0, max_retries=1))
+    with pytest.raises(RuntimeError, match="every server failed") as err:
+        engine.generate([Request("x", None, 4)], GREEDY)
+    assert dead in str(err.value)
+
+
+def test_a_refused_request_is_not_retried_on_other_servers(served_model, smoke_params):
+    model_dir, urls = served_model
+    engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=urls, model="no-such-model"))
+    with pytest.raises(RuntimeError, match="request refused"):
+        engine.generate([Request("x", None, 4)], GREEDY)
+
+
+def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_model, smoke_params, tmp_path):
+    """Seed -> generate -> extend -> train -> evaluate through the endpoint engine, with an API key set."""
+    from slkit.pipeline import run_pipeline
+
+    model_dir, urls = served_model
+    secret = "sk-slkit-test-9f8e7d6c5b4a"
+    params = _params(smoke_params, model_dir, base_urls=urls, api_key_env="SLKIT_TEST_KEY")
+    os.environ["SLKIT_TEST_KEY"] = secret
+    try:
+        data = params.to_dict()
+        data.update(macro_iterations=1, output_dir=str(tmp_path / "runs"))
+        data["length_control"]["enabled"] = False
+        from slkit.params import dump_params, params_from_dict
+
+        dump_params(params_from_dict(data), tmp_path / "endpoint.yaml")
+        run_dir = run_pipeline(tmp_path / "endpoint.yaml", show_progress=False)
+    finally:
+        del os.environ["SLKIT_TEST_KEY"]
+    records = [json.loads(line) for line in (run_dir / "iter_1" / "extensions.jsonl").read_text().splitlines()]
+    assert records and (run_dir / "iter_1" / "metrics.json").exists()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_request_body_standard_and_vllm_fields():
+    sampling = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1, min_new_tokens=5,
+                              stop=["a", "b", "c", "d", "e"])
+    body = request_body(Request("<bos>Q", "generator", 100, seed=7, prefill="P"), sampling, "m", "completions",
+                        vllm_sampling=True, bos="<bos>")
+    assert body["prompt"] == "QP" and body["max_tokens"] == 100 and body["seed"] == 7
+    assert body["stop"] == ["a", "b", "c", "d"]  # the API's limit; the fifth is cut locally
+    assert (body["top_k"], body["repetition_penalty"], body["min_tokens"]) == (20, 1.1, 5)
+    plain = request_body(Request("Q", None, 10), sampling, "m", "completions", vllm_sampling=False)
+    assert not {"top_k", "repetition_penalty", "min_tokens"} & set(plain)
+    chat = request_body(Request("Q", None, 10, prefill="P"), sampling, "m", "chat", vllm_sampling=True)
+    assert chat["messages"][-1] == {"role": "assistant", "content": "P"} and chat["continue_final_message"]
+    greedy = request_body(Request("Q", None, 10), SamplingParams(temperature=0), "m", "completions", True)
+    assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, -1)
+
+
+def test_adapter_names_change_with_the_adapter_directory(tmp_path):
+    assert adapter_name("generator", tmp_path / "iter_1") != adapter_name("generator", tmp_path / "iter_2")
+    assert adapter_name("generator", tmp_path / "a").startswith("slkit-generator-")
+
+
+def test_missing_key_variable_is_one_clear_error(smoke_params, tiny_model_path, monkeypatch):
+    monkeypatch.delenv("SLKIT_NO_SUCH_KEY", raising=False)
+    params = _params(smoke_params, tiny_model_path, api_key_env="SLKIT_NO_SUCH_KEY")
+    with pytest.raises(ValueError, match="api_key_env: the environment variable SLKIT_NO_SUCH_KEY is not set"):
+        EndpointEngine(params)
