@@ -119,10 +119,13 @@ def load_tokenizer(model_params: Any):
 
 
 def pick_device(device: str) -> str:
+    """cpu, or this process's GPU (cuda:LOCAL_RANK under accelerate/torchrun, else cuda:0)."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
 
 
@@ -144,7 +147,7 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_params.path), **kwargs)
     if not model_params.load_in_4bit:
         model.to(device)

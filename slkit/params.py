@@ -178,6 +178,10 @@ class TrainingParams(_Section):
     continue_adapters: bool = True  # iteration k starts from iteration k-1's adapters
     min_samples: int = Field(1, ge=1)  # fewer training samples than this skips training (adapters carried over)
     save_steps: int = Field(0, ge=0)  # >0: checkpoint every N steps; a killed training resumes from the last one
+    # >1: the train stage runs `accelerate launch` with this many processes (one per GPU) and the config
+    # below: ddp, fsdp or zero3 (shipped in slkit/accelerate_configs/) or the path of your own config.
+    num_processes: int = Field(1, ge=1)
+    accelerate_config: str = "ddp"
 
 
 class LengthControlParams(_Section):

@@ -115,17 +115,34 @@ def make_trainer_class():
 
         def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
+            # num_items_in_batch counts every process's tokens; DDP averages gradients over processes,
+            # so each process's loss is scaled back up (what Trainer.compute_loss does).
+            scale = (self.accelerator.num_processes
+                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
             if self.loss_kind == "model":
                 out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
-                return (out.loss, out) if return_outputs else out.loss
-            backbone, head, softcap = _backbone_and_head(model)
-            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-            n = int(num_items_in_batch) if num_items_in_batch is not None else None
-            if self.loss_kind == "liger":
-                loss = _liger_loss(hidden, head, labels, n)
-            else:
-                loss = chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk_tokens, softcap, n)
+                return (out.loss * scale, out) if return_outputs else out.loss * scale
+            inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                          num_items=int(num_items_in_batch) if num_items_in_batch is not None else None)
+            inner = self.accelerator.unwrap_model(model)
+            if inner is model:
+                loss = self._head_loss(model, **inputs)
+            else:  # DDP / FSDP / ZeRO wrap the model: the loss must run inside the wrapper's forward to sync
+                inner.forward = lambda **kw: self._head_loss(inner, **kw)
+                try:
+                    loss = model(**inputs)
+                finally:
+                    del inner.forward
+            loss = loss * scale
             return (loss, None) if return_outputs else loss
+
+        def _head_loss(self, model, input_ids, attention_mask, labels, num_items):
+            """The backbone's hidden states, then the loss over the LM head without full fp32 logits."""
+            backbone, head, softcap = _backbone_and_head(model)
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.loss_kind == "liger":
+                return _liger_loss(hidden, head, labels, num_items)
+            return chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk_tokens, softcap, num_items)
 
     return SelfLengthenTrainer
 
@@ -217,14 +234,60 @@ def build_lora_model(params: Params, init_adapter: str | None):
     return get_peft_model(model, config)
 
 
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped accelerate config (ddp, fsdp, zero3) or a user's file."""
+    shipped = ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
+    path = shipped if shipped.exists() else Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"training.accelerate_config: {name_or_path!r} is neither a shipped config "
+                         f"({', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))}) nor a file")
+    return path
+
+
+def launch_distributed(params: Params, examples_path: str | Path, output_dir: str | Path,
+                       init_adapter: str | None) -> dict[str, Any]:
+    """Run train_adapter under `accelerate launch` with training.num_processes processes; its summary."""
+    import subprocess
+    import sys
+
+    from slkit.params import dump_params
+
+    output_dir = Path(output_dir)
+    config = accelerate_config_path(params.training.accelerate_config)
+    params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
+    dump_params(params, params_file)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", str(params.training.num_processes),
+               "-m", "slkit.training", "--params", str(params_file), "--examples", str(examples_path),
+               "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else [])
+    done = subprocess.run(command)
+    if done.returncode:
+        raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")
+    params_file.unlink()
+    return json.loads((output_dir / "slkit-train.json").read_text())
+
+
 def train_adapter(params: Params, examples_path: str | Path, output_dir: str | Path,
                   init_adapter: str | None = None) -> dict[str, Any]:
     """Train one adapter on a jsonl of {"prompt", "completion"}; writes a PEFT adapter to output_dir.
 
     With fewer than training.min_samples examples nothing is trained: the previous adapter is
     carried over (or a fresh, untrained LoRA saved, which leaves the base model unchanged).
-    Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
+    With training.num_processes > 1 it runs itself under `accelerate launch` (DDP, FSDP or ZeRO-3);
+    rank 0 writes the files. Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
     """
+    if params.training.num_processes > 1:
+        return launch_distributed(params, examples_path, output_dir, init_adapter)
+    return train_in_this_process(params, examples_path, output_dir, init_adapter)
+
+
+def train_in_this_process(params: Params, examples_path: str | Path, output_dir: str | Path,
+                          init_adapter: str | None = None) -> dict[str, Any]:
+    """train_adapter's work, in this process (one rank of a distributed run, or the only one)."""
+    import os
     import torch
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -232,12 +295,13 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     from slkit.models import load_tokenizer
 
     tp = params.training
+    main_process = int(os.environ.get("RANK", 0)) == 0
     output_dir = Path(output_dir)
     examples = read_jsonl(examples_path, required=["prompt", "completion"])
     tokenizer = load_tokenizer(params.model)
     summary: dict[str, Any] = {"samples": len(examples), "init_adapter": init_adapter}
     tmp_dir = output_dir.with_name(output_dir.name + ".tmp")
-    if tmp_dir.exists():
+    if tmp_dir.exists() and main_process:
         shutil.rmtree(tmp_dir)
     features = [tokenize_example(tokenizer, e["prompt"], e["completion"], tp.max_length, params.model.prompt_format)
                 for e in examples]
@@ -248,6 +312,8 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
     # earlier in this process (a resumed stage trains in a fresh one).
     set_seed(params.seed)
     if len(features) < tp.min_samples:
+        if not main_process:
+            return summary
         if init_adapter:
             shutil.copytree(init_adapter, tmp_dir)
         else:
@@ -267,7 +333,8 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
             bf16=on_gpu and params.model.dtype == "bfloat16", fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
             activation_checkpointing=tp.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False})
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
         trainer = make_trainer_class()(
             model=model, args=args, train_dataset=features,
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
@@ -285,11 +352,34 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
                        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
                        losses=losses, step_seconds=step_timer.seconds,
                        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
-        model.save_pretrained(str(tmp_dir))
-        shutil.rmtree(args.output_dir, ignore_errors=True)
+        summary["processes"] = args.world_size
+        trainer.save_model(str(tmp_dir))  # gathers FSDP / ZeRO-3 shards; rank 0 writes
         del trainer, model
+        if not main_process:
+            return summary
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        (tmp_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter is safetensors only
     (tmp_dir / "slkit-train.json").write_text(json.dumps(summary, indent=2))
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp_dir.rename(output_dir)
     return summary
+
+
+def main() -> None:
+    """Entry point of one process under `accelerate launch` (see launch_distributed)."""
+    import argparse
+
+    from slkit.params import load_params
+
+    parser = argparse.ArgumentParser(description="train one slkit adapter (one process of a distributed run)")
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--examples", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--init-adapter")
+    args = parser.parse_args()
+    train_in_this_process(load_params(args.params), args.examples, args.output, args.init_adapter)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""vLLM on a CUDA GPU: the VLLMEngine through slkit's own stages, per-role adapters in one batch, and
+the endpoint engine against a real `vllm serve --enable-lora`. Skipped where vLLM or a GPU is missing
+(CI and CPU machines); run on the GPU device as described in docs/benchmarks.md."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (GPU machines only)")
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from slkit.engines import Request  # noqa: E402
+from slkit.params import SamplingParams, load_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GREEDY = SamplingParams(temperature=0, stop=[])
+VLLM_PARAMS = {"engine.backend": "vllm", "engine.vllm.enforce_eager": True, "engine.vllm.gpu_memory_utilization": 0.3,
+               "engine.vllm.max_model_len": 2048, "model.dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A 2-layer random Llama with head_dim 64 (vLLM's attention kernels want it) and two random LoRAs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slkit.models import train_small_tokenizer
+
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = root / "small-llama"
+    tok = train_small_tokenizer(model_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(model_dir))
+    adapters = {}
+    for i, role in enumerate(["generator", "extender"]):
+        torch.manual_seed(i + 1)
+        base = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+        lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+        lora.save_pretrained(str(root / role))
+        adapters[role] = str(root / role)
+    return model_dir, adapters
+
+
+def _params(model_dir, **overrides):
+    return load_params(REPO / "params" / "smoke.yaml", {"model.path": str(model_dir), **VLLM_PARAMS, **overrides})
+
+
+def _in_fresh_process(code: str) -> None:
+    """Like a notebook: one GPU phase per process, so vLLM's memory goes back when it ends."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_roles_share_one_batch_and_greedy_is_repeatable(small_model):
+    from slkit.vllm_engine import VLLMEngine
+
+    model_dir, adapters = small_model
+    engine = VLLMEngine(_params(model_dir), adapters)
+    prompt = engine.render("Write about rivers.")
+    requests = [Request(prompt, role, 24) for role in (None, "generator", "extender")] * 2
+    out = engine.generate(requests, GREEDY)
+    assert out[:3] == out[3:]  # same request, same greedy text
+    assert len(set(out[:3])) == 3  # base, Generator and Extender differ: each request got its own adapter
+    # a pre-fill is continued: prompt + prefill as one raw text equals the prompt with the prefill appended
+    [a] = engine.generate([Request(prompt, "generator", 8, prefill=out[1][:10])], GREEDY)
+    [b] = engine.generate([Request(prompt + out[1][:10], "generator", 8)], GREEDY)
+    assert a == b
+    # vLLM honours every length field: min_new_tokens forces the length
+    forced = SamplingParams(temperature=0.7, min_new_tokens=40, stop=[])
+    ids = engine.tokenizer(engine.generate([Request(prompt, None, 40, seed=3)], forced)[0], add_special_tokens=False)
+    assert 30 <= len(ids["input_ids"]) <= 48
+    engine.close()
+
+
+def test_stages_run_on_vllm_each_in_its_own_process(small_model, tmp_path):
+    """seed -> generate -> extend (vLLM) -> train (transformers, GPU) -> iteration 2 generate with the
+    trained Generator adapter (vLLM LoRA), each stage a fresh process as under papermill."""
+    from slkit.pipeline import prepare_run
+    from slkit.params import dump_params
+
+    model_dir, _ = small_model
+    params = _params(model_dir, output_dir=str(tmp_path / "runs"), run_name="vllm-stages")
+    dump_params(params, tmp_path / "vllm.yaml")
+    _, run_dir = prepare_run(tmp_path / "vllm.yaml")
+    for iteration, stage in [(1, "seed"), (1, "generate"), (1, "extend"), (1, "train"), (2, "seed"), (2, "generate")]:
+        _in_fresh_process(f"from slkit import stages; stages.{stage}_stage({str(run_dir)!r}, {iteration})")
+    for name in ["iter_1/queries.jsonl", "iter_1/drafts.jsonl", "iter_1/extensions.jsonl", "iter_2/drafts.jsonl"]:
+        lines = (run_dir / name).read_text().splitlines()
+        assert lines and all(json.loads(line) for line in lines), name
+    assert (run_dir / "iter_1" / "adapters" / "generator" / "adapter_model.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
+    from slkit.endpoint_engine import EndpointEngine
+
+    model_dir, adapters = small_model
+    port = _free_port()
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                               "--port", str(port), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+                               "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "2048"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import httpx
+
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        params = _params(model_dir, **{"engine.backend": "openai", "engine.endpoint.base_urls": [f"http://127.0.0.1:{port}/v1"],
+                                       "engine.endpoint.model": str(model_dir)})
+        engine = EndpointEngine(params, adapters)
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert {engine.models["generator"], engine.models["extender"]} <= {m["id"] for m in served["data"]}
+        prompt = engine.render("Write about rivers.")
+        out = engine.generate([Request(prompt, role, 24) for role in (None, "generator", "extender")], GREEDY)
+        assert len(set(out)) == 3
+        engine.close()
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert engine.models["generator"] not in {m["id"] for m in served["data"]}  # unloaded on close
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
