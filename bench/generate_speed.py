@@ -150,6 +150,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
 
         engine = load_engine(params, {"generator": str(adapter), "extender": str(adapter)})
         engine.generate([Request(engine.render(texts[0]), "generator", new_tokens)], params.sampling)  # warm-up
+        warm_tokens = engine.generated_tokens
         queries = [{"id": f"q{i}", "query": t, "language": "en"} for i, t in enumerate(texts)]
         path = workdir / f"drafts-{'bf16' if bf16 else 'nf4'}.jsonl"
         for stale in (path, path.with_name(path.name + ".partial")):
@@ -160,7 +161,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
         seconds = time.perf_counter() - start
         records = writer.finish()
         assert len(records) == prompts, f"{len(records)} drafts written for {prompts} queries"
-        produced = sum(len(engine.tokenizer(r["draft"], add_special_tokens=False)["input_ids"]) for r in records)
+        produced = engine.generated_tokens - warm_tokens
     row = {"engine": "bare vLLM LLM.generate" if case == "bare" else "slkit VLLMEngine via drafts stage",
            "weights": "bf16" if bf16 else "nf4 (bitsandbytes)", "prompts": prompts, "new_tokens": new_tokens,
            "produced_tokens": produced, "gib": gib, "seconds": round(seconds, 2),
@@ -175,7 +176,7 @@ def run_vllm(args) -> list[dict]:
 
     model_dir, adapter = build_vllm_checkpoint(args.shapes[0], args.workdir)
     rows = []
-    for bf16 in ([True, False] if not args.bf16 else [True]):
+    for bf16 in [w == "bf16" for w in args.vllm_weights]:
         for case in ("bare", "slkit"):
             cmd = [sys.executable, __file__, "--vllm-case", case, "--workdir", str(args.workdir),
                    "--shapes", args.shapes[0], "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true", help="bare vLLM against slkit's VLLMEngine (GPU, vLLM installed)")
     parser.add_argument("--vllm-case", choices=["bare", "slkit"], help=argparse.SUPPRESS)
     parser.add_argument("--gib", type=float, default=22.0, help="GPU memory vLLM may use (--vllm)")
+    parser.add_argument("--vllm-weights", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
     args = parser.parse_args()
     if args.vllm_case:
         model_dir, adapter = build_vllm_checkpoint(args.shapes[0], args.workdir)

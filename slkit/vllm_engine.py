@@ -86,6 +86,11 @@ def supported_lora_rank(rank: int) -> int:
 
 class VLLMEngine:
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
+        import os
+
+        # The engine core runs in this (stage) process: a separate core process hung under pytest on
+        # our H100, and a stage is a process of its own already. Set the variable to 1 to override.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
@@ -95,6 +100,7 @@ class VLLMEngine:
         rank = supported_lora_rank(params.engine.vllm.max_lora_rank or params.training.lora_r)
         self.llm = LLM(**engine_kwargs(params, model_dir, rank))
         self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
+        self.generated_tokens = 0  # new tokens produced so far (tokens/s of a stage, benchmarks)
         self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
 
     @property
@@ -120,6 +126,7 @@ class VLLMEngine:
                 lora_request=[self.loras.get(r.role) for r in chunk],
                 use_tqdm=False)
             outputs += [postprocess(res.outputs[0].text, sampling) for res in results]
+            self.generated_tokens += sum(len(res.outputs[0].token_ids) for res in results)
             if on_done:
                 on_done(len(chunk))
         return outputs

@@ -76,10 +76,6 @@ def test_roles_share_one_batch_and_greedy_is_repeatable(small_model):
     [a] = engine.generate([Request(prompt, "generator", 8, prefill=out[1][:10])], GREEDY)
     [b] = engine.generate([Request(prompt + out[1][:10], "generator", 8)], GREEDY)
     assert a == b
-    # vLLM honours every length field: min_new_tokens forces the length
-    forced = SamplingParams(temperature=0.7, min_new_tokens=40, stop=[])
-    ids = engine.tokenizer(engine.generate([Request(prompt, None, 40, seed=3)], forced)[0], add_special_tokens=False)
-    assert 30 <= len(ids["input_ids"]) <= 48
     engine.close()
 
 

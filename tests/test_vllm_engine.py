@@ -1,0 +1,51 @@
+"""What of the vLLM engine runs without vLLM: request building and adapter bookkeeping (CPU).
+The engine itself runs in tests/test_vllm_gpu.py on a GPU with vLLM installed."""
+import pytest
+
+from slkit.engines import Request
+from slkit.params import SamplingParams, load_params
+from slkit.vllm_engine import engine_kwargs, lora_ids, sampling_kwargs, supported_lora_rank
+
+from conftest import REPO
+
+
+def test_every_sampling_field_is_explicit():
+    sampling = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1, min_new_tokens=64,
+                              stop=["\n---\n", ""])
+    kw = sampling_kwargs(sampling, Request("p", "generator", 4096, seed=11), [2, 7])
+    assert kw["max_tokens"] == 4096  # never vLLM's default of 16
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["repetition_penalty"]) == (0.7, 0.8, 20, 1.1)
+    assert (kw["min_tokens"], kw["seed"], kw["stop"], kw["stop_token_ids"]) == (64, 11, ["\n---\n"], [2, 7])
+    assert kw["n"] == 1 and kw["ignore_eos"] is False and kw["skip_special_tokens"] is True
+    # min_new_tokens above a request's own cap is cut to the cap (vLLM refuses min > max)
+    assert sampling_kwargs(sampling, Request("p", None, 10), [])["min_tokens"] == 10
+    greedy = sampling_kwargs(SamplingParams(temperature=0), Request("p", None, 5), [])
+    assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, 0)
+
+
+def test_one_lora_request_per_role_with_stable_ids(tmp_path):
+    ids = lora_ids({"generator": str(tmp_path / "g"), "extender": None, "judge": str(tmp_path / "j")})
+    assert ids == {"generator": ("generator", 1, str(tmp_path / "g")), "judge": ("judge", 2, str(tmp_path / "j"))}
+    assert lora_ids(None) == {} and lora_ids({"generator": None}) == {}
+
+
+@pytest.mark.parametrize("rank, served", [(1, 8), (8, 8), (16, 16), (17, 32), (64, 64), (300, 320)])
+def test_lora_rank_rounds_up_to_one_vllm_serves(rank, served):
+    assert supported_lora_rank(rank) == served
+
+
+def test_lora_rank_beyond_vllm_is_named():
+    with pytest.raises(ValueError, match="training.lora_r"):
+        supported_lora_rank(1024)
+
+
+def test_engine_kwargs_follow_the_recipe(tmp_path):
+    params = load_params(REPO / "params" / "qwen2.5-7b-24gb.yaml",
+                         {"model.path": str(tmp_path), "engine.vllm.max_model_len": 20000})
+    kw = engine_kwargs(params, str(tmp_path), 16)
+    assert kw["enable_lora"] and kw["max_loras"] >= 2 and kw["max_lora_rank"] == 16
+    assert kw["quantization"] == "bitsandbytes" and params.model.load_in_4bit
+    assert kw["max_model_len"] == 20000 and kw["trust_remote_code"] is False
+    bf16 = engine_kwargs(params.model_copy(update={"model": params.model.model_copy(update={"load_in_4bit": False})}),
+                         str(tmp_path), 16)
+    assert "quantization" not in bf16
