@@ -335,6 +335,8 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             activation_checkpointing=tp.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False},
             ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
+        if "LOCAL_RANK" not in os.environ:
+            args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host
         trainer = make_trainer_class()(
             model=model, args=args, train_dataset=features,
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),

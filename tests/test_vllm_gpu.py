@@ -137,5 +137,6 @@ def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
         served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert engine.models["generator"] not in {m["id"] for m in served["data"]}  # unloaded on close
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
