@@ -1,8 +1,9 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`, `slkit setup`."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check", help="validate a params file and print it with its defaults")
     check.add_argument("params")
+    compare = sub.add_parser("compare", help="put two or more runs side by side: summary table and figures")
+    compare.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
+    compare.add_argument("--out", help="where summary.md, summary.csv and the figures go (default runs/compare-A-B)")
     setup = sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
     setup.add_argument("--kernel-only", action="store_true", help="only register the kernel")
     args = parser.parse_args(argv)
@@ -40,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dir = run_pipeline(args.params, _overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
+        elif args.command == "compare":
+            from slkit.reports import compare_runs, markdown_table
+
+            missing = [r for r in args.runs if not (Path(r) / "params.yaml").is_file()]
+            if missing:
+                raise ParamsError(f"not a run directory (no params.yaml): {', '.join(missing)}")
+            out = args.out or str(Path(args.runs[0]).parent / ("compare-" + "-".join(Path(r).name for r in args.runs)))
+            result = compare_runs(args.runs, out)
+            print(markdown_table(result["summary"]), end="")
+            print(f"figures in {result['out']}: {', '.join(result['figures'])}")
         elif args.command == "check":
             from slkit.params import load_params
 

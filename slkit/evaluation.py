@@ -1,19 +1,33 @@
-"""Length-following evaluation: LonGen (METHOD.md formula) and summary metrics of a run.
+"""Length-following evaluation: benchmarks, scores, summaries and length stability.
 
-LonGen accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds; above T -> [T, 1.5T];
-below T -> [0.5T, T]. Score of a length L: 1 inside; max(2L/a - 1, 0) below; max(3 - 2L/b, 0) above.
+Every length is words by slkit's one counter (textstats.count_words), for every benchmark.
+
+- LonGen (METHOD.md): accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds;
+  above T -> [T, 1.5T]; below T -> [0.5T, T]. Score of a length L in [0, 1]: 1 inside;
+  max(2L/a - 1, 0) below; max(3 - 2L/b, 0) above.
+- LongBench-Write format (jsonl with prompt, type, length = required words x): score of an output
+  of y words in [0, 100]: S_l = 100 max(0, 1 - (y/x - 1)/3) if y > x, else 100 max(0, 1 - (x/y - 1)/2).
+- Length stability of a query: the coefficient of variation (population standard deviation / mean)
+  of the words of its k samples; reported as the mean over queries, per type and overall.
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import defaultdict
-from statistics import mean
+from pathlib import Path
+from statistics import mean, pstdev
 
 from slkit.records import RecordFileError, read_jsonl
+from slkit.textstats import detect_language
 
 LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
 LONGEN_TYPES = ("about", "range", "above", "below")
+LONGBENCH_WRITE_FIELDS = ("prompt", "type", "length")
+# LongWriter's length bins of the required length, in words.
+LENGTH_BINS = ((0, 500, "<500"), (500, 2000, "500-2k"), (2000, 4000, "2k-4k"), (4000, math.inf, ">=4k"))
+SCALES = {"longen": 1.0, "longbench_write": 100.0}  # a perfect score on each benchmark
 
 
 def accepted_interval(kind: str, numbers: list[int]) -> tuple[float, float]:
@@ -47,15 +61,78 @@ def longen_score(length: float, interval: tuple[float, float]) -> float:
     return 1.0
 
 
+def longbench_write_score(produced: float, required: float) -> float:
+    """S_l of LongBench-Write, in [0, 100]."""
+    y, x = produced, required
+    if y > x:
+        return 100 * max(0.0, 1 - (y / x - 1) / 3)
+    if y <= 0:
+        return 0.0
+    return 100 * max(0.0, 1 - (x / y - 1) / 2)
+
+
+def length_bin(words: float) -> str:
+    return next(name for low, high, name in LENGTH_BINS if low <= words < high)
+
+
+def _rows(source: str) -> list[tuple[str, dict]]:
+    """(where, row) of a jsonl file (where = file:line) or of a `datasets` hub id "org/name[:split]"."""
+    path = Path(source).expanduser()
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            numbers = [n for n, line in enumerate(f, 1) if line.strip()]
+        rows = read_jsonl(path)  # malformed JSON raises with file:line
+        return [(f"{source}:{n}", r) for n, r in zip(numbers, rows)]
+    if source.startswith(("/", ".", "~")) or "/" not in source:
+        raise RecordFileError(f"{source}: no such benchmark file (and not a hub id org/name[:split])")
+    from datasets import load_dataset
+
+    name, _, split = source.partition(":")
+    dataset = load_dataset(name, split=split or "train")
+    return [(f"{source} (row {i + 1})", dict(r)) for i, r in enumerate(dataset)]
+
+
+def _benchmark_item(where: str, row: dict, fmt: str) -> dict:
+    """One benchmark query in slkit's common form: query, language, type, bin, interval/required."""
+    fields = LONGEN_FIELDS if fmt == "longen" else LONGBENCH_WRITE_FIELDS
+    missing = [k for k in fields if k not in row]
+    if missing:
+        raise RecordFileError(f"{where}: missing field(s) {', '.join(missing)} of the {fmt} format")
+    try:
+        if fmt == "longen":
+            interval = longen_interval(row["type"], row["constraint"])
+            return {"query": row["query"], "language": row["language"], "type": row["type"], "bin": row["range"],
+                    "interval": interval, "required": (interval[0] + interval[1]) / 2}
+        required = row["length"]
+        if isinstance(required, bool) or not isinstance(required, (int, float)) or required <= 0:
+            raise ValueError(f"length must be a positive number of words, got {required!r}")
+        return {"query": row["prompt"], "language": detect_language(row["prompt"]), "type": str(row["type"]),
+                "bin": length_bin(required), "required": float(required)}
+    except ValueError as err:
+        raise RecordFileError(f"{where}: {err}") from None
+
+
+def load_benchmark(source: str, fmt: str = "auto") -> tuple[str, list[dict]]:
+    """(format, items) of a LonGen or LongBench-Write benchmark, from a jsonl path or a hub id.
+    fmt auto: LonGen when the first record has LonGen's fields, else LongBench-Write."""
+    rows = _rows(source)
+    if not rows:
+        raise RecordFileError(f"{source}: the benchmark holds no records")
+    if fmt == "auto":
+        fmt = "longen" if all(k in rows[0][1] for k in LONGEN_FIELDS) else "longbench_write"
+    return fmt, [_benchmark_item(where, row, fmt) for where, row in rows]
+
+
 def load_longen(path: str) -> list[dict]:
-    """LonGen records; a line with a missing field, unknown type or unusable constraint names file and line."""
-    records = read_jsonl(path, required=LONGEN_FIELDS)
-    for number, r in enumerate(records, 1):
-        try:
-            r["interval"] = longen_interval(r["type"], r["constraint"])
-        except ValueError as err:
-            raise RecordFileError(f"{path}: record {number}: {err}") from None
-    return records
+    """LonGen items; a record with a missing field, unknown type or unusable constraint names file and line."""
+    return load_benchmark(path, "longen")[1]
+
+
+def score_length(item: dict, words: float, fmt: str) -> float:
+    """The benchmark's own length score of an output of `words` words for `item`."""
+    if fmt == "longen":
+        return longen_score(words, item["interval"])
+    return longbench_write_score(words, item["required"])
 
 
 def stratified_subset(records: list[dict], size: int, seed: int) -> list[dict]:
@@ -77,14 +154,42 @@ def stratified_subset(records: list[dict], size: int, seed: int) -> list[dict]:
     return chosen
 
 
-def summarize_scores(scored: list[dict]) -> dict:
-    """Mean score overall, per type and per language, from records with "type", "language", "score"."""
-    def avg(rows: list[dict]) -> float:
-        return round(mean(r["score"] for r in rows), 4) if rows else float("nan")
+def _grouped_means(rows: list[dict], value: str, key: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[str(r[key])].append(r[value])
+    order = [t for t in LONGEN_TYPES if t in groups] + sorted(k for k in groups if k not in LONGEN_TYPES)
+    if key == "bin":
+        names = [name for _, _, name in LENGTH_BINS]
+        order = sorted(groups, key=lambda k: (names.index(k) if k in names else len(names), k))
+    return {k: round(mean(groups[k]), 4) for k in order}
 
+
+def summarize_scores(scored: list[dict]) -> dict:
+    """Mean score overall, per type, per length bin and per language, from records with
+    "type", "bin", "language", "score" (every sample counts once)."""
     return {
-        "overall": avg(scored),
-        "per_type": {t: avg([r for r in scored if r["type"] == t]) for t in LONGEN_TYPES if any(r["type"] == t for r in scored)},
-        "per_language": {lang: avg([r for r in scored if r["language"] == lang]) for lang in sorted({r["language"] for r in scored})},
+        "overall": round(mean(r["score"] for r in scored), 4) if scored else float("nan"),
+        "per_type": _grouped_means(scored, "score", "type"),
+        "per_length_bin": _grouped_means(scored, "score", "bin") if all("bin" in r for r in scored) else {},
+        "per_language": _grouped_means(scored, "score", "language"),
         "n": len(scored),
     }
+
+
+def length_stability(scored: list[dict]) -> dict | None:
+    """Coefficient of variation of each query's produced words over its samples (records grouped by
+    "index"); the mean over queries overall and per type. None when no query has 2+ samples."""
+    by_query: dict[int, list[dict]] = defaultdict(list)
+    for r in scored:
+        by_query[r["index"]].append(r)
+    rows = []
+    for index, samples in sorted(by_query.items()):
+        words = [s["words"] for s in samples]
+        if len(words) >= 2 and mean(words) > 0:
+            rows.append({"index": index, "type": samples[0]["type"], "cv": pstdev(words) / mean(words)})
+    if not rows:
+        return None
+    return {"overall_cv": round(mean(r["cv"] for r in rows), 4), "per_type_cv": _grouped_means(rows, "cv", "type"),
+            "queries": len(rows), "samples_per_query": max(len(v) for v in by_query.values()),
+            "per_query": {r["index"]: round(r["cv"], 4) for r in rows}}

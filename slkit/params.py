@@ -197,10 +197,24 @@ class LengthControlParams(_Section):
     fresh_adapter: bool = False  # False: continue from the last iteration's Generator adapter
 
 
+class JudgeParams(_Section):
+    """The quality judge: seven dimensions scored 1-10 as JSON, told to ignore length (slkit/judge.py)."""
+    enabled: bool = False
+    model: ModelParams | None = None  # None: the run's base model; any slkit engine can run it
+    engine: EngineParams = EngineParams()  # e.g. backend: openai, endpoint: {api: chat, api_key_env: OPENAI_API_KEY}
+    max_tries: int = Field(3, ge=1)  # a reply that is not the JSON asked for is retried, then counted as failed
+    max_new_tokens: int = Field(256, ge=16)
+    samples_per_query: int = Field(1, ge=1)  # how many of each query's samples are judged
+
+
 class EvaluationParams(_Section):
-    benchmark: str | None = "../shared/data/LonGen.jsonl"  # LonGen-format jsonl; None skips it
+    # A jsonl file or a `datasets` hub id (org/name[:split]) in LonGen's or LongBench-Write's format; None skips it.
+    benchmark: str | None = "../shared/data/LonGen.jsonl"
+    benchmark_format: Literal["auto", "longen", "longbench_write"] = "auto"  # auto: by the first record's fields
     subset_size: int = Field(24, ge=1)  # queries drawn evenly over language x type
+    samples_per_query: int = Field(1, ge=1)  # k > 1 measures length stability (coefficient of variation over k)
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+    judge: JudgeParams = JudgeParams()
 
 
 class Params(_Section):

@@ -69,8 +69,19 @@ def absolute_paths(params: Params, base: Path) -> Params:
         "output_dir": resolve(params.output_dir),
         "model": params.model.model_copy(update={"path": model_path}),
         "queries": params.queries.model_copy(update={"seed_files": [resolve(p) for p in params.queries.seed_files]}),
-        "evaluation": params.evaluation.model_copy(update={"benchmark": resolve(params.evaluation.benchmark) if params.evaluation.benchmark else None}),
+        "evaluation": params.evaluation.model_copy(update={"benchmark": _benchmark_source(params.evaluation.benchmark, base)}),
     })
+
+
+def _benchmark_source(source: str | None, base: Path) -> str | None:
+    """A benchmark file resolved against `base`; a hub id (org/name[:split], no such file) kept as is."""
+    if not source:
+        return None
+    local = Path(source).expanduser()
+    local = local if local.is_absolute() else base / local
+    if local.exists() or source.startswith((".", "/", "~")) or "/" not in source:
+        return str(local.resolve())
+    return source
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -87,20 +98,22 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
     """Validate params, check the data files exist, create the run dir and its params snapshot."""
     params = absolute_paths(load_params(params_path, overrides), Path.cwd())
-    for key, path in [("evaluation.benchmark", params.evaluation.benchmark)] + \
+    benchmark = params.evaluation.benchmark
+    is_file = bool(benchmark) and Path(benchmark).is_absolute()  # else a hub id, loaded below
+    for key, path in [("evaluation.benchmark", benchmark if is_file else None)] + \
             [(f"queries.seed_files.{i}", p) for i, p in enumerate(params.queries.seed_files)]:
         if path and not Path(path).is_file():
             raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
     # Seed and benchmark files are read now, so a broken line stops the run before any model loads.
-    from slkit.evaluation import load_longen
+    from slkit.evaluation import load_benchmark
     from slkit.seeds import load_seeds
 
     model_dir = Path(params.model.path).expanduser()
     if model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise ParamsError(f"{params_path}: model.path: {model_dir} has no config.json: not a transformers model directory")
     load_seeds(params.queries.seed_files)
-    if params.evaluation.benchmark:
-        load_longen(params.evaluation.benchmark)
+    if benchmark:
+        load_benchmark(benchmark, params.evaluation.benchmark_format)
     run_dir = params.run_dir
     snapshot = run_dir / "params.yaml"
     changed: list[str] = []

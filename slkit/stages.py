@@ -190,51 +190,80 @@ def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     return summary
 
 
-def score_longen(params: Params, adapters: dict[str, str | None], out: Path, stage: str) -> dict[str, Any] | None:
-    """The Generator answers the LonGen subset -> out/longen_outputs.jsonl (resumable); returns the scores."""
+def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, stage: str) -> dict[str, Any] | None:
+    """The Generator answers the benchmark subset, evaluation.samples_per_query times each ->
+    out/benchmark_outputs.jsonl (resumable); returns length scores and length stability."""
     from slkit.engines import Request
-    from slkit.evaluation import load_longen, longen_score, stratified_subset, summarize_scores
+    from slkit.evaluation import SCALES, length_stability, load_benchmark, score_length, stratified_subset, summarize_scores
     from slkit.textstats import count_words
 
     ev = params.evaluation
     if not ev.benchmark:
         return None
-    subset = stratified_subset(load_longen(ev.benchmark), ev.subset_size, params.seed)
-    with RecordWriter(out / "longen_outputs.jsonl") as writer:
-        done = {r["index"] for r in writer.records}
-        todo = [(i, r) for i, r in enumerate(subset) if i not in done]
-        progress = Progress(out, stage, len(subset), len(done))
+    fmt, items = load_benchmark(ev.benchmark, ev.benchmark_format)
+    subset = stratified_subset(items, ev.subset_size, params.seed)
+    slots = [(i, k) for i in range(len(subset)) for k in range(ev.samples_per_query)]
+    with RecordWriter(out / "benchmark_outputs.jsonl") as writer:
+        done = {(r["index"], r["sample"]) for r in writer.records}
+        todo = [(i, k) for i, k in slots if (i, k) not in done]
+        progress = Progress(out, stage, len(slots), len(done))
         if todo:
             engine = load_engine(params, adapters)
             max_new = ev.max_new_tokens or params.sampling.max_new_tokens
-            texts = engine.generate([Request(engine.render(r["query"]), "generator", max_new,
-                                             stable_seed(params.seed, "longen", i)) for i, r in todo],
+            texts = engine.generate([Request(engine.render(subset[i]["query"]), "generator", max_new,
+                                             stable_seed(params.seed, "benchmark", i, k)) for i, k in todo],
                                     params.sampling, progress.advance)
             engine.close()
-            for (i, r), text in zip(todo, texts):
-                words = count_words(text)
-                writer.write({"index": i, "language": r["language"], "type": r["type"], "range": r["range"],
-                              "constraint": r["constraint"], "interval": list(r["interval"]), "words": words,
-                              "score": longen_score(words, r["interval"]), "output": text})
-        scored = writer.finish()
-    return summarize_scores(scored)
+            for (i, k), text in zip(todo, texts):
+                item, words = subset[i], count_words(text)
+                writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
+                              "type": item["type"], "bin": item["bin"], "required": item["required"],
+                              **({"interval": list(item["interval"])} if "interval" in item else {}),
+                              "words": words, "score": score_length(item, words, fmt), "output": text})
+        scored = sorted(writer.finish(), key=lambda r: (r["index"], r["sample"]))
+    return {"benchmark": Path(ev.benchmark).name if Path(ev.benchmark).exists() else ev.benchmark, "format": fmt,
+            "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored)}
+
+
+def judge_stage_outputs(params: Params, out: Path, stage: str) -> dict[str, Any] | None:
+    """The judge scores the benchmark outputs of this stage -> out/judgements.jsonl; returns the summary."""
+    from slkit.judge import judge_responses, summarize_judgements
+
+    jp = params.evaluation.judge
+    outputs = out / "benchmark_outputs.jsonl"
+    if not jp.enabled or not outputs.exists():
+        return None
+    items = [r for r in read_jsonl(outputs) if r["sample"] < jp.samples_per_query]
+    with RecordWriter(out / "judgements.jsonl") as writer:
+        if len(writer.records) < len(items):
+            judge_params = params.model_copy(update={"model": jp.model or params.model, "engine": jp.engine})
+            engine = load_engine(judge_params, {})
+            progress = Progress(out, f"{stage} (judge)", len(items), len(writer.records))
+            judge_responses(engine, items, jp, params.seed, writer, progress.advance)
+            engine.close()
+        return summarize_judgements(writer.finish())
 
 
 @skip_when_done("evaluate")
 def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-    """LonGen subset with this iteration's Generator -> longen_outputs.jsonl, metrics.json, lengths.png."""
-    from slkit.plots import plot_lengths
+    """Benchmark with this iteration's Generator (length scores, stability, judge) -> benchmark_outputs.jsonl,
+    judgements.jsonl, metrics.json and the figures of slkit.plots."""
+    from slkit.reports import write_iteration_figures
 
     params, out = _prepare(run_dir, iteration)
     metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
-    longen = score_longen(params, {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}, out, "evaluate")
-    if longen:
-        metrics["longen"] = longen
+    scores = score_benchmark(params, {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}, out, "evaluate")
+    if scores:
+        metrics["length_following"] = scores
+    judged = judge_stage_outputs(params, out, "evaluate")
+    if judged:
+        metrics["judge"] = judged
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
                          for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
     write_json_atomic(out / "metrics.json", metrics)
-    plot_lengths(length_table(run_dir, upto=iteration), out / "lengths.png")
+    metrics["figures"] = write_iteration_figures(run_dir, iteration)
+    write_json_atomic(out / "metrics.json", metrics)
     mark_done(out, "evaluate", metrics)
     return metrics
 
@@ -242,7 +271,7 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
 @skip_when_done("length_control")
 def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """All iterations' extensions in the word window -> length_control/constrained.jsonl (queries carrying a
-    length their response meets), a final Generator adapter trained on them, LonGen before and after."""
+    length their response meets), a final Generator adapter trained on them, length scores before and after."""
     from slkit.engines import Request
     from slkit.length_control import assign_constraint, rewrite_failure, rewrite_prompt, satisfies, template_rewrite
     from slkit.training import train_adapter
@@ -287,12 +316,12 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     final = out / "adapters" / "generator"
     training = (read_json(final / "slkit-train.json") if (final / "slkit-train.json").exists()
                 else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
-    before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("longen")
-    after = score_longen(params, {"generator": str(final)}, out, "length_control")
+    before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("length_following")
+    after = score_benchmark(params, {"generator": str(final)}, out, "length_control")
     summary = {"pairs": len(records), "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
                "rewrites": dict(Counter(how)), "model_rewrites_refused": dict(refused),
                "training": {k: v for k, v in training.items() if k != "losses"},
-               "longen_before": before, "longen_after": after}
+               "length_before": before, "length_after": after}
     write_json_atomic(out / "metrics.json", summary)
     mark_done(out, "length_control", summary)
     return summary

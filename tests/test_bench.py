@@ -26,3 +26,24 @@ def test_train_memory_bench_tiny(tmp_path):
 def test_generate_speed_bench_tiny(tmp_path):
     stdout = _run(["bench/generate_speed.py", "--tiny", "--prompts", "2", "--new-tokens", "8", "--batch", "2"], tmp_path)
     assert "plain generate, batch 1" in stdout and "slkit transformers, batch 2" in stdout
+
+
+def test_train_multi_gpu_bench_tiny(tmp_path):
+    """Two gloo processes through the train stage's accelerate path: half the steps of one process."""
+    stdout = _run(["bench/train_multi_gpu.py", "--tiny", "--gpus", "2", "--length", "64", "--samples", "4"], tmp_path)
+    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    assert [(r["processes"], r["steps"]) for r in rows] == [(1, 4), (2, 2)]
+    assert "| tiny-llama | 2 | cpu |" in stdout
+
+
+def test_vllm_bench_builds_a_full_vocabulary_checkpoint(tmp_path):
+    """The vLLM rows need vLLM and a GPU; what runs here is the checkpoint they load: every id decodes."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from generate_speed import build_vllm_checkpoint
+    from transformers import AutoTokenizer
+
+    model_dir, adapter = build_vllm_checkpoint("tiny-llama", tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    assert len(tok) == json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert tok.decode([10, 1023]) == "w6 w1019"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16

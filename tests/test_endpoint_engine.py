@@ -130,7 +130,8 @@ def test_a_refused_request_is_not_retried_on_other_servers(served_model, smoke_p
 
 
 def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_model, smoke_params, tmp_path):
-    """Seed -> generate -> extend -> train -> evaluate through the endpoint engine, with an API key set."""
+    """Seed -> generate -> extend -> train -> evaluate (and its judge) through the endpoint engine, with an
+    API key set: no file of the run (records, metrics, executed notebooks, logs, params) holds the key."""
     from slkit.pipeline import run_pipeline
 
     model_dir, urls = served_model
@@ -141,6 +142,10 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
         data = params.to_dict()
         data.update(macro_iterations=1, output_dir=str(tmp_path / "runs"))
         data["length_control"]["enabled"] = False
+        # the judge too runs on the servers, through the chat API, with the same key
+        data["evaluation"]["judge"].update(enabled=True, model={"path": str(model_dir)}, engine={
+            "backend": "openai", "endpoint": {"base_urls": urls, "api": "chat", "api_key_env": "SLKIT_TEST_KEY",
+                                              "adapters": "none", "vllm_sampling": False, "max_retries": 0}})
         from slkit.params import dump_params, params_from_dict
 
         dump_params(params_from_dict(data), tmp_path / "endpoint.yaml")
@@ -148,7 +153,9 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
     finally:
         del os.environ["SLKIT_TEST_KEY"]
     records = [json.loads(line) for line in (run_dir / "iter_1" / "extensions.jsonl").read_text().splitlines()]
-    assert records and (run_dir / "iter_1" / "metrics.json").exists()
+    metrics = json.loads((run_dir / "iter_1" / "metrics.json").read_text())
+    assert records and metrics["judge"]["judged"] + metrics["judge"]["failed"] == 8
+    assert "SLKIT_TEST_KEY" in (run_dir / "params.yaml").read_text()  # the variable's name, not its value
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert files and not [p for p in files if secret.encode() in p.read_bytes()]
 

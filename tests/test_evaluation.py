@@ -1,7 +1,10 @@
 import pytest
 
 from conftest import LONGEN
-from slkit.evaluation import load_longen, longen_interval, longen_score, stratified_subset, summarize_scores
+import json
+
+from slkit.evaluation import (length_bin, length_stability, load_benchmark, load_longen, longbench_write_score,
+                              longen_interval, longen_score, stratified_subset, summarize_scores)
 from slkit.records import RecordFileError
 
 
@@ -44,11 +47,87 @@ def test_summary_per_type_language_and_overall():
     assert s["per_language"] == {"en": 0.75, "zh": 0.0} and s["n"] == 3
 
 
+@pytest.mark.parametrize("produced,required,score", [
+    (1000, 1000, 100.0),
+    (2000, 1000, 100 * (1 - 1 / 3)),    # twice too long: 66.67
+    (4000, 1000, 0.0),                  # y/x - 1 = 3: the floor
+    (5000, 1000, 0.0),
+    (500, 1000, 50.0),                  # half as long: 1 - (2 - 1)/2
+    (250, 1000, 0.0),                   # a quarter: 1 - 3/2 < 0
+    (800, 1000, 87.5),                  # 1 - (1.25 - 1)/2
+    (0, 1000, 0.0),
+])
+def test_longbench_write_score_by_hand(produced, required, score):
+    assert longbench_write_score(produced, required) == pytest.approx(score)
+
+
+def test_length_bins_follow_longwriter():
+    assert [length_bin(w) for w in (100, 499, 500, 1999, 2000, 3999, 4000, 20000)] == [
+        "<500", "<500", "500-2k", "500-2k", "2k-4k", "2k-4k", ">=4k", ">=4k"]
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_longbench_write_format_is_detected_and_normalised(tmp_path):
+    f = _write(tmp_path / "lbw.jsonl", [{"prompt": "Write a 300-word note.", "type": "Other", "length": 300},
+                                        {"prompt": "写一篇三千字的文章。", "type": "文学", "length": 3000}])
+    fmt, items = load_benchmark(f)
+    assert fmt == "longbench_write"
+    assert [(i["language"], i["bin"], i["required"], i["type"]) for i in items] == [
+        ("en", "<500", 300.0, "Other"), ("zh", "2k-4k", 3000.0, "文学")]
+
+
+def test_longen_format_is_detected(tmp_path):
+    f = _write(tmp_path / "lg.jsonl", [{"language": "en", "range": "2-4k", "type": "about",
+                                        "constraint": "around 2000 words", "query": "q"}])
+    fmt, [item] = load_benchmark(f)
+    assert fmt == "longen" and item["interval"] == (1600, 2400) and item["required"] == 2000 and item["bin"] == "2-4k"
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('{"prompt": "p", "type": "t"}', r"lbw.jsonl:3: missing field\(s\) length"),
+    ('{"prompt": "p", "type": "t", "length": "long"}', r"lbw.jsonl:3: length must be a positive number"),
+    ('{"prompt": "p", "type": "t", "length": 0}', r"lbw.jsonl:3: length must be a positive number"),
+    ('{"prompt": "p", "type": ', r"lbw.jsonl:3: not valid JSON"),
+])
+def test_a_malformed_benchmark_line_names_file_and_line(tmp_path, bad_line, message):
+    good = '{"prompt": "p", "type": "t", "length": 100}'
+    f = _write(tmp_path / "lbw.jsonl", [good, "", bad_line])  # line 2 blank: numbers are file lines
+    with pytest.raises(RecordFileError, match=message):
+        load_benchmark(f)
+
+
+def test_a_missing_benchmark_file_is_named(tmp_path):
+    with pytest.raises(RecordFileError, match="no such benchmark file"):
+        load_benchmark(str(tmp_path / "nope.jsonl"))
+
+
+def test_summary_per_length_bin():
+    rows = [{"type": "a", "language": "en", "bin": ">=4k", "score": 40.0},
+            {"type": "a", "language": "en", "bin": "<500", "score": 100.0},
+            {"type": "b", "language": "en", "bin": "<500", "score": 80.0}]
+    assert summarize_scores(rows)["per_length_bin"] == {"<500": 90.0, ">=4k": 40.0}  # LongWriter's bin order
+
+
+def test_length_stability_by_hand():
+    rows = [{"index": 0, "type": "about", "words": 100}, {"index": 0, "type": "about", "words": 300},
+            {"index": 1, "type": "below", "words": 200}, {"index": 1, "type": "below", "words": 200},
+            {"index": 2, "type": "about", "words": 50}]  # one sample only: no spread to measure
+    s = length_stability(rows)
+    # query 0: mean 200, population sd 100 -> CV 0.5; query 1: CV 0
+    assert s["per_query"] == {0: 0.5, 1: 0.0} and s["overall_cv"] == 0.25
+    assert s["per_type_cv"] == {"about": 0.5, "below": 0.0} and s["queries"] == 2 and s["samples_per_query"] == 2
+    assert length_stability([{"index": 0, "type": "about", "words": 10}]) is None
+
+
 def test_broken_benchmark_line_names_file_and_line(tmp_path):
     f = tmp_path / "bench.jsonl"
     f.write_text('{"language": "en", "range": "2-4k", "type": "about", "constraint": "around 2000 words", "query": "q"}\n'
                  '{"language": "en", "range": "2-4k", "type": "about", "constraint": "lots of words", "query": "q"}\n')
-    with pytest.raises(RecordFileError, match=r"bench.jsonl: record 2: constraint 'lots of words'"):
+    with pytest.raises(RecordFileError, match=r"bench.jsonl:2: constraint 'lots of words'"):
         load_longen(str(f))
 
 

@@ -32,12 +32,15 @@ def test_run_writes_every_file_of_both_iterations(smoke_run):
             assert nb["metadata"]["papermill"]["parameters"] == {"run_dir": str(smoke_run), "iteration": k}
         for stage in STAGES:
             assert (d / f"{stage}.done.json").exists()
-        for name in ("queries", "drafts", "extensions", "resampled", "generator_sft", "extender_sft", "longen_outputs"):
+        for name in ("queries", "drafts", "extensions", "resampled", "generator_sft", "extender_sft", "benchmark_outputs",
+                     "judgements"):
             rows = load_dataset("json", data_files=str(d / f"{name}.jsonl"), split="train")
             assert len(rows) > 0, name
         for role in ("generator", "extender"):
             assert (d / "adapters" / role / "adapter_model.safetensors").exists()
-        assert (d / "lengths.png").stat().st_size > 1000
+        for figure in ("lengths", "required_vs_produced", "length_scores", "length_stability", "filter_rates",
+                       "distinct_n"):
+            assert (d / f"{figure}.png").stat().st_size > 5000, figure
         assert not list(d.glob("*.partial"))
 
 
@@ -45,8 +48,14 @@ def test_metrics_and_iteration_chaining(smoke_run):
     m1 = json.loads((smoke_run / "iter_1" / "metrics.json").read_text())
     m2 = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())
     for m in (m1, m2):
-        assert set(m["longen"]["per_type"]) == {"about", "range", "above", "below"}
-        assert 0 <= m["longen"]["overall"] <= 1
+        lf = m["length_following"]
+        assert lf["format"] == "longen" and lf["n"] == 16  # 8 queries x 2 samples
+        assert set(lf["per_type"]) == {"about", "range", "above", "below"} and 0 <= lf["overall"] <= 1
+        assert set(lf["per_length_bin"]) <= {"2-4k", "4-6k", "6-8k"} and set(lf["per_language"]) == {"en", "zh"}
+        assert lf["stability"]["queries"] <= 8 and lf["stability"]["samples_per_query"] == 2
+        assert lf["stability"]["overall_cv"] >= 0
+        # the random model never writes the judge's JSON: every response is counted as failed, none dropped
+        assert m["judge"]["judged"] + m["judge"]["failed"] == 8 and m["judge"]["failure_rate"] == 1.0
         assert m["counts"]["queries"] == 4 and m["counts"]["drafts"] == 8
         assert m["words"]["extensions"] > m["words"]["drafts"]
     train2 = json.loads((smoke_run / "iter_2" / "train.done.json").read_text())["summary"]
@@ -89,7 +98,27 @@ def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
         assert satisfies(Constraint(**r["constraint"]), r["words"])
         assert r["original_query"].rstrip("。.") in r["query"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["longen_before"] == json.loads((smoke_run / "iter_2" / "metrics.json").read_text())["longen"]
-    assert 0 <= metrics["longen_after"]["overall"] <= 1
+    before = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())["length_following"]
+    assert metrics["length_before"] == before
+    assert 0 <= metrics["length_after"]["overall"] <= 1
     assert metrics["training"]["init_adapter"] == str(smoke_run / "iter_2" / "adapters" / "generator")
     assert (out / "adapters" / "generator" / "adapter_model.safetensors").exists()
+
+
+def test_compare_puts_runs_side_by_side(smoke_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "smoke-copy"
+    shutil.copytree(smoke_run, other)
+    out = tmp_path / "compare"
+    result = subprocess.run([sys.executable, "-m", "slkit", "compare", str(smoke_run), str(other), "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = (out / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 4  # header, rule, 2 runs x 2 iterations
+    assert sum(line.startswith(f"| {smoke_run.name} |") for line in table) == 2
+    assert sum(line.startswith("| smoke-copy |") for line in table) == 2
+    for figure in ("lengths", "required_vs_produced", "length_scores", "filter_rates", "distinct_n"):
+        assert (out / f"{figure}.png").stat().st_size > 5000, figure
+    bad = subprocess.run([sys.executable, "-m", "slkit", "compare", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr

@@ -1,0 +1,216 @@
+"""Tables of a run's results across iterations, figures of them, and several runs side by side.
+
+    from slkit.reports import summary_table, compare_runs
+    summary_table(["runs/a", "runs/b"])            # one row per run and iteration
+    compare_runs(["runs/a", "runs/b"], "runs/compare")   # same tables and figures, runs side by side
+
+Metric definitions (also in the README's "Evaluation" section):
+- length score: the benchmark's own, per output (LonGen in [0, 1], LongBench-Write's S_l in [0, 100]);
+  means per constraint type, length bin and language.
+- length stability: per query, coefficient of variation (population sd / mean) of produced words over
+  its samples; mean over queries.
+- judge: mean 1-10 score per dimension over the responses the judge scored; failed = replies that
+  held no valid JSON after every try.
+- filter rate: a check's rejections (or the accepted share) over the candidates that stage examined.
+- distinct-n: distinct n-grams / all n-grams over a stage's texts (words for English, characters
+  for Chinese); falling values mean more repetition.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slkit.records import read_json, read_jsonl
+from slkit.stages import iter_dir, length_table
+from slkit.textstats import distinct_n
+
+
+def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
+    """Iterations of a run that have a directory, in order."""
+    k, found = 1, []
+    while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
+        found.append(k)
+        k += 1
+    return found
+
+
+def _done_summary(run_dir: str | Path, k: int, stage: str) -> dict:
+    path = iter_dir(run_dir, k) / f"{stage}.done.json"
+    return read_json(path)["summary"] if path.exists() else {}
+
+
+def benchmark_table(run_dir: str | Path, upto: int | None = None):
+    """One row per benchmark output: iteration, index, sample, type, bin, language, required, words, score."""
+    import pandas as pd
+
+    columns = ["iteration", "index", "sample", "type", "bin", "language", "required", "words", "score"]
+    rows = []
+    for k in iterations(run_dir, upto):
+        path = iter_dir(run_dir, k) / "benchmark_outputs.jsonl"
+        if path.exists():
+            rows += [{"iteration": k, **{c: r.get(c) for c in columns[1:]}} for r in read_jsonl(path)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def stability_table(run_dir: str | Path, upto: int | None = None):
+    """One row per query with 2+ samples: iteration, index, type, cv."""
+    import pandas as pd
+
+    rows = []
+    for k in iterations(run_dir, upto):
+        metrics = iter_dir(run_dir, k) / "metrics.json"
+        lf = (read_json(metrics).get("length_following") or {}) if metrics.exists() else {}
+        per_query = (lf.get("stability") or {}).get("per_query", {})
+        types = {}
+        path = iter_dir(run_dir, k) / "benchmark_outputs.jsonl"
+        if per_query and path.exists():
+            types = {str(r["index"]): r["type"] for r in read_jsonl(path)}
+        rows += [{"iteration": k, "index": int(i), "type": types.get(str(i)), "cv": cv} for i, cv in per_query.items()]
+    return pd.DataFrame(rows, columns=["iteration", "index", "type", "cv"])
+
+
+def filter_table(run_dir: str | Path, upto: int | None = None):
+    """Per iteration, what each check did to the candidates its stage examined: stage, check, count,
+    out_of, rate ("accepted" rows give the share that passed)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+
+    def add(k, stage, check, count, out_of):
+        if out_of:
+            rows.append({"iteration": k, "stage": stage, "check": check, "count": count, "out_of": out_of,
+                         "rate": round(count / out_of, 4)})
+
+    for k in iterations(run_dir, upto):
+        for stage, accepted_key in (("seed", "queries"), ("generate", "drafts")):
+            summary = _done_summary(run_dir, k, stage)
+            if not summary:
+                continue
+            rejected = {r: n for r, n in summary.get("rejected", {}).items() if r != "gave_up"}
+            candidates = summary[accepted_key] + sum(rejected.values())
+            add(k, stage, "accepted", summary[accepted_key], candidates)
+            for reason, n in sorted(rejected.items()):
+                add(k, stage, f"rejected: {reason}", n, candidates)
+        counts = _done_summary(run_dir, k, "extend").get("counts", {})
+        rounds = {r: n for r, n in counts.items() if r.startswith("round_")}
+        for reason, n in sorted(rounds.items()):
+            add(k, "extend round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
+        extend = _done_summary(run_dir, k, "extend")
+        if extend:
+            add(k, "extend draft", "accepted", extend["extensions"], extend["drafts"])
+        train = _done_summary(run_dir, k, "train")
+        if train:
+            add(k, "resampling", "kept", train["resampled"], train["extensions"])
+    return pd.DataFrame(rows, columns=["iteration", "stage", "check", "count", "out_of", "rate"])
+
+
+def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, ...] = (2, 3)):
+    """Distinct-n of each stage's texts per iteration and language: repetition drift."""
+    import pandas as pd
+
+    sources = {"drafts": ("drafts", "draft"), "extensions": ("extensions", "extended"),
+               "benchmark": ("benchmark_outputs", "output")}
+    rows = []
+    for k in iterations(run_dir, upto):
+        for stage, (name, field) in sources.items():
+            path = iter_dir(run_dir, k) / f"{name}.jsonl"
+            if not path.exists():
+                continue
+            records = read_jsonl(path)
+            for language in sorted({r["language"] for r in records}):
+                texts = [r[field] for r in records if r["language"] == language]
+                for n in ns:
+                    rows.append({"iteration": k, "stage": stage, "language": language, "n": n,
+                                 "texts": len(texts), "distinct": round(distinct_n(texts, n, language), 4)})
+    return pd.DataFrame(rows, columns=["iteration", "stage", "language", "n", "texts", "distinct"])
+
+
+def summary_table(run_dirs: list[str | Path]):
+    """One row per run and iteration: length score (overall and per type), stability, judge, words per stage."""
+    import pandas as pd
+
+    rows = []
+    for run_dir in run_dirs:
+        name = Path(run_dir).name
+        for k in iterations(run_dir):
+            path = iter_dir(run_dir, k) / "metrics.json"
+            if not path.exists():
+                continue
+            m = read_json(path)
+            lf = m.get("length_following") or {}
+            judge = m.get("judge") or {}
+            row = {"run": name, "iteration": k, "benchmark": lf.get("benchmark"), "length score": lf.get("overall"),
+                   **{f"score {t}": v for t, v in (lf.get("per_type") or {}).items()},
+                   "stability CV": (lf.get("stability") or {}).get("overall_cv"),
+                   "judge": judge.get("overall"), "judge failed": judge.get("failed"),
+                   **{f"words {s}": v for s, v in m.get("words", {}).items()}}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table) -> str:
+    """A DataFrame as a GitHub markdown table (numbers to 4 significant digits, blanks for missing)."""
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(tables: dict[str, Any], out: Path, scale: float) -> list[str]:
+    from slkit.plots import (plot_distinct, plot_filter_rates, plot_length_scores, plot_length_stability,
+                             plot_lengths, plot_required_vs_produced)
+
+    written = [plot_lengths(tables["lengths"], out / "lengths.png")]
+    if len(tables["benchmark"]):
+        written.append(plot_required_vs_produced(tables["benchmark"], out / "required_vs_produced.png"))
+        written.append(plot_length_scores(tables["benchmark"], out / "length_scores.png", scale))
+    if len(tables["stability"]):
+        written.append(plot_length_stability(tables["stability"], out / "length_stability.png"))
+    if len(tables["filters"]):
+        written.append(plot_filter_rates(tables["filters"], out / "filter_rates.png"))
+    if len(tables["distinct"]):
+        written.append(plot_distinct(tables["distinct"], out / "distinct_n.png"))
+    return [p.name for p in written]
+
+
+def run_tables(run_dir: str | Path, upto: int | None = None) -> dict[str, Any]:
+    return {"lengths": length_table(run_dir, upto), "benchmark": benchmark_table(run_dir, upto),
+            "stability": stability_table(run_dir, upto), "filters": filter_table(run_dir, upto),
+            "distinct": distinct_table(run_dir, upto)}
+
+
+def _scale(run_dir: str | Path, upto: int | None = None) -> float:
+    for k in reversed(iterations(run_dir, upto)):
+        path = iter_dir(run_dir, k) / "metrics.json"
+        if path.exists():
+            return (read_json(path).get("length_following") or {}).get("max_score", 1.0)
+    return 1.0
+
+
+def write_iteration_figures(run_dir: str | Path, iteration: int) -> list[str]:
+    """The evaluate notebook's figures for iterations 1..iteration, written into that iteration's directory."""
+    return _figures(run_tables(run_dir, iteration), iter_dir(run_dir, iteration), _scale(run_dir, iteration))
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Several runs side by side: summary.md / summary.csv and the same figures with one panel per run."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs to compare need distinct directory names, got {names}")
+    tables = {}
+    for key in ("lengths", "benchmark", "stability", "filters", "distinct"):
+        parts = [run_tables(r)[key].assign(run=name) for r, name in zip(run_dirs, names)]
+        tables[key] = pd.concat(parts, ignore_index=True)
+    summary = summary_table(run_dirs)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(markdown_table(summary), encoding="utf-8")
+    figures = _figures(tables, out, max(_scale(r) for r in run_dirs))
+    return {"summary": summary, "figures": figures, "out": out}
