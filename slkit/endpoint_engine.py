@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from slkit.engines import Request, postprocess
 from slkit.params import EndpointParams, Params, SamplingParams
-from slkit.prompts import render_user_turn
+from slkit.prompts import render_user_turn, uses_chat_template
 
 
 def api_key(ep: EndpointParams) -> str:
@@ -130,12 +130,7 @@ class EndpointEngine:
 
     @property
     def is_chat(self) -> bool:
-        if self.tokenizer is None:
-            return True
-        from slkit.prompts import has_chat_template
-
-        fmt = self.params.model.prompt_format
-        return fmt == "chat" or (fmt == "auto" and has_chat_template(self.tokenizer))
+        return self.tokenizer is None or uses_chat_template(self.tokenizer, self.params.model.prompt_format)
 
     def render(self, message: str) -> str:
         if self.tokenizer is None:  # chat API: the server applies its template

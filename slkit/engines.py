@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from slkit.params import Params, SamplingParams
-from slkit.prompts import has_chat_template, render_user_turn, with_bos
+from slkit.prompts import render_user_turn, uses_chat_template, with_bos
 
 _CLOSERS = "[\"')\\]”’」』》）】]*"
 # An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.
@@ -84,7 +84,20 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class TransformersEngine:
+class LocalPrompts:
+    """Prompts rendered here with the model's tokenizer: its chat template, or the plain format."""
+    params: Params
+    tokenizer: Any
+
+    @property
+    def is_chat(self) -> bool:
+        return uses_chat_template(self.tokenizer, self.params.model.prompt_format)
+
+    def render(self, message: str) -> str:
+        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
+
+
+class TransformersEngine(LocalPrompts):
     """Batched, left-padded `generate` with every sampling parameter explicit and per-role LoRA adapters."""
 
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
@@ -107,14 +120,6 @@ class TransformersEngine:
         self.device = next(self.model.parameters()).device
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)
         self._torch = torch
-
-    @property
-    def is_chat(self) -> bool:
-        fmt = self.params.model.prompt_format
-        return fmt == "chat" or (fmt == "auto" and has_chat_template(self.tokenizer))
-
-    def render(self, message: str) -> str:
-        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
 
     def _encode(self, prompts: list[str]) -> dict[str, Any]:
         texts = [with_bos(self.tokenizer, p) for p in prompts]

@@ -54,10 +54,14 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def uses_chat_template(tokenizer: Any, prompt_format: str = "auto") -> bool:
+    """Whether user turns are rendered with the tokenizer's chat template (else the plain format)."""
+    return prompt_format == "chat" or (prompt_format == "auto" and has_chat_template(tokenizer))
+
+
 def render_user_turn(tokenizer: Any, message: str, prompt_format: str = "auto") -> str:
     """The text a model continues to answer `message`: chat template, or the plain format."""
-    use_chat = prompt_format == "chat" or (prompt_format == "auto" and has_chat_template(tokenizer))
-    if use_chat:
+    if uses_chat_template(tokenizer, prompt_format):
         return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                              add_generation_prompt=True)
     return PLAIN_TEMPLATE.format(message=message)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from slkit.engines import Request, postprocess, stop_token_ids
+from slkit.engines import LocalPrompts, Request, postprocess, stop_token_ids
 from slkit.models import load_tokenizer, resolve_model_path
 from slkit.params import Params, SamplingParams
-from slkit.prompts import has_chat_template, render_user_turn, with_bos
+from slkit.prompts import with_bos
 
 # Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
 CALL_SIZE = 1024
@@ -84,7 +84,7 @@ def supported_lora_rank(rank: int) -> int:
     raise ValueError(f"training.lora_r: vLLM serves LoRA ranks up to 512, got {rank}")
 
 
-class VLLMEngine:
+class VLLMEngine(LocalPrompts):
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
         import os
 
@@ -102,14 +102,6 @@ class VLLMEngine:
         self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
         self.generated_tokens = 0  # new tokens produced so far (tokens/s of a stage, benchmarks)
         self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
-
-    @property
-    def is_chat(self) -> bool:
-        fmt = self.params.model.prompt_format
-        return fmt == "chat" or (fmt == "auto" and has_chat_template(self.tokenizer))
-
-    def render(self, message: str) -> str:
-        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[str]:
