@@ -201,7 +201,7 @@ class JudgeParams(_Section):
     """The quality judge: seven dimensions scored 1-10 as JSON, told to ignore length (slkit/judge.py)."""
     enabled: bool = False
     model: ModelParams | None = None  # None: the run's base model; any slkit engine can run it
-    engine: EngineParams = EngineParams()  # e.g. backend: openai, endpoint: {api: chat, api_key_env: OPENAI_API_KEY}
+    engine: EngineParams | None = None  # None: the run's engine; e.g. backend: openai, endpoint: {api: chat, ...}
     max_tries: int = Field(3, ge=1)  # a reply that is not the JSON asked for is retried, then counted as failed
     max_new_tokens: int = Field(256, ge=16)
     samples_per_query: int = Field(1, ge=1)  # how many of each query's samples are judged

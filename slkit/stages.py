@@ -236,7 +236,8 @@ def judge_stage_outputs(params: Params, out: Path, stage: str) -> dict[str, Any]
     items = [r for r in read_jsonl(outputs) if r["sample"] < jp.samples_per_query]
     with RecordWriter(out / "judgements.jsonl") as writer:
         if len(writer.records) < len(items):
-            judge_params = params.model_copy(update={"model": jp.model or params.model, "engine": jp.engine})
+            judge_params = params.model_copy(update={"model": jp.model or params.model,
+                                                     "engine": jp.engine or params.engine})
             engine = load_engine(judge_params, {})
             progress = Progress(out, f"{stage} (judge)", len(items), len(writer.records))
             judge_responses(engine, items, jp, params.seed, writer, progress.advance)

@@ -49,3 +49,4 @@ def test_engine_kwargs_follow_the_recipe(tmp_path):
     bf16 = engine_kwargs(params.model_copy(update={"model": params.model.model_copy(update={"load_in_4bit": False})}),
                          str(tmp_path), 16)
     assert "quantization" not in bf16
+    assert "enable_lora" not in engine_kwargs(params, str(tmp_path), 16, with_lora=False)  # iteration 1: no adapters
