@@ -148,6 +148,17 @@ def summary_table(run_dirs: list[str | Path]):
     return pd.DataFrame(rows)
 
 
+def show_figure(directory: str | Path, name: str) -> None:
+    """Display a saved figure in a notebook, or say that there is none yet."""
+    from IPython.display import Image, display
+
+    path = Path(directory) / name
+    if path.exists():
+        display(Image(filename=str(path)))
+    else:
+        print(f"{name}: no data yet")
+
+
 def markdown_table(table) -> str:
     """A DataFrame as a GitHub markdown table (numbers to 4 significant digits, blanks for missing)."""
     def cell(v: Any) -> str:
