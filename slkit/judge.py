@@ -29,8 +29,8 @@ JUDGE_PROMPT = """You are grading one response to a writing request. Give it a s
 - engagement: it holds a reader's interest.
 Judge the writing only: do not reward or penalise the response for its length. The request and the
 response may be in English or Chinese.
-Reply with one JSON object and nothing else, in this form:
-{{"relevance": 7, "coherence": 8, "accuracy": 6, "consistency": 7, "clarity": 8, "creativity": 5, "engagement": 6}}
+Reply with one JSON object and nothing else, in this form, each N an integer from 1 to 10:
+{{"relevance": N, "coherence": N, "accuracy": N, "consistency": N, "clarity": N, "creativity": N, "engagement": N}}
 
 Request:
 {query}
@@ -38,7 +38,9 @@ Request:
 Response:
 {response}"""
 
-# Base models (no chat template) get the start of the answer, so they continue the JSON.
+# Base models (no chat template) get the start of the answer, so they continue the JSON. The form
+# above holds no numbers on purpose: a model that copies it (the 270m demo model copied a numeric
+# example verbatim for every response) writes no valid JSON and is counted as failed.
 BASE_MODEL_PREFILL = '{"relevance":'
 
 _OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)

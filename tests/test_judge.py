@@ -83,3 +83,12 @@ def test_a_resumed_judge_skips_what_it_judged(tmp_path, scripted_engine):
         judge_responses(engine, _items(3), JudgeParams(enabled=True), 0, writer)
         assert len(writer.finish()) == 3
     assert len(engine.requests) == 1
+
+
+def test_a_copied_form_is_not_a_judgement():
+    """The prompt's form holds no numbers, so a model that copies it is counted as failed."""
+    from slkit.judge import JUDGE_PROMPT
+
+    form = next(line for line in JUDGE_PROMPT.splitlines() if line.startswith("{"))
+    assert parse_judgement(form.replace("{{", "{").replace("}}", "}")) is None
+    assert not any(ch.isdigit() for ch in form)
