@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
 
-from slkit.records import RecordFileError, read_jsonl
+from slkit.records import RecordFileError, read_jsonl_lines
 from slkit.textstats import detect_language
 
 LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
@@ -79,10 +79,7 @@ def _rows(source: str) -> list[tuple[str, dict]]:
     """(where, row) of a jsonl file (where = file:line) or of a `datasets` hub id "org/name[:split]"."""
     path = Path(source).expanduser()
     if path.exists():
-        with open(path, encoding="utf-8") as f:
-            numbers = [n for n, line in enumerate(f, 1) if line.strip()]
-        rows = read_jsonl(path)  # malformed JSON raises with file:line
-        return [(f"{source}:{n}", r) for n, r in zip(numbers, rows)]
+        return [(f"{source}:{n}", r) for n, r in read_jsonl_lines(path)]  # malformed JSON raises with file:line
     if source.startswith(("/", ".", "~")) or "/" not in source:
         raise RecordFileError(f"{source}: no such benchmark file (and not a hub id org/name[:split])")
     from datasets import load_dataset

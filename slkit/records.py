@@ -17,8 +17,9 @@ class RecordFileError(ValueError):
     """A jsonl line that cannot be used; the message names the file and line."""
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """All records of a jsonl file; a malformed line or a missing field raises with file:line."""
+def read_jsonl_lines(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every record of a jsonl file; a malformed line or a missing field
+    raises with file:line. Blank lines are skipped but counted."""
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -33,8 +34,13 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[di
             missing = [k for k in required if k not in record]
             if missing:
                 raise RecordFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            records.append(record)
+            records.append((number, record))
     return records
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """All records of a jsonl file; a malformed line or a missing field raises with file:line."""
+    return [record for _, record in read_jsonl_lines(path, required)]
 
 
 def read_json(path: str | os.PathLike) -> Any:
