@@ -52,20 +52,19 @@ def benchmark_table(run_dir: str | Path, upto: int | None = None):
     return pd.DataFrame(rows, columns=columns)
 
 
-def stability_table(run_dir: str | Path, upto: int | None = None):
-    """One row per query with 2+ samples: iteration, index, type, cv."""
+def stability_table(benchmark):
+    """One row per query with 2+ samples: iteration, index, type, cv (evaluation.length_stability of
+    each iteration's rows of a benchmark_table)."""
     import pandas as pd
 
+    from slkit.evaluation import length_stability
+
     rows = []
-    for k in iterations(run_dir, upto):
-        metrics = iter_dir(run_dir, k) / "metrics.json"
-        lf = (read_json(metrics).get("length_following") or {}) if metrics.exists() else {}
-        per_query = (lf.get("stability") or {}).get("per_query", {})
-        types = {}
-        path = iter_dir(run_dir, k) / "benchmark_outputs.jsonl"
-        if per_query and path.exists():
-            types = {str(r["index"]): r["type"] for r in read_jsonl(path)}
-        rows += [{"iteration": k, "index": int(i), "type": types.get(str(i)), "cv": cv} for i, cv in per_query.items()]
+    for k, part in benchmark.groupby("iteration"):
+        records = part.to_dict("records")
+        types = {r["index"]: r["type"] for r in records}
+        per_query = (length_stability(records) or {}).get("per_query", {})
+        rows += [{"iteration": k, "index": i, "type": types[i], "cv": cv} for i, cv in per_query.items()]
     return pd.DataFrame(rows, columns=["iteration", "index", "type", "cv"])
 
 
@@ -91,11 +90,10 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
             add(k, stage, "accepted", summary[accepted_key], candidates)
             for reason, n in sorted(rejected.items()):
                 add(k, stage, f"rejected: {reason}", n, candidates)
-        counts = _done_summary(run_dir, k, "extend").get("counts", {})
-        rounds = {r: n for r, n in counts.items() if r.startswith("round_")}
+        extend = _done_summary(run_dir, k, "extend")
+        rounds = {r: n for r, n in extend.get("counts", {}).items() if r.startswith("round_")}
         for reason, n in sorted(rounds.items()):
             add(k, "extend round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
-        extend = _done_summary(run_dir, k, "extend")
         if extend:
             add(k, "extend draft", "accepted", extend["extensions"], extend["drafts"])
         train = _done_summary(run_dir, k, "train")
@@ -189,22 +187,24 @@ def _figures(tables: dict[str, Any], out: Path, scale: float) -> list[str]:
 
 
 def run_tables(run_dir: str | Path, upto: int | None = None) -> dict[str, Any]:
-    return {"lengths": length_table(run_dir, upto), "benchmark": benchmark_table(run_dir, upto),
-            "stability": stability_table(run_dir, upto), "filters": filter_table(run_dir, upto),
-            "distinct": distinct_table(run_dir, upto)}
+    benchmark = benchmark_table(run_dir, upto)
+    return {"lengths": length_table(run_dir, upto), "benchmark": benchmark, "stability": stability_table(benchmark),
+            "filters": filter_table(run_dir, upto), "distinct": distinct_table(run_dir, upto)}
 
 
-def _scale(run_dir: str | Path, upto: int | None = None) -> float:
-    for k in reversed(iterations(run_dir, upto)):
+def _scale(run_dir: str | Path) -> float:
+    """The perfect length score of a run's benchmark, from its latest metrics."""
+    for k in reversed(iterations(run_dir)):
         path = iter_dir(run_dir, k) / "metrics.json"
         if path.exists():
             return (read_json(path).get("length_following") or {}).get("max_score", 1.0)
     return 1.0
 
 
-def write_iteration_figures(run_dir: str | Path, iteration: int) -> list[str]:
-    """The evaluate notebook's figures for iterations 1..iteration, written into that iteration's directory."""
-    return _figures(run_tables(run_dir, iteration), iter_dir(run_dir, iteration), _scale(run_dir, iteration))
+def write_iteration_figures(run_dir: str | Path, iteration: int, scale: float) -> list[str]:
+    """The evaluate notebook's figures for iterations 1..iteration, written into that iteration's directory;
+    `scale` is the benchmark's perfect length score."""
+    return _figures(run_tables(run_dir, iteration), iter_dir(run_dir, iteration), scale)
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
@@ -216,10 +216,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"runs to compare need distinct directory names, got {names}")
-    tables = {}
-    for key in ("lengths", "benchmark", "stability", "filters", "distinct"):
-        parts = [run_tables(r)[key].assign(run=name) for r, name in zip(run_dirs, names)]
-        tables[key] = pd.concat(parts, ignore_index=True)
+    per_run = [run_tables(r) for r in run_dirs]
+    tables = {key: pd.concat([t[key].assign(run=name) for t, name in zip(per_run, names)], ignore_index=True)
+              for key in per_run[0]}
     summary = summary_table(run_dirs)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(markdown_table(summary), encoding="utf-8")

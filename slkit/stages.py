@@ -262,8 +262,7 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
                          for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
-    write_json_atomic(out / "metrics.json", metrics)
-    metrics["figures"] = write_iteration_figures(run_dir, iteration)
+    metrics["figures"] = write_iteration_figures(run_dir, iteration, (scores or {}).get("max_score", 1.0))
     write_json_atomic(out / "metrics.json", metrics)
     mark_done(out, "evaluate", metrics)
     return metrics
