@@ -28,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
-from slkit.engines import Request, postprocess
+from slkit.engines import LocalPrompts, Request, postprocess
 from slkit.params import EndpointParams, Params, SamplingParams
-from slkit.prompts import render_user_turn, uses_chat_template
 
 
 def api_key(ep: EndpointParams) -> str:
@@ -83,7 +82,7 @@ def request_body(request: Request, sampling: SamplingParams, model: str, api: st
     return body
 
 
-class EndpointEngine:
+class EndpointEngine(LocalPrompts):
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
         from openai import OpenAI
 
@@ -130,12 +129,10 @@ class EndpointEngine:
 
     @property
     def is_chat(self) -> bool:
-        return self.tokenizer is None or uses_chat_template(self.tokenizer, self.params.model.prompt_format)
+        return self.tokenizer is None or super().is_chat
 
     def render(self, message: str) -> str:
-        if self.tokenizer is None:  # chat API: the server applies its template
-            return message
-        return render_user_turn(self.tokenizer, message, self.params.model.prompt_format)
+        return message if self.tokenizer is None else super().render(message)  # chat API: the server's template
 
     def _complete(self, index: int, request: Request, sampling: SamplingParams) -> str:
         ep = self.endpoint

@@ -57,26 +57,26 @@ def plot_required_vs_produced(table, path: str | Path) -> Path:
     return _draw(table, draw, "required vs produced length", path, log=True)
 
 
-def plot_length_scores(table, path: str | Path, scale: float = 1.0) -> Path:
-    """Mean length score per constraint type, one bar per iteration."""
+def _bars_by_type(table, value: str, ylabel: str, title: str, path: str | Path, ylim=None) -> Path:
     import seaborn as sns
 
     def draw(t, ax):
-        sns.barplot(data=t, x="type", y="score", hue="iteration", ax=ax, errorbar=None)
-        ax.set(ylim=(0, scale), ylabel=f"length score (max {scale:g})")
+        sns.barplot(data=t, x="type", y=value, hue="iteration", ax=ax, errorbar=None)
+        ax.set(ylim=ylim, ylabel=ylabel)
         ax.tick_params(axis="x", rotation=20)
-    return _draw(table, draw, "length score per type and iteration", path)
+    return _draw(table, draw, title, path)
+
+
+def plot_length_scores(table, path: str | Path, scale: float = 1.0) -> Path:
+    """Mean length score per constraint type, one bar per iteration."""
+    return _bars_by_type(table, "score", f"length score (max {scale:g})", "length score per type and iteration",
+                         path, ylim=(0, scale))
 
 
 def plot_length_stability(table, path: str | Path) -> Path:
     """Coefficient of variation of produced words over each query's samples, per type and iteration."""
-    import seaborn as sns
-
-    def draw(t, ax):
-        sns.barplot(data=t, x="type", y="cv", hue="iteration", ax=ax, errorbar=None)
-        ax.set(ylabel="coefficient of variation (lower = steadier)")
-        ax.tick_params(axis="x", rotation=20)
-    return _draw(table, draw, "length stability over samples", path)
+    return _bars_by_type(table, "cv", "coefficient of variation (lower = steadier)", "length stability over samples",
+                         path)
 
 
 def plot_filter_rates(table, path: str | Path) -> Path:

@@ -58,3 +58,12 @@ class ScriptedEngine:
 @pytest.fixture
 def scripted_engine():
     return ScriptedEngine
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server a test starts, or a dead one it points at)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ the tiny model on this CPU (marker `server`; CI runs them, ~1 min). Request bodi
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 from slkit.endpoint_engine import EndpointEngine, adapter_name, request_body
 from slkit.engines import Request, TransformersEngine
 from slkit.params import SamplingParams
@@ -21,14 +21,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{
 GREEDY = SamplingParams(temperature=0, stop=[])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     serve = Path(sys.executable).with_name("transformers")
     proc = subprocess.Popen([str(serve), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                              "--device", "cpu", "--dtype", "float32"],
@@ -76,7 +70,7 @@ def _params(smoke_params, model_dir, **endpoint):
 
 
 def _dead_url() -> str:
-    return f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
 
 
 pytestmark = pytest.mark.server

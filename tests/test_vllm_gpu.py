@@ -3,7 +3,6 @@ the endpoint engine against a real `vllm serve --enable-lora`. Skipped where vLL
 (CI and CPU machines); run on the GPU device as described in docs/benchmarks.md."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
+from conftest import free_port  # noqa: E402
 from slkit.engines import Request  # noqa: E402
 from slkit.params import SamplingParams, load_params  # noqa: E402
 
@@ -97,17 +97,11 @@ def test_stages_run_on_vllm_each_in_its_own_process(small_model, tmp_path):
     assert (run_dir / "iter_1" / "adapters" / "generator" / "adapter_model.safetensors").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
     from slkit.endpoint_engine import EndpointEngine
 
     model_dir, adapters = small_model
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
