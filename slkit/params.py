@@ -208,8 +208,10 @@ class JudgeParams(_Section):
 
 
 class EvaluationParams(_Section):
-    # A jsonl file or a `datasets` hub id (org/name[:split]) in LonGen's or LongBench-Write's format; None skips it.
-    benchmark: str | None = "../shared/data/LonGen.jsonl"
+    # A jsonl file, a `datasets` hub id (org/name[:split]; one split needs no name) or a builtin
+    # (builtin:lengths-mini, slkit's 100-800-word set), in LonGen's or LongBench-Write's format; None skips it.
+    benchmark: str | None = "quanshr/LonGen"  # LonGen, the reference's benchmark (240 queries, 2,000-8,000 words)
+    baseline: bool = True  # evaluate the untrained base model first (runs/<run>/baseline/), so curves start from it
     benchmark_format: Literal["auto", "longen", "longbench_write"] = "auto"  # auto: by the first record's fields
     subset_size: int = Field(24, ge=1)  # queries drawn evenly over language x type
     samples_per_query: int = Field(1, ge=1)  # k > 1 measures length stability (coefficient of variation over k)

@@ -20,7 +20,7 @@ import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
 from slkit.records import is_done
-from slkit.stages import STAGES, lock_path, stage_dir
+from slkit.stages import BASELINE, STAGES, lock_path, stage_dir
 
 KERNEL_NAME = "slkit"
 NOTEBOOKS = {"seed": "00_seed.ipynb", "generate": "01_generate.ipynb", "extend": "02_extend.ipynb",
@@ -74,14 +74,10 @@ def absolute_paths(params: Params, base: Path) -> Params:
 
 
 def _benchmark_source(source: str | None, base: Path) -> str | None:
-    """A benchmark file resolved against `base`; a hub id (org/name[:split], no such file) kept as is."""
-    if not source:
-        return None
-    local = Path(source).expanduser()
-    local = local if local.is_absolute() else base / local
-    if local.exists() or source.startswith((".", "/", "~")) or "/" not in source:
-        return str(local.resolve())
-    return source
+    """A builtin or local benchmark as an absolute file path (relative to `base`), a hub id as it is."""
+    from slkit.evaluation import locate_benchmark
+
+    return locate_benchmark(source, base) if source else None
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -97,11 +93,14 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
     """Validate params, check the data files exist, create the run dir and its params snapshot."""
-    params = absolute_paths(load_params(params_path, overrides), Path.cwd())
+    from slkit.records import RecordFileError
+
+    try:
+        params = absolute_paths(load_params(params_path, overrides), Path.cwd())
+    except RecordFileError as err:  # a benchmark that is neither a builtin, a file nor a hub id
+        raise ParamsError(f"{params_path}: evaluation.benchmark: {err}") from None
     benchmark = params.evaluation.benchmark
-    is_file = bool(benchmark) and Path(benchmark).is_absolute()  # else a hub id, loaded below
-    for key, path in [("evaluation.benchmark", benchmark if is_file else None)] + \
-            [(f"queries.seed_files.{i}", p) for i, p in enumerate(params.queries.seed_files)]:
+    for key, path in [(f"queries.seed_files.{i}", p) for i, p in enumerate(params.queries.seed_files)]:
         if path and not Path(path).is_file():
             raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
     # Seed and benchmark files are read now, so a broken line stops the run before any model loads.
@@ -203,6 +202,8 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
 
     resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
     plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in STAGES]
+    if params.evaluation.baseline and params.evaluation.benchmark:
+        plan.insert(0, (BASELINE, "evaluate"))
     if params.length_control.enabled:
         plan.append((params.macro_iterations, "length_control"))
     stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)

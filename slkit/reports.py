@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from slkit.records import read_json, read_jsonl
-from slkit.stages import iter_dir, length_table
+from slkit.stages import BASELINE, iter_dir, length_table
 from slkit.textstats import distinct_n
 
 
 def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
-    """Iterations of a run that have a directory, in order."""
-    k, found = 1, []
+    """Iterations of a run that have a directory, in order; 0 is the base model's evaluation (baseline/)."""
+    found = [BASELINE] if iter_dir(run_dir, BASELINE).exists() else []
+    k = 1
     while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
         found.append(k)
         k += 1

@@ -22,8 +22,12 @@ STAGES = ("seed", "generate", "extend", "train", "evaluate")
 ROLES = ("generator", "extender")
 
 
+BASELINE = 0  # the "iteration" of the untrained base model, evaluated before the first macro-iteration
+
+
 def iter_dir(run_dir: str | Path, iteration: int) -> Path:
-    return Path(run_dir) / f"iter_{iteration}"
+    """runs/<run>/iter_<k>/, or runs/<run>/baseline/ for the base model's evaluation (iteration 0)."""
+    return Path(run_dir) / ("baseline" if iteration == BASELINE else f"iter_{iteration}")
 
 
 def adapter_dir(run_dir: str | Path, iteration: int, role: str) -> Path:
@@ -248,12 +252,14 @@ def judge_stage_outputs(params: Params, out: Path, stage: str) -> dict[str, Any]
 @skip_when_done("evaluate")
 def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """Benchmark with this iteration's Generator (length scores, stability, judge) -> benchmark_outputs.jsonl,
-    judgements.jsonl, metrics.json and the figures of slkit.plots."""
+    judgements.jsonl, metrics.json and the figures of slkit.plots. Iteration 0 (BASELINE) evaluates the
+    untrained base model with the same subset, samples and seeds, into runs/<run>/baseline/."""
     from slkit.reports import write_iteration_figures
 
     params, out = _prepare(run_dir, iteration)
     metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
-    scores = score_benchmark(params, {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}, out, "evaluate")
+    adapters = {} if iteration == BASELINE else {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
+    scores = score_benchmark(params, adapters, out, "evaluate")
     if scores:
         metrics["length_following"] = scores
     judged = judge_stage_outputs(params, out, "evaluate")
