@@ -117,7 +117,9 @@ class QualityParams(_Section):
     check_repetition: bool = True
     ngram_zh: int = Field(13, ge=2)  # any repeated n-gram of CJK characters / ASCII runs rejects (zh)
     ngram_en: int = Field(10, ge=2)  # any repeated n-gram of whitespace words rejects (en)
-    check_meta_talk: bool = True  # "revised", "version", ... (en) or 修改后, 以下是, ... (zh) in the first/last lines rejects
+    # "revised", "version", ... (en) or 修改后, 以下是, ... (zh: slkit's list, the reference checks English only)
+    # in the first/last lines rejects (slkit/quality.py)
+    check_meta_talk: bool = True
     meta_head_lines: int = Field(2, ge=0)
     meta_tail_lines: int = Field(3, ge=0)
 
