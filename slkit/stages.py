@@ -151,10 +151,11 @@ def extend_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """drafts.jsonl -> resampled_drafts.jsonl -> extensions.jsonl.
 
     With drafts.resample, the drafts first go through the length-biased resampling, ranked within their
-    language (as the reference does before extending them); resampled_drafts.jsonl holds the drafts that are extended, so the
-    dropped ones are those of drafts.jsonl not in it, and the summary counts both. The draw is seeded
-    by (seed, iteration) over the drafts in id order: a resumed stage extends the same drafts. Each kept
-    draft then gets extension.samples_per_draft two-stage extension jobs, each kept when > min_ratio x draft.
+    language (as the reference does before extending them). resampled_drafts.jsonl holds the drafts that
+    are extended: the dropped ones are those of drafts.jsonl not in it, and the summary counts both
+    ("drafts", "resampled_drafts"). The draw is seeded by (seed, iteration) over the drafts in id order,
+    so a resumed stage extends the same drafts. Each kept draft then gets extension.samples_per_draft
+    two-stage extension jobs ("jobs"), each kept when > min_ratio x draft.
     """
     from slkit.extension import extend_drafts
     from slkit.trainsets import resample_by_length
