@@ -1,11 +1,13 @@
 """Stage 2, two-stage extension (METHOD.md step 2).
 
-For each draft, up to `micro_iterations` rounds: stage 1 asks the Extender to enrich the former
-half of the current text and keeps the first 2/3 of its paragraphs; stage 2 shows the Extender the
-query and the whole current text, pre-fills its answer with the kept part and lets it continue.
-A round is accepted when the new text passes the quality check and is longer than the best so far.
-The extension is kept only if words(best) > 1.2 x words(draft); otherwise the whole extension is
-retried, up to `max_tries` times. All drafts advance together, so every engine call is one batch.
+Each draft gets `samples_per_draft` independent jobs. A job runs up to `micro_iterations` rounds:
+stage 1 shows the Extender the extension template (prompts.EXTENSION) with the query and the former
+half of the current text, and keeps the first n*2//3 of the n paragraphs it returns; stage 2 shows it
+the same template with the query and the whole current text, pre-fills its answer with the kept part
+and lets it continue. A round is accepted when the new text passes the quality check and is longer
+than the best so far. The job's result is kept only if words(best) > 1.2 x words(draft); otherwise
+the whole job is retried, up to `max_tries` times. All jobs advance together, so every engine call
+is one batch.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable
 
 from slkit.engines import Engine, Request, stable_seed
 from slkit.params import Params, QualityParams
-from slkit.prompts import extend_part_prompt, extend_whole_prompt
+from slkit.prompts import extension_prompt
 from slkit.quality import quality_failure
 from slkit.records import RecordWriter
 from slkit.textstats import count_words, join_paragraphs, split_paragraphs
@@ -29,19 +31,31 @@ def former_part(text: str) -> str:
 
 
 def keep_head(text: str, fraction: float) -> str:
-    """The first `fraction` of the paragraphs of a stage-1 output (its tail tends to drift)."""
+    """The first floor(n x fraction) of the n paragraphs of a stage-1 output, at least one (its tail
+    tends to drift). With 2/3: 2, 4, 5, 8 paragraphs keep 1, 2, 3, 5, as the reference's n*2//3."""
     paragraphs = split_paragraphs(text)
-    return join_paragraphs(paragraphs[: math.ceil(len(paragraphs) * fraction)] if paragraphs else [])
+    # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
+    return join_paragraphs(paragraphs[: max(1, math.floor(len(paragraphs) * fraction + 1e-9))])
+
+
+def job_id(draft_id: str, sample: int) -> str:
+    """The id of a draft's `sample`-th extension job, and of the record it writes."""
+    return f"{draft_id}-x{sample}"
 
 
 @dataclass
 class _Job:
     draft: dict
+    sample: int
     attempt: int = 1
     round: int = 0
     current: str = ""
     best_words: int = 0
     rounds_accepted: int = 0
+
+    @property
+    def id(self) -> str:
+        return job_id(self.draft["id"], self.sample)
 
     def restart(self) -> None:
         self.current, self.best_words, self.round, self.rounds_accepted = self.draft["draft"], self.draft["words"], 0, 0
@@ -49,23 +63,24 @@ class _Job:
 
 def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration: int, writer: RecordWriter,
                   rules: QualityParams, on_done: Callable[[int], None] | None = None) -> Counter:
-    """Append one record per draft whose extension met the length rule; returns outcome counts."""
+    """Append one record per job whose extension met the length rule; returns outcome counts.
+    Jobs whose record is already in `writer` (a resumed stage) are not run again."""
     ep = params.extension
     max1 = ep.stage1_max_new_tokens or params.sampling.max_new_tokens
     max2 = ep.stage2_max_new_tokens or params.sampling.max_new_tokens
-    written = {r["draft_id"] for r in writer.records}
-    jobs = [_Job(d) for d in drafts if d["id"] not in written]
+    written = {r["id"] for r in writer.records}
+    jobs = [_Job(d, k) for d in drafts for k in range(ep.samples_per_draft) if job_id(d["id"], k) not in written]
     for job in jobs:
         job.restart()
     counts: Counter = Counter()
     while jobs:
-        seeds = [stable_seed(params.seed, iteration, j.draft["id"], j.attempt, j.round) for j in jobs]
+        seeds = [stable_seed(params.seed, iteration, j.id, j.attempt, j.round) for j in jobs]
         stage1 = engine.generate(
-            [Request(engine.render(extend_part_prompt(former_part(j.current), j.draft["language"])), "extender", max1, s)
-             for j, s in zip(jobs, seeds)], params.sampling)
+            [Request(engine.render(extension_prompt(j.draft["query"], former_part(j.current), j.draft["language"])),
+                     "extender", max1, s) for j, s in zip(jobs, seeds)], params.sampling)
         kept = [keep_head(t, ep.keep_fraction) for t in stage1]
         stage2 = engine.generate(
-            [Request(engine.render(extend_whole_prompt(j.draft["query"], j.current, j.draft["language"])), "extender",
+            [Request(engine.render(extension_prompt(j.draft["query"], j.current, j.draft["language"])), "extender",
                      max2, s + 1, prefill=k + "\n\n" if k else "") for j, k, s in zip(jobs, kept, seeds)],
             params.sampling)
         remaining = []
@@ -85,7 +100,7 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                 continue
             if job.best_words > ep.min_ratio * job.draft["words"]:
                 d = job.draft
-                writer.write({"id": f"{d['id']}-x", "draft_id": d["id"], "query_id": d["query_id"],
+                writer.write({"id": job.id, "draft_id": d["id"], "sample": job.sample, "query_id": d["query_id"],
                               "query": d["query"], "language": d["language"], "draft": d["draft"],
                               "draft_words": d["words"], "extended": job.current, "words": job.best_words,
                               "ratio": round(job.best_words / max(1, d["words"]), 3),

@@ -103,7 +103,9 @@ class SamplingParams(_Section):
     repetition_penalty: float = Field(1.1, gt=0)
     max_new_tokens: int = Field(16384, ge=1)
     min_new_tokens: int = Field(0, ge=0)  # 0 lets the model stop when it is done; benchmarks force long outputs
-    stop: list[str] = ["\n---\n", "\n\n\n"]
+    # The reference's stop strings: any "---" or three newlines end a text. "---" also cuts a markdown table or
+    # rule (the text before it must then pass the quality check); ["\n---\n", "\n\n\n"] stops only at a rule line.
+    stop: list[str] = ["\n\n---", "\n\n\n", "\n---", "---"]
     # Cut an unfinished last sentence instead of letting the quality check reject the text.
     # Off in the reference; the demo turns it on because its outputs are capped far below a full answer.
     trim_unfinished: bool = False
@@ -115,7 +117,9 @@ class QualityParams(_Section):
     check_repetition: bool = True
     ngram_zh: int = Field(13, ge=2)  # any repeated n-gram of CJK characters / ASCII runs rejects (zh)
     ngram_en: int = Field(10, ge=2)  # any repeated n-gram of whitespace words rejects (en)
-    check_meta_talk: bool = True  # English: "revised", "version", ... in the first/last lines rejects
+    # "revised", "version", ... (en) or 修改后, 以下是, ... (zh: slkit's list, the reference checks English only)
+    # in the first/last lines rejects (slkit/quality.py)
+    check_meta_talk: bool = True
     meta_head_lines: int = Field(2, ge=0)
     meta_tail_lines: int = Field(3, ge=0)
 
@@ -123,7 +127,9 @@ class QualityParams(_Section):
 class QueryParams(_Section):
     seed_files: list[str] = []  # jsonl files with a "query" field; empty = the seeds shipped with slkit
     languages: list[Literal["en", "zh"]] = ["en", "zh"]
-    per_iteration: int = Field(5000, ge=1)  # new queries per macro-iteration, split evenly over languages
+    # New queries per language per macro-iteration (the reference runs each language apart, 5,000 per run):
+    # an iteration asks for per_language x len(languages) queries.
+    per_language: int = Field(5000, ge=1)
     examples_per_prompt: int = Field(2, ge=1)  # pool instructions shown before "Instruction N+1:"
     max_tries: int = Field(10, ge=1)
     judge: bool = True  # ask the model whether the query suits a 2,000+ word article
@@ -138,13 +144,17 @@ class DraftParams(_Section):
     samples_per_query: int = Field(2, ge=1)
     max_tries: int = Field(20, ge=1)  # quality-check retries per sample
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
+    # The reference's length-biased resampling (U > coefficient * r**exponent, resampling's values) of the
+    # drafts before they are extended; the extend stage writes the kept ones to resampled_drafts.jsonl.
+    resample: bool = True
 
 
 class ExtensionParams(_Section):
     micro_iterations: int = Field(3, ge=1)
     min_ratio: float = Field(1.2, gt=1)  # keep the result only if words(best) > min_ratio * words(draft)
-    keep_fraction: float = Field(2 / 3, gt=0, le=1)  # share of stage-1 paragraphs kept (its tail drifts)
-    max_tries: int = Field(20, ge=1)  # whole-extension retries per draft
+    keep_fraction: float = Field(2 / 3, gt=0, le=1)  # stage 1 keeps floor(n x this) of its n paragraphs, at least 1 (its tail drifts)
+    max_tries: int = Field(20, ge=1)  # whole-extension retries per job
+    samples_per_draft: int = Field(2, ge=1)  # independent extension jobs per draft, each with its own max_tries
     stage1_max_new_tokens: int | None = None  # None: sampling.max_new_tokens
     stage2_max_new_tokens: int | None = None
 
@@ -156,9 +166,10 @@ class ResamplingParams(_Section):
 
 
 class TrainingParams(_Section):
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # LLaMA-Factory's LoRA defaults of the time, which the reference trained with.
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(4.0, gt=0)
@@ -190,7 +201,7 @@ class LengthControlParams(_Section):
     min_words: int = Field(2000, ge=1)  # responses kept for the stage, and the bounds' clamp
     max_words: int = Field(8000, ge=1)
     round_to: int = Field(1000, ge=1)  # N, A and B are multiples of this
-    coarse_prob: float = Field(0.25, ge=0, le=1)  # "about N" rounded to 2 x round_to this often
+    coarse_prob: float = Field(0.2, ge=0, le=1)  # "about N" rounded to 2 x round_to this often
     proportions: dict[Literal["about", "range", "above", "below"], float] = {
         "about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
     rewrite: Literal["template", "model"] = "template"  # model rewrites failing the check fall back to templates
@@ -213,7 +224,7 @@ class EvaluationParams(_Section):
     benchmark: str | None = "quanshr/LonGen"  # LonGen, the reference's benchmark (240 queries, 2,000-8,000 words)
     baseline: bool = True  # evaluate the untrained base model first (runs/<run>/baseline/), so curves start from it
     benchmark_format: Literal["auto", "longen", "longbench_write"] = "auto"  # auto: by the first record's fields
-    subset_size: int = Field(24, ge=1)  # queries drawn evenly over language x type
+    subset_size: int | None = Field(None, ge=1)  # None: the whole benchmark; else queries drawn evenly over language x type
     samples_per_query: int = Field(1, ge=1)  # k > 1 measures length stability (coefficient of variation over k)
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
     judge: JudgeParams = JudgeParams()

@@ -34,19 +34,19 @@ JUDGE = {
            "请求：{query}\n回答："),
 }
 
-EXTEND_PART = {
-    "en": ("Rewrite the passage below so that it becomes longer and richer: add concrete details, examples, "
-           "description and sub-headings where they help. Keep its meaning and order. Do not continue past "
-           "its end and do not repeat sentences. Output only the rewritten passage.\n\nPassage:\n{text}"),
-    "zh": ("请改写下面这段文字，使它更长、更丰富：补充具体细节、例子和描写，必要时加入小标题。保持原意和顺序，"
-           "不要续写到原文结尾之后，也不要重复句子。只输出改写后的文字。\n\n原文：\n{text}"),
-}
-
-EXTEND_WHOLE = {
-    "en": ("{query}\n\nHere is a draft answer to this request:\n\n{text}\n\n"
-           "Write a new, much longer and more detailed version of the whole answer. Keep what is good, "
-           "add depth and examples, and finish with a proper ending."),
-    "zh": "{query}\n\n下面是针对这个请求的一份初稿：\n\n{text}\n\n请写出一个篇幅长得多、内容更详尽的完整新版本。保留好的内容，补充深度和例子，并写出完整的结尾。",
+# One extension template per language, holding the request and a text. It serves extension stage 1
+# (with the former part of the text), stage 2 (with the whole text, answer pre-filled) and the Extender's
+# training set, so the trained Extender always sees its own training prompt and knows the task.
+# The quality check rejects its nouns ("draft", "enriched", 初稿, ...) at a text's edges: an Extender
+# that talks about the task instead of doing it (quality.META_WORDS).
+EXTENSION = {
+    "en": ("Below are a writing request and a draft written for it. Make the draft richer and longer: expand "
+           "each part with concrete details, examples and description, and add sub-headings or new sections "
+           "where they help. Do not write past the draft's end and do not repeat anything; enrich what is "
+           "already there. Keep its language and the order of its parts.\n\nRequest: {query}\n\nDraft:\n\n{text}"),
+    "zh": ("下面是一条写作请求和为它写的一份初稿。请把初稿写得更丰富、更长：为每一部分补充具体的细节、例子和描写，"
+           "需要时加入小标题或新的章节。不要在初稿结尾之后接着往下写，也不要重复任何内容，而是充实已有的内容。"
+           "保持它的语言和各部分的顺序。\n\n请求：{query}\n\n初稿：\n\n{text}"),
 }
 
 
@@ -102,9 +102,6 @@ def parse_judge(answer: str) -> bool | None:
     return None
 
 
-def extend_part_prompt(text: str, language: str) -> str:
-    return EXTEND_PART[language].format(text=text)
-
-
-def extend_whole_prompt(query: str, text: str, language: str) -> str:
-    return EXTEND_WHOLE[language].format(query=query, text=text)
+def extension_prompt(query: str, text: str, language: str) -> str:
+    """The extension template over `query` and `text` (a former part, a whole text, or a draft with lines dropped)."""
+    return EXTENSION[language].format(query=query, text=text)

@@ -4,22 +4,31 @@ from __future__ import annotations
 from slkit.params import QualityParams
 from slkit.textstats import first_repeated_ngram, ngram_units
 
-# Sentence ends, closing quotes and brackets, CJK full stops and closers (a code fence is checked apart).
-CLOSING_CHARS = ".!?\"')]}" + "\u201d\u2019" + "\u3002\uff01\uff1f\u300d\u300f\u300b\u3011\uff09"
-META_WORDS = ("revised", "revision", "response", "version", "paragraph")
+# Sentence ends, closing quotes and brackets, CJK full stops and closers, an ellipsis (the Chinese
+# reference accepts a final "…" or "……"); a code fence is checked apart.
+CLOSING_CHARS = ".!?\"')]}" + "\u201d\u2019\u2026" + "\u3002\uff01\uff1f\u300d\u300f\u300b\u3011\uff09"
+# Words of a text that talks about itself ("Here is the revised version...") instead of being the answer.
+# English: the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION), which an
+# Extender echoes when it comments on its task. Matched case-sensitively as in the reference, so titles
+# such as "Incident Response Plan" or "Version Control" pass. Chinese: slkit's own list (the reference has
+# none for Chinese), the same idea with the words of the Chinese template.
+META_WORDS = {
+    "en": ("revised", "revision", "response", "version", "paragraph", "draft", "enriched"),
+    "zh": ("修改后", "以下是", "扩写", "改写", "初稿", "充实后"),
+}
 
 
 def ends_cleanly(text: str) -> bool:
-    """The last visible character closes a sentence, a quote, a bracket or a code fence."""
+    """The last visible character closes a sentence, a quote, a bracket or a code fence, or is an ellipsis."""
     stripped = text.rstrip()
     return bool(stripped) and (stripped[-1] in CLOSING_CHARS or stripped.endswith("```"))
 
 
-def has_meta_talk(text: str, rules: QualityParams) -> bool:
-    """English drafts that talk about themselves ("Here is the revised version...")."""
-    lines = [line.lower() for line in text.strip().splitlines() if line.strip()]
+def has_meta_talk(text: str, language: str, rules: QualityParams) -> bool:
+    """A meta word in the first `meta_head_lines` or last `meta_tail_lines` non-empty lines."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
     edge = lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
-    return any(word in line for line in edge for word in META_WORDS)
+    return any(word in line for line in edge for word in META_WORDS[language])
 
 
 def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:
@@ -32,7 +41,6 @@ def quality_failure(text: str, language: str, rules: QualityParams = QualityPara
         n = rules.ngram_zh if language == "zh" else rules.ngram_en
         if first_repeated_ngram(ngram_units(text, language), n) is not None:
             return "repetition"
-    if rules.check_meta_talk and language == "en" and has_meta_talk(text, rules):
+    if rules.check_meta_talk and has_meta_talk(text, language, rules):
         return "meta-talk"
     return None
-

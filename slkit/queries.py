@@ -56,7 +56,8 @@ def _query_id(iteration: int, slot: int) -> str:
 
 def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params: Params, iteration: int,
                        writer: RecordWriter, on_done: Callable[[int], None] | None = None) -> Counter:
-    """Fill `writer` with params.queries.per_iteration new queries; returns rejection counts by reason.
+    """Fill `writer` with params.queries.per_language new queries in each language; returns rejection
+    counts by reason.
 
     `pool` holds {"query", "language"} examples to imitate (the seeds, plus earlier iterations'
     queries when queries.grow_pool: the pool grows between iterations, so that a resumed stage
@@ -73,8 +74,9 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
             raise ValueError(f"queries: the seed pool has {len(examples)} {lang} queries, "
                              f"fewer than examples_per_prompt={qp.examples_per_prompt}")
 
-    # Slot s asks for one query in language languages[s % L]; a resumed stage skips the slots already written.
-    slots = [qp.languages[s % len(qp.languages)] for s in range(qp.per_iteration)]
+    # Slot s asks for one query in language languages[s % L] (the languages advance together); a resumed
+    # stage skips the slots already written.
+    slots = [qp.languages[s % len(qp.languages)] for s in range(qp.per_language * len(qp.languages))]
     written = {r["id"] for r in writer.records}
     pending = [s for s in range(len(slots)) if _query_id(iteration, s) not in written]
     tries = Counter()

@@ -96,7 +96,10 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
         for reason, n in sorted(rounds.items()):
             add(k, "extend round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
         if extend:
-            add(k, "extend draft", "accepted", extend["extensions"], extend["drafts"])
+            # Runs from before draft resampling and samples_per_draft ran one job per draft, all of them.
+            resampled = extend.get("resampled_drafts", extend["drafts"])
+            add(k, "draft resampling", "kept", resampled, extend["drafts"])
+            add(k, "extend job", "accepted", extend["extensions"], extend.get("jobs", resampled))
         train = _done_summary(run_dir, k, "train")
         if train:
             add(k, "resampling", "kept", train["resampled"], train["extensions"])

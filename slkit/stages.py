@@ -127,7 +127,7 @@ def seed_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     if params.queries.grow_pool:  # earlier iterations' queries are examples too
         pool += [{"query": r["query"], "language": r["language"]} for r in earlier]
     records, rejected = _generate_records(
-        run_dir, iteration, "seed", "queries.jsonl", params.queries.per_iteration,
+        run_dir, iteration, "seed", "queries.jsonl", params.queries.per_language * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
                                                            iteration, writer, on_done))
     summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
@@ -152,15 +152,31 @@ def generate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
 
 @skip_when_done("extend")
 def extend_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-    """drafts.jsonl -> extensions.jsonl: two-stage Extender rounds, kept when > min_ratio x draft."""
+    """drafts.jsonl -> resampled_drafts.jsonl -> extensions.jsonl.
+
+    With drafts.resample, the drafts first go through the length-biased resampling, ranked within their
+    language (as the reference does before extending them). resampled_drafts.jsonl holds the drafts that
+    are extended: the dropped ones are those of drafts.jsonl not in it, and the summary counts both
+    ("drafts", "resampled_drafts"). The draw is seeded by (seed, iteration) over the drafts in id order,
+    so a resumed stage extends the same drafts. Each kept draft then gets extension.samples_per_draft
+    two-stage extension jobs ("jobs"), each kept when > min_ratio x draft.
+    """
     from slkit.extension import extend_drafts
+    from slkit.trainsets import resample_by_length
 
     params, out = _prepare(run_dir, iteration)
-    drafts = read_jsonl(out / "drafts.jsonl")
+    # In id order: files hold records in completion order, which a resumed stage changes.
+    drafts = sorted(read_jsonl(out / "drafts.jsonl"), key=lambda r: r["id"])
+    rp = params.resampling
+    kept = (resample_by_length(drafts, random.Random(stable_seed(params.seed, iteration, "resample drafts")),
+                               rp.coefficient, rp.exponent, group="language") if params.drafts.resample else drafts)
+    write_jsonl_atomic(out / "resampled_drafts.jsonl", kept)
+    jobs = len(kept) * params.extension.samples_per_draft
     records, counts = _generate_records(
-        run_dir, iteration, "extend", "extensions.jsonl", len(drafts),
-        lambda engine, writer, on_done: extend_drafts(engine, drafts, params, iteration, writer, params.quality, on_done))
-    summary = {"extensions": len(records), "drafts": len(drafts), "counts": dict(counts)}
+        run_dir, iteration, "extend", "extensions.jsonl", jobs,
+        lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done))
+    summary = {"extensions": len(records), "drafts": len(drafts), "resampled_drafts": len(kept), "jobs": jobs,
+               "counts": dict(counts)}
     mark_done(out, "extend", summary)
     return summary
 
@@ -176,7 +192,7 @@ def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     extensions = sorted(read_jsonl(out / "extensions.jsonl"), key=lambda r: r["id"])
     rng = random.Random(stable_seed(params.seed, iteration, "train"))
     rp = params.resampling
-    kept = resample_by_length(extensions, rng, rp.coefficient, rp.exponent) if rp.enabled else extensions
+    kept = resample_by_length(extensions, rng, rp.coefficient, rp.exponent, group="language") if rp.enabled else extensions
     write_jsonl_atomic(out / "resampled.jsonl", kept)
     write_jsonl_atomic(out / "generator_sft.jsonl", generator_examples(kept))
     write_jsonl_atomic(out / "extender_sft.jsonl", extender_examples(kept, params.training.line_keep_prob, rng))
@@ -205,7 +221,7 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
     if not ev.benchmark:
         return None
     fmt, items = load_benchmark(ev.benchmark, ev.benchmark_format)
-    subset = stratified_subset(items, ev.subset_size, params.seed)
+    subset = items if ev.subset_size is None else stratified_subset(items, ev.subset_size, params.seed)
     slots = [(i, k) for i in range(len(subset)) for k in range(ev.samples_per_query)]
     with RecordWriter(out / "benchmark_outputs.jsonl") as writer:
         done = {(r["index"], r["sample"]) for r in writer.records}
@@ -333,7 +349,7 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     return summary
 
 
-WORD_FILES = ("queries", "drafts", "extensions", "resampled")
+WORD_FILES = ("queries", "drafts", "resampled_drafts", "extensions", "resampled")
 
 
 def stage_word_means(out: Path) -> dict[str, float]:
@@ -350,13 +366,14 @@ def stage_word_means(out: Path) -> dict[str, float]:
 
 
 def length_table(run_dir: str | Path, upto: int | None = None):
-    """One row per text: iteration, stage (drafts / extensions / resampled) and words, for plots and tables."""
+    """One row per text: iteration, stage (drafts / resampled_drafts / extensions / resampled) and words, for
+    plots and tables."""
     import pandas as pd
 
     rows = []
     k = 1
     while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
-        for name in ("drafts", "extensions", "resampled"):
+        for name in ("drafts", "resampled_drafts", "extensions", "resampled"):
             path = iter_dir(run_dir, k) / f"{name}.jsonl"
             if path.exists():
                 rows += [{"iteration": k, "stage": name, "words": r["words"]} for r in read_jsonl(path)]

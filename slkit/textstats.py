@@ -12,8 +12,10 @@ CJK_CLASS = "\u4e00-\u9fff\u3000-\u303f\uff00-\uffef"
 _CJK_CHAR = re.compile(f"[{CJK_CLASS}]")
 _HAN = re.compile("[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
-# Chinese n-gram units for the repetition check: one CJK character, or one run of ASCII letters/digits.
-_ZH_UNIT = re.compile(f"[{CJK_CLASS}]|[A-Za-z0-9]+")
+# Chinese n-gram units for the repetition check, as the reference splits them: every non-ASCII character
+# is a unit (Han characters, CJK punctuation, curly quotes, ellipses), and a run of ASCII characters
+# (letters, digits, spaces, line breaks, ASCII punctuation) is one unit.
+_ZH_UNIT = re.compile(r"[\x00-\x7f]+|[^\x00-\x7f]")
 
 
 def count_words(text: str) -> int:
@@ -43,7 +45,7 @@ def join_paragraphs(paragraphs: list[str]) -> str:
 
 
 def ngram_units(text: str, language: str) -> list[str]:
-    """Units over which repetition is measured: CJK chars and ASCII runs (zh), whitespace words (en)."""
+    """Units over which repetition is measured: non-ASCII characters and ASCII runs (zh), whitespace words (en)."""
     return _ZH_UNIT.findall(text) if language == "zh" else text.split()
 
 

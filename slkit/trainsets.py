@@ -1,4 +1,5 @@
-"""Stage 3 and 4: length-biased resampling and the Generator / Extender training sets.
+"""Stage 3 and 4: length-biased resampling (of the drafts and of the extensions) and the Generator /
+Extender training sets.
 
 Training records are {"id", "prompt", "completion"} with the prompt as an unrendered user
 message; training renders it exactly as generation does.
@@ -7,19 +8,26 @@ from __future__ import annotations
 
 import random
 
-from slkit.prompts import extend_whole_prompt
+from slkit.prompts import extension_prompt
 
 
 def resample_by_length(items: list[dict], rng: random.Random, coefficient: float = 2.0,
-                       exponent: float = 3.0, key: str = "words") -> list[dict]:
+                       exponent: float = 3.0, key: str = "words", group: str | None = None) -> list[dict]:
     """Keep item i of rank k (0 = shortest) when U(0,1) > coefficient * r**exponent, r = 1 - k/N.
 
-    With the reference values about 60% survive and the shortest ~20% always go. Ties in length
-    keep their input order; the survivors keep their input order.
+    With the reference values about 60% survive and the shortest ~20% always go. With `group`
+    (e.g. "language") items are ranked among those of their group only: the reference runs each
+    language apart, and a Chinese text counts more words than the same text in English. Ties in
+    length keep their input order; the survivors keep their input order.
     """
-    n = len(items)
-    ranks = {idx: rank for rank, idx in enumerate(sorted(range(n), key=lambda i: items[i][key]))}
-    return [item for i, item in enumerate(items) if rng.random() > coefficient * (1 - ranks[i] / n) ** exponent]
+    groups: dict[object, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item[group] if group else None, []).append(i)
+    r = {}
+    for members in groups.values():
+        for rank, i in enumerate(sorted(members, key=lambda i: items[i][key])):
+            r[i] = 1 - rank / len(members)
+    return [item for i, item in enumerate(items) if rng.random() > coefficient * r[i] ** exponent]
 
 
 def drop_lines(text: str, keep_prob: float, rng: random.Random) -> str:
@@ -37,7 +45,8 @@ def generator_examples(items: list[dict]) -> list[dict]:
 
 
 def extender_examples(items: list[dict], keep_prob: float, rng: random.Random) -> list[dict]:
-    """extension prompt over (query, draft with ~20% of lines dropped) -> extended text."""
+    """The extension template over (query, draft with ~20% of lines dropped) -> extended text: the prompt
+    the Extender gets in both stages of the extension."""
     return [{"id": it["id"],
-             "prompt": extend_whole_prompt(it["query"], drop_lines(it["draft"], keep_prob, rng), it["language"]),
+             "prompt": extension_prompt(it["query"], drop_lines(it["draft"], keep_prob, rng), it["language"]),
              "completion": it["extended"]} for it in items]

@@ -51,8 +51,9 @@ def sampling_kwargs(sampling: SamplingParams, request: Request, stop_ids: list[i
     )
 
 
-def engine_kwargs(params: Params, model_dir: str, max_lora_rank: int, with_lora: bool = True) -> dict[str, Any]:
-    """Keyword arguments of vllm.LLM for a recipe (LoRA off when no role has an adapter yet: iteration 1)."""
+def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dict[str, Any]:
+    """Keyword arguments of vllm.LLM for a recipe (LoRA off when no role has an adapter yet: iteration 1).
+    The LoRA rank served is engine.vllm.max_lora_rank, or the rank the adapters are trained with."""
     vp = params.engine.vllm
     kwargs: dict[str, Any] = dict(
         model=model_dir,
@@ -67,7 +68,8 @@ def engine_kwargs(params: Params, model_dir: str, max_lora_rank: int, with_lora:
         enable_prefix_caching=vp.enable_prefix_caching,
     )
     if with_lora:
-        kwargs.update(enable_lora=True, max_loras=vp.max_loras, max_lora_rank=max_lora_rank)
+        kwargs.update(enable_lora=True, max_loras=vp.max_loras,
+                      max_lora_rank=supported_lora_rank(vp.max_lora_rank or params.training.lora_r))
     if vp.max_model_len:
         kwargs["max_model_len"] = vp.max_model_len
     if params.model.load_in_4bit:
@@ -96,9 +98,8 @@ class VLLMEngine(LocalPrompts):
         self.params = params
         self.tokenizer = load_tokenizer(params.model)
         model_dir = resolve_model_path(params.model.path)
-        rank = supported_lora_rank(params.engine.vllm.max_lora_rank or params.training.lora_r)
         self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
-        self.llm = LLM(**engine_kwargs(params, model_dir, rank, with_lora=bool(self.loras)))
+        self.llm = LLM(**engine_kwargs(params, model_dir, with_lora=bool(self.loras)))
         self.generated_tokens = 0  # new tokens produced so far (tokens/s of a stage, benchmarks)
         self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
 

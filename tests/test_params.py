@@ -20,15 +20,28 @@ def test_defaults_are_the_reference_values(tmp_path):
     p = load_params(f)
     assert (p.sampling.temperature, p.sampling.top_p, p.sampling.top_k, p.sampling.repetition_penalty) == (0.7, 0.8, 20, 1.1)
     assert p.sampling.max_new_tokens == 16384 and p.training.max_length == 16384
-    assert (p.queries.per_iteration, p.queries.examples_per_prompt, p.queries.max_tries) == (5000, 2, 10)
+    # the reference's stop strings (its chat-turn end tokens are stop token ids here)
+    assert p.sampling.stop == ["\n\n---", "\n\n\n", "\n---", "---"]
+    # 5,000 queries in each language (the reference runs one language per run)
+    assert (p.queries.per_language, p.queries.examples_per_prompt, p.queries.max_tries) == (5000, 2, 10)
     assert (p.queries.min_words, p.queries.max_words) == (3, 500)
-    assert (p.drafts.samples_per_query, p.drafts.max_tries) == (2, 20)
+    assert (p.drafts.samples_per_query, p.drafts.max_tries, p.drafts.resample) == (2, 20, True)
     assert (p.extension.micro_iterations, p.extension.min_ratio, p.extension.max_tries) == (3, 1.2, 20)
+    assert p.extension.samples_per_draft == 2
     assert p.extension.keep_fraction == pytest.approx(2 / 3)
-    assert (p.resampling.coefficient, p.resampling.exponent) == (2.0, 3.0)
+    assert (p.resampling.enabled, p.resampling.coefficient, p.resampling.exponent) == (True, 2.0, 3.0)
     assert p.training.line_keep_prob == 0.8
+    # LoRA on all linear layers with LLaMA-Factory's defaults of the time
+    assert (p.training.lora_r, p.training.lora_alpha, p.training.lora_dropout, p.training.target_modules) == (
+        8, 16, 0.0, "all-linear")
     assert (p.training.learning_rate, p.training.epochs, p.training.lr_scheduler, p.training.warmup_ratio) == (1e-4, 4.0, "cosine", 0.1)
+    assert (p.training.batch_size, p.training.gradient_accumulation, p.model.dtype) == (1, 1, "bfloat16")
     assert (p.quality.ngram_zh, p.quality.ngram_en) == (13, 10)
+    assert (p.quality.meta_head_lines, p.quality.meta_tail_lines) == (2, 3)
+    lc = p.length_control
+    assert (lc.min_words, lc.max_words, lc.round_to, lc.coarse_prob) == (2000, 8000, 1000, 0.2)
+    assert lc.proportions == {"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
+    assert p.evaluation.subset_size is None  # the whole benchmark
     assert p.macro_iterations == 3
 
 

@@ -79,7 +79,7 @@ def test_resume_with_changed_params_is_refused(smoke_run):
 
 def test_cli_reports_bad_params_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\nquerys:\n  per_iteration: 3\n")
+    bad.write_text("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\nquerys:\n  per_language: 3\n")
     result = subprocess.run([sys.executable, "-m", "slkit", "run", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "bad.yaml:4: querys: unknown key" in result.stderr and "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
 from slkit.params import QualityParams
 from slkit.quality import ends_cleanly, quality_failure
+from slkit.textstats import ngram_units
 
 
 def test_clean_endings():
@@ -24,12 +25,54 @@ def test_repetition_chinese_uses_13_character_ngrams():
     assert quality_failure(f"{thirteen[:12]}，然后{thirteen[:12]}。", "zh") is None
 
 
-def test_meta_talk_only_in_english_edges():
-    text = "Here is the revised essay.\nBody line one.\nBody two.\nBody three.\nBody four.\nBody five.\nThe end."
-    assert quality_failure(text, "en") == "meta-talk"
+def test_meta_talk_in_english_edges_is_case_sensitive():
+    body = "\nBody line one.\nBody two.\nBody three.\nBody four.\nBody five.\nThe end."
+    assert quality_failure("Here is the revised essay." + body, "en") == "meta-talk"
     middle = "Start.\nLine.\nThis version of events is odd.\nMore.\nMore again.\nStill more.\nEnd here."
     assert quality_failure(middle, "en") is None
-    assert quality_failure("这是修改后的版本 revised。", "zh") is None
+    # titles are not meta-talk: the reference matches the lower-case words case-sensitively
+    for title in ("Incident Response Plan", "Version Control", "A Revised Budget", "Draft Guidelines"):
+        assert quality_failure(f"# {title}" + body, "en") is None, title
+    assert quality_failure("Here is the revised version" + body, "en") == "meta-talk"
+
+
+def test_meta_talk_includes_the_words_of_the_extension_template():
+    body = "\nBody line one.\nBody two.\nBody three.\nBody four.\nBody five.\nThe end."
+    assert quality_failure("Below is the enriched text." + body, "en") == "meta-talk"
+    assert quality_failure(body.strip() + "\nI hope this longer draft helps.", "en") == "meta-talk"
+
+
+def test_meta_talk_in_chinese_edges():
+    body = "\n第一段正文。\n第二段正文。\n第三段正文。\n第四段正文。\n第五段正文。\n全文完。"
+    for head in ("以下是修改后的文章：", "下面是扩写的内容。", "这是改写后的版本。", "我根据初稿写了新的文章。"):
+        assert quality_failure(head + body, "zh") == "meta-talk", head
+    assert quality_failure(body.strip() + "\n以上是扩写后的全文。", "zh") == "meta-talk"
+    middle = "开头。\n第二行。\n这里谈到了改写历史的企图。\n第四行。\n第五行。\n第六行。\n结尾。"
+    assert quality_failure(middle, "zh") is None
+    assert quality_failure("这是一篇关于城市的文章 revised。", "zh") is None  # English words are not Chinese meta-talk
+
+
+def test_chinese_text_ending_in_an_ellipsis_is_finished():
+    for text in ("他望着远方，久久没有说话……", "故事就这样结束了…", "And so it goes…"):
+        assert ends_cleanly(text), text
+        assert quality_failure(text, "zh") is None
+
+
+def test_chinese_repetition_units_keep_quotes_and_ellipses():
+    # the same 16 characters twice, once with CJK quotes / an ellipsis among them: the reference's units
+    # keep those marks, so no 13 units repeat (dropping them made the two passages identical)
+    plain = "他说春天来了，花儿都开了小鸟在唱"
+    quoted = "他说“春天来了”，花儿都开了小鸟在唱"
+    ellipsis = "他说春天来了……花儿都开了小鸟在唱"
+    assert quality_failure(f"{quoted}。然后{plain}。", "zh") is None
+    assert quality_failure(f"{ellipsis}。然后{plain.replace('，', '')}。", "zh") is None
+    assert quality_failure(f"{plain}。然后{plain}。", "zh") == "repetition"
+
+
+def test_chinese_repetition_units_are_the_references():
+    # every non-ASCII character is a unit, a run of ASCII characters (spaces included) is one unit
+    assert ngram_units("他说“好……”。GPT-4 model很好\n\n第二", "zh") == [
+        "他", "说", "“", "好", "…", "…", "”", "。", "GPT-4 model", "很", "好", "\n\n", "第", "二"]
 
 
 def test_rules_can_be_relaxed():

@@ -30,7 +30,7 @@ def test_near_duplicates():
 
 def test_synthesis_filters_length_duplicates_and_judge(tmp_path, scripted_engine):
     params = params_from_dict({"run_name": "t", "model": {"path": "builtin:tiny-random-llama"},
-                               "queries": {"per_iteration": 2, "languages": ["en"], "max_tries": 5}})
+                               "queries": {"per_language": 2, "languages": ["en"], "max_tries": 5}})
     script = iter([
         # round 1: slot 0 too short (2 words < 3), slot 1 duplicate of a seed
         " Write.", " Write a long guide to balcony gardening.",
@@ -53,3 +53,22 @@ def test_synthesis_filters_length_duplicates_and_judge(tmp_path, scripted_engine
                                              "Write a long report on bee colonies and pollination."]
     assert rejected == {"length": 1, "duplicate": 1, "judge_no": 1}
     assert [r["tries"] for r in records] == [2, 3]
+
+
+def test_per_language_queries_in_every_language(tmp_path, scripted_engine):
+    # the reference generates its budget in each language's run: per_language is a count per language
+    params = params_from_dict({"run_name": "t", "model": {"path": "builtin:tiny-random-llama"},
+                               "queries": {"per_language": 3, "judge": False}})
+    topics = iter(range(100))
+
+    def answer(request):
+        n = next(topics)
+        return f"请写一篇关于第{n}号城市河流变迁的长文。" if request.prompt.endswith("指令3：") else \
+            f" Write a long history of harbour number {n} and its ships."
+
+    pool = [{"query": q, "language": "en"} for q in ("Write a long guide to tea.", "Draft a detailed plan for Kyoto.")]
+    pool += [{"query": q, "language": "zh"} for q in ("请写一篇关于茶文化的长文。", "请详细介绍京都的旅行计划。")]
+    writer = RecordWriter(tmp_path / "q.jsonl")
+    synthesize_queries(scripted_engine(answer), pool, [], params, 1, writer)
+    records = writer.finish()
+    assert sorted(r["language"] for r in records) == ["en"] * 3 + ["zh"] * 3

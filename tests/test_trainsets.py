@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from slkit.prompts import extension_prompt
 from slkit.trainsets import drop_lines, extender_examples, generator_examples, resample_by_length
 
 
@@ -24,6 +25,19 @@ def test_resampling_ranks_by_words_not_input_order():
     assert sum(k["words"] >= 800 for k in kept) > 3 * sum(k["words"] <= 7 for k in kept)
 
 
+def test_resampling_ranks_within_each_language():
+    # Chinese texts count more words (each character is one): ranked together, English texts would be
+    # the shortest and mostly dropped; the reference runs each language apart
+    items = [{"id": i, "language": "en", "words": 100 + i} for i in range(1000)] + \
+            [{"id": 1000 + i, "language": "zh", "words": 5000 + i} for i in range(1000)]
+    kept = resample_by_length(items, random.Random(0), group="language")
+    for language, base in (("en", 100), ("zh", 5000)):
+        words = [k["words"] - base for k in kept if k["language"] == language]
+        assert len(words) / 1000 == pytest.approx(0.595, abs=0.05)
+        assert min(words) >= 200  # the shortest ~20% of each language always go
+    assert resample_by_length(items, random.Random(0), group="language") == kept  # reproducible by seed
+
+
 def test_drop_lines_keeps_about_80_percent():
     text = "\n".join(f"line {i}" for i in range(5000))
     kept = drop_lines(text, 0.8, random.Random(0)).split("\n")
@@ -39,5 +53,8 @@ def test_training_sets():
     assert gen == [{"id": "a", "prompt": "Write about tea.", "completion": "long text."}]
     ext = extender_examples(items, 0.8, random.Random(0))
     assert ext[0]["completion"] == "long text." and "Write about tea." in ext[0]["prompt"]
+    # the extension template, the prompt of both extension stages
+    assert extender_examples(items, 1.0, random.Random(0))[0]["prompt"] == extension_prompt(
+        "Write about tea.", "l1\nl2\nl3\nl4\nl5", "en")
     dropped = extender_examples(items * 200, 0.8, random.Random(1))
     assert any("l3" not in e["prompt"] for e in dropped) and any("l3" in e["prompt"] for e in dropped)

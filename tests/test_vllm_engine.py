@@ -42,11 +42,19 @@ def test_lora_rank_beyond_vllm_is_named():
 def test_engine_kwargs_follow_the_recipe(tmp_path):
     params = load_params(REPO / "params" / "qwen2.5-7b-24gb.yaml",
                          {"model.path": str(tmp_path), "engine.vllm.max_model_len": 20000})
-    kw = engine_kwargs(params, str(tmp_path), 16)
-    assert kw["enable_lora"] and kw["max_loras"] >= 2 and kw["max_lora_rank"] == 16
-    assert kw["quantization"] == "bitsandbytes" and params.model.load_in_4bit
-    assert kw["max_model_len"] == 20000 and kw["trust_remote_code"] is False
+    kw = engine_kwargs(params, str(tmp_path))
+    # the recipe's values (params/qwen2.5-7b-24gb.yaml), not vLLM's defaults
+    assert (kw["model"], kw["tokenizer"], kw["dtype"], kw["seed"]) == (str(tmp_path), str(tmp_path), "bfloat16", 0)
+    assert (kw["gpu_memory_utilization"], kw["max_loras"], kw["max_model_len"]) == (0.85, 2, 20000)
+    assert kw["enable_lora"] and kw["quantization"] == "bitsandbytes" and kw["trust_remote_code"] is False
+    # the served LoRA rank is the one the adapters are trained with, rounded up to one vLLM takes
+    assert params.training.lora_r == 8 and kw["max_lora_rank"] == 8
+    trained_at_17 = params.model_copy(update={"training": params.training.model_copy(update={"lora_r": 17})})
+    assert engine_kwargs(trained_at_17, str(tmp_path))["max_lora_rank"] == 32
+    served_at_64 = params.model_copy(update={"engine": params.engine.model_copy(update={
+        "vllm": params.engine.vllm.model_copy(update={"max_lora_rank": 64})})})
+    assert engine_kwargs(served_at_64, str(tmp_path))["max_lora_rank"] == 64
     bf16 = engine_kwargs(params.model_copy(update={"model": params.model.model_copy(update={"load_in_4bit": False})}),
-                         str(tmp_path), 16)
+                         str(tmp_path))
     assert "quantization" not in bf16
-    assert "enable_lora" not in engine_kwargs(params, str(tmp_path), 16, with_lora=False)  # iteration 1: no adapters
+    assert "enable_lora" not in engine_kwargs(params, str(tmp_path), with_lora=False)  # iteration 1: no adapters

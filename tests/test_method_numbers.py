@@ -1,0 +1,118 @@
+"""Every number of the method (../shared/METHOD.md) is a setting that `slkit check` prints for a minimal
+recipe, with the method's value; or it is listed below as not a setting, with the reason.
+
+A number added to METHOD.md fails this test until it is mapped to its key or listed as not a setting."""
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+from slkit.cli import main
+
+METHOD = REPO.parent / "shared" / "METHOD.md"
+
+# (words of METHOD.md that hold a setting, {dotted key of `slkit check` output: the method's value})
+SETTINGS = [
+    ("(repeated, 3 by default)", {"macro_iterations": 3}),
+    ("show the model 2 instructions", {"queries.examples_per_prompt": 2}),
+    ("it is 3-500 words long", {"queries.min_words": 3, "queries.max_words": 500}),
+    ("Up to 10 tries per query", {"queries.max_tries": 10}),
+    ("Reference: 5,000 queries per iteration", {"queries.per_language": 5000}),
+    ("2 samples per query, each retried up to 20 times", {"drafts.samples_per_query": 2, "drafts.max_tries": 20}),
+    ("applies the length-biased resampling of step 3 to the drafts too", {"drafts.resample": True}),
+    ("up to 3 micro-iterations per draft", {"extension.micro_iterations": 3}),
+    ("Keep only the first n*2//3", {"extension.keep_fraction": 2 / 3}),
+    ("words(best) > 1.2 x words(draft)", {"extension.min_ratio": 1.2}),
+    ("the whole extension, up to 20 times", {"extension.max_tries": 20}),
+    ("TWO independent extension jobs per draft (each with its own 20 tries)",
+     {"extension.samples_per_draft": 2, "extension.max_tries": 20}),
+    ("keep an item if U(0,1) > 2 r^3", {"resampling.enabled": True, "resampling.coefficient": 2.0,
+                                        "resampling.exponent": 3.0}),
+    ("each line kept with p=0.8", {"training.line_keep_prob": 0.8}),
+    ("LoRA on all linear layers", {"training.target_modules": "all-linear"}),
+    ("rank 8, alpha 16, dropout 0;", {"training.lora_r": 8, "training.lora_alpha": 16, "training.lora_dropout": 0.0}),
+    ("lr 1e-4, 4 epochs, cosine schedule, warmup 0.1, batch 1,",
+     {"training.learning_rate": 1e-4, "training.epochs": 4.0, "training.lr_scheduler": "cosine",
+      "training.warmup_ratio": 0.1, "training.batch_size": 1, "training.gradient_accumulation": 1}),
+    ("samples cut at 16,384 tokens, bf16", {"training.max_length": 16384, "model.dtype": "bfloat16"}),
+    ("continues from the previous iteration's adapters", {"training.continue_adapters": True}),
+    ("n=13", {"quality.ngram_zh": 13}),
+    ("n=10", {"quality.ngram_en": 10}),
+    ("in the first 2 or last 3 lines", {"quality.meta_head_lines": 2, "quality.meta_tail_lines": 3}),
+    ("temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.1, max 16,384 new tokens",
+     {"sampling.temperature": 0.7, "sampling.top_p": 0.8, "sampling.top_k": 20, "sampling.repetition_penalty": 1.1,
+      "sampling.max_new_tokens": 16384}),
+    ('stop strings such as a line of "---" or three newlines', {"sampling.stop": ["\n\n---", "\n\n\n", "\n---", "---"]}),
+    ("pairs with 2,000-8,000 words", {"length_control.min_words": 2000, "length_control.max_words": 8000}),
+    ('of 4 kinds drawn 40% "about N words", 25% "between A and B words", 10% "more than A words", 25% "less than B words"',
+     {"length_control.proportions": {"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}}),
+    ("nearest 1,000, with probability 0.2 to 2,000", {"length_control.round_to": 1000, "length_control.coarse_prob": 0.2}),
+    ("clamped to [2,000, 8,000]", {"length_control.min_words": 2000, "length_control.max_words": 8000}),
+]
+
+# Numbers of METHOD.md that are not settings, found by pattern, and why.
+NOT_SETTINGS = [
+    (r"arXiv 2410\.23933", "the paper's id"),
+    (r"~1,000 words at most|from ~1,000 to ~8,000 words|Qwen2-7B-Instruct|GPT-4o", "the paper's claims and models"),
+    (r"(?:^|\s)\d\. (?=[A-Z])", "the numbering of METHOD.md's steps"),
+    (r"step \d|stage[- ][12]", "names of steps and stages"),
+    (r"\(reference: 10 per language\)", "the seed pool is data (slkit/seeds), not a setting"),
+    (r"Instruction \d", "the labels of the self-instruct prompt (slkit/prompts.py)"),
+    (r"over 2,000 words", "part of the judge prompt's question (slkit/prompts.py)"),
+    (r"if at most 2, use lines", "the paragraph rule of slkit/textstats.split_paragraphs"),
+    (r"r = 1 - rank/N|r near 1 for the shortest|About 60% survive; the shortest ~20% always go",
+     "the resampling formula and its consequences (tests/test_trainsets.py)"),
+    (r"~20% of its lines", "the complement of training.line_keep_prob"),
+    (r"U\+[0-9A-F]{4}-[0-9A-F]{4}|13-14% more words", "the word counter's character classes and a measured fact"),
+    (r"5,000 by default", "the length-control collection pass: its param comes with the length-control change"),
+    (r"240 queries.*?x 10\)", "LonGen's size and shape; evaluation.subset_size: null scores all of it"),
+    (r"\[0\.8T, 1\.2T\]|\[T, 1\.5T\]|\[0\.5T, T\]|1 inside; max\(2L/a - 1, 0\) below; max\(3 - 2L/b, 0\)",
+     "LonGen's scoring rule (slkit/evaluation.py, tests/test_evaluation.py)"),
+    (r"120 prompts.*?100 to 20,000|S_l = 100 \* max\(0, 1 - \(y/x - 1\)/3\) if y > x else 100 \* max\(0, 1 - \(x/y - 1\)/2\)",
+     "LongBench-Write's size and scoring rule (slkit/evaluation.py)"),
+    (r"scores each response 1-10", "the judge's scale (slkit/judge.py)"),
+]
+
+NUMBER = re.compile(r"\d")
+
+
+@pytest.fixture(scope="module")
+def method_text():
+    if not METHOD.exists():
+        pytest.skip(f"{METHOD} is not here")
+    return " ".join(METHOD.read_text(encoding="utf-8").split())  # one line: phrases may wrap in the file
+
+
+@pytest.fixture
+def minimal_recipe(tmp_path):
+    recipe = tmp_path / "minimal.yaml"
+    recipe.write_text("run_name: minimal\nmodel:\n  path: builtin:gemma-3-270m\n")
+    return recipe
+
+
+def _lookup(tree, key):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def test_every_number_of_the_method_is_a_setting_or_said_not_to_be(method_text):
+    rest = method_text
+    for phrase, _ in SETTINGS:
+        assert phrase in method_text, f"METHOD.md no longer says {phrase!r}: update SETTINGS"
+        rest = rest.replace(phrase, " ")
+    for pattern, _ in NOT_SETTINGS:
+        assert re.search(pattern, method_text), f"METHOD.md no longer matches {pattern!r}: update NOT_SETTINGS"
+        rest = re.sub(pattern, " ", rest)
+    unaccounted = [rest[max(0, m.start() - 40):m.end() + 40] for m in NUMBER.finditer(rest)]
+    assert not unaccounted, "numbers of METHOD.md with no setting here:\n" + "\n".join(unaccounted)
+
+
+def test_slkit_check_prints_each_with_the_methods_value(minimal_recipe, capsys):
+    assert main(["check", str(minimal_recipe)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for phrase, values in SETTINGS:
+        for key, value in values.items():
+            got = _lookup(printed, key)
+            assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{key} ({phrase!r}): {got!r}"

@@ -1,0 +1,145 @@
+"""The stages' wiring with a scripted engine (no model): which adapters each stage generates with,
+the drafts' resampling before extension, and the benchmark subset."""
+import json
+import random
+from collections import defaultdict
+
+import pytest
+
+from conftest import REPO, ScriptedEngine
+from slkit import stages
+from slkit.pipeline import prepare_run
+from slkit.records import read_jsonl, write_jsonl_atomic
+
+BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
+
+
+def _words(tag, n):
+    return " ".join(f"{tag}w{i}" for i in range(n))
+
+
+def _answer(request):
+    """Distinct, clean texts of each kind: new queries (en/zh), drafts and benchmark answers, extensions."""
+    tag = f"s{request.seed}"
+    if request.role is None:  # self-instruct: a new instruction in the language of the examples
+        rng = random.Random(request.seed)
+        if request.prompt.endswith("指令3："):
+            return "".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(12)) + "。"
+        return " Write about " + " ".join("".join(rng.choice("bcfhjkmpqvxz") for _ in range(7)) for _ in range(6)) + "."
+    if request.role == "generator":
+        return _words(tag, 30) + "."
+    return "\n\n".join(_words(f"{tag}p{p}", 60) + "." for p in range(3))  # extender: long enough for 1.2x
+
+
+class RecordingEngine(ScriptedEngine):
+    """Scripted answers; logs, per request, the stage it came from and the adapter it ran with (the
+    role's adapter, or the base model: None)."""
+
+    def __init__(self, adapters, log, where):
+        super().__init__(_answer)
+        self.adapters, self.log, self.where = adapters, log, where
+
+    def generate(self, requests, sampling, on_done=None):
+        for r in requests:
+            self.log.append((*self.where, r.role, self.adapters.get(r.role) if r.role else None))
+        return super().generate(requests, sampling, on_done)
+
+
+@pytest.fixture
+def scripted_run(tmp_path, monkeypatch):
+    """A smoke run directory whose stages generate with a RecordingEngine and train fake adapters."""
+    log, where = [], [None, None]
+    monkeypatch.setattr(stages, "load_engine", lambda params, adapters=None: RecordingEngine(adapters or {}, log, where))
+
+    def fake_train(params, examples_path, output_dir, init_adapter=None):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
+        (output_dir / "adapter_config.json").write_text("{}")
+        (output_dir / "slkit-train.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr("slkit.training.train_adapter", fake_train)
+    monkeypatch.setattr("slkit.reports.write_iteration_figures", lambda *a: [])
+    _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {
+        "output_dir": str(tmp_path), "macro_iterations": 3, "evaluation.benchmark": str(BENCHMARK),
+        "evaluation.judge.enabled": False})
+    return run_dir, log, where
+
+
+def test_iteration_k_generates_with_iteration_k_minus_1_adapters(scripted_run):
+    run_dir, log, where = scripted_run
+    for k in (1, 2, 3):
+        for stage in stages.STAGES:
+            where[:] = [k, stage]
+            getattr(stages, f"{stage}_stage")(run_dir, k)
+    used = defaultdict(set)
+    for k, stage, role, adapter in log:
+        used[k, stage, role].add(adapter)
+    assert {(stage, role) for _, stage, role in used} == {
+        ("seed", None), ("generate", "generator"), ("extend", "extender"), ("evaluate", "generator")}
+
+    def adapter(k, role):
+        return str(stages.adapter_dir(run_dir, k, role)) if k else None
+
+    for k in (1, 2, 3):
+        # self-instruct always runs on the base model (as in the reference)
+        assert used[k, "seed", None] == {None}
+        # drafts and extensions: the previous iteration's adapters, the base model in iteration 1
+        assert used[k, "generate", "generator"] == {adapter(k - 1, "generator")}
+        assert used[k, "extend", "extender"] == {adapter(k - 1, "extender")}
+        # the evaluation scores the Generator this iteration trained
+        assert used[k, "evaluate", "generator"] == {adapter(k, "generator")}
+        train = json.loads((stages.iter_dir(run_dir, k) / "train.done.json").read_text())["summary"]
+        assert train["generator"]["init_adapter"] == adapter(k - 1, "generator")
+        assert train["extender"]["init_adapter"] == adapter(k - 1, "extender")
+
+
+def _drafts():
+    """20 English drafts of 10-29 words and 20 Chinese-labelled ones of 100-119, in shuffled order."""
+    drafts = [{"id": f"{lang}-q{i:02d}-d0", "query_id": f"{lang}-q{i:02d}", "query": "Write long.", "language": lang,
+               "draft": _words(f"{lang}{i}", base + i - 1) + ".", "words": base + i}
+              for lang, base in (("en", 10), ("zh", 100)) for i in range(20)]
+    random.Random(1).shuffle(drafts)
+    return drafts
+
+
+def _write_drafts(run_dir, drafts):
+    stages.iter_dir(run_dir, 1).mkdir(parents=True)
+    write_jsonl_atomic(stages.iter_dir(run_dir, 1) / "drafts.jsonl", drafts)
+
+
+def test_drafts_are_resampled_by_length_before_extension_reproducibly(scripted_run):
+    run_dir, log, where = scripted_run
+    drafts = _drafts()
+    _write_drafts(run_dir, drafts)
+    summary = stages.extend_stage(run_dir, 1)
+    kept = read_jsonl(stages.iter_dir(run_dir, 1) / "resampled_drafts.jsonl")
+    kept_ids = [d["id"] for d in kept]
+    assert kept_ids == sorted(kept_ids) and set(kept_ids) < {d["id"] for d in drafts}
+    for lang, base in (("en", 10), ("zh", 100)):
+        words = [d["words"] for d in kept if d["language"] == lang]
+        # ranked within the language: the shortest 20% (r > 0.8) always go, longer ones mostly stay
+        assert 0 < len(words) < 20 and min(words) >= base + 4
+    assert summary["drafts"] == 40 and summary["resampled_drafts"] == len(kept)
+    assert summary["jobs"] == 2 * len(kept)  # extension.samples_per_draft jobs per kept draft
+    extensions = read_jsonl(stages.iter_dir(run_dir, 1) / "extensions.jsonl")
+    assert {e["draft_id"] for e in extensions} == set(kept_ids) and len(extensions) == summary["jobs"]
+
+    # the same drafts in another file order (a resumed generate stage) give the same resampled drafts
+    other = run_dir.parent / "other"
+    other.mkdir()
+    (other / "params.yaml").write_text((run_dir / "params.yaml").read_text())
+    _write_drafts(other, list(reversed(drafts)))
+    stages.extend_stage(other, 1)
+    assert [d["id"] for d in read_jsonl(stages.iter_dir(other, 1) / "resampled_drafts.jsonl")] == kept_ids
+
+
+def test_benchmark_subset_size_null_scores_the_whole_benchmark(scripted_run):
+    run_dir, log, where = scripted_run
+    params = stages.load_run_params(run_dir)
+    for size, n in ((None, len(read_jsonl(BENCHMARK))), (4, 4)):
+        out = run_dir / f"eval-{size}"
+        out.mkdir()
+        p = params.model_copy(update={"evaluation": params.evaluation.model_copy(
+            update={"subset_size": size, "samples_per_query": 1})})
+        assert stages.score_benchmark(p, {}, out, "evaluate")["n"] == n
