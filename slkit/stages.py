@@ -404,7 +404,7 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
                 else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
     before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("length_following")
     after = score_benchmark(params, {"generator": str(final)}, out, "length_control")
-    summary = {"pairs": len(records), "sources": dict(Counter(r["source"].split("/")[1] for r in records)),
+    summary = {"pairs": len(records), "sources": dict(Counter(r["source"] for r in records)),
                "skipped": {"names_length": len(found) - len(pairs)}, "collection": collection,
                "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
                "fallbacks": dict(Counter(r["fallback"] for r in records if r["fallback"])),

@@ -30,6 +30,8 @@ def test_defaults_are_the_reference_values(tmp_path):
     assert (p.training.learning_rate, p.training.epochs, p.training.lr_scheduler, p.training.warmup_ratio) == (1e-4, 4.0, "cosine", 0.1)
     assert (p.quality.ngram_zh, p.quality.ngram_en) == (13, 10)
     assert p.macro_iterations == 3
+    assert (p.length_control.min_words, p.length_control.max_words, p.length_control.round_to) == (2000, 8000, 1000)
+    assert p.length_control.collect_queries == 5000  # the reference's collection pass
 
 
 def _write(tmp_path, text):
