@@ -12,7 +12,7 @@ from slkit.records import RecordWriter
 from slkit.textstats import count_words
 
 
-def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration: int, writer: RecordWriter,
+def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration: int | str, writer: RecordWriter,
                  rules: QualityParams, on_done: Callable[[int], None] | None = None) -> Counter:
     """Append one record per accepted draft to `writer`; returns rejection counts by reason."""
     dp = params.drafts

@@ -1,6 +1,9 @@
 """Length-following evaluation: benchmarks, scores, summaries and length stability.
 
-Every length is words by slkit's one counter (textstats.count_words), for every benchmark.
+Each format is scored with the counter its published numbers use (FORMAT_COUNTER): LonGen with
+Self-Lengthen's (textstats.count_words, also the method's), LongBench-Write with LongWriter's
+(textstats.count_words_longwriter; on Chinese text the first counts 13-14% more: CJK punctuation).
+An output record holds "words" by its format's counter and the count of every counter (output_lengths).
 
 - LonGen (METHOD.md): accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds;
   above T -> [T, 1.5T]; below T -> [0.5T, T]. Score of a length L in [0, 1]: 1 inside;
@@ -20,7 +23,7 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 from slkit.records import RecordFileError, read_jsonl_lines
-from slkit.textstats import detect_language
+from slkit.textstats import count_words, count_words_longwriter, detect_language
 
 LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
 LONGEN_TYPES = ("about", "range", "above", "below")
@@ -28,6 +31,8 @@ LONGBENCH_WRITE_FIELDS = ("prompt", "type", "length")
 # LongWriter's length bins of the required length, in words.
 LENGTH_BINS = ((0, 500, "<500"), (500, 2000, "500-2k"), (2000, 4000, "2k-4k"), (4000, math.inf, ">=4k"))
 SCALES = {"longen": 1.0, "longbench_write": 100.0}  # a perfect score on each benchmark
+COUNTERS = {"slkit": count_words, "longwriter": count_words_longwriter}
+FORMAT_COUNTER = {"longen": "slkit", "longbench_write": "longwriter"}  # the counter each benchmark scores with
 
 
 def accepted_interval(kind: str, numbers: list[int]) -> tuple[float, float]:
@@ -156,6 +161,13 @@ def load_benchmark(source: str, fmt: str = "auto") -> tuple[str, list[dict]]:
 def load_longen(path: str) -> list[dict]:
     """LonGen items; a record with a missing field, unknown type or unusable constraint names file and line."""
     return load_benchmark(path, "longen")[1]
+
+
+def output_lengths(text: str, fmt: str) -> dict:
+    """An output's length fields: "words" by the format's counter (what it is scored on), "counter" its
+    name, and "words_<name>" by every counter."""
+    counts = {f"words_{name}": count(text) for name, count in COUNTERS.items()}
+    return {"words": counts[f"words_{FORMAT_COUNTER[fmt]}"], "counter": FORMAT_COUNTER[fmt], **counts}
 
 
 def score_length(item: dict, words: float, fmt: str) -> float:

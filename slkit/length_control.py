@@ -4,13 +4,17 @@ Long (query, response) pairs from all iterations get a length constraint that th
 satisfies, of four kinds drawn 40% about / 25% range / 10% above / 25% below, and the query is
 rewritten to carry it: by templates (varied phrasing and placement, en and zh, Chinese numerals
 sometimes) or by the model, whose rewrite is kept only if it shows the number and keeps the query.
-"True" means inside LonGen's accepted interval for that kind (evaluation.accepted_interval), so the
-Chinese "more/less than" bounds cannot be swapped without a test failing.
+"True" means inside LonGen's accepted interval for that kind (evaluation.accepted_interval), and
+"more/less than N" is never said of exactly N words, so the Chinese "more/less than" bounds cannot be
+swapped without a test failing. Where the reference clamps a bound into the window (which can make it
+false), slkit falls back to a kind that is true (assign_constraint). A query that already names a
+length (names_length) is skipped, where the reference's model rewrite would replace it: a template
+cannot rewrite a limit it did not write, and a second limit would contradict the first.
 """
 from __future__ import annotations
 
-import math
 import random
+import re
 from dataclasses import dataclass
 
 from slkit.evaluation import accepted_interval
@@ -36,33 +40,79 @@ def satisfies(constraint: Constraint, words: int) -> bool:
     return a <= words <= b
 
 
-def assign_constraint(words: int, rng: random.Random, unit: int, low: int, high: int,
-                      proportions: dict[str, float], coarse_prob: float = 0.25) -> Constraint:
-    """A constraint of a kind drawn by `proportions` that a response of `words` words satisfies.
+# When the drawn kind has no true constraint at this length, unit and window, the constraint is a range:
+# on a valid window (bounds multiples of the unit, at least one unit apart) the multiples of the unit
+# around a length make a range true of every length in the window.
+FALLBACK_KIND = "range"
 
-    about N: N the nearest multiple of `unit` (of 2 x unit with probability coarse_prob) whose
-    +-20% band holds the response; range [A, B]: the multiples of `unit` around it; above A: the
-    multiple below; below B: the multiple above; all clamped to [low, high].
+
+def true_constraint(kind: str, words: int, step: int, low: int, high: int) -> Constraint | None:
+    """The constraint of `kind` whose numbers are multiples of `step` inside [low, high] and that is
+    true of a response of `words` words, or None when there is none.
+
+    about N: the nearest N whose +-20% band holds the response (on a tie the smaller);
+    range [A, B]: the multiples around the response; at an exact multiple one step further up (down at
+    the top of the window); above A: the largest multiple strictly below the response, below B: the
+    smallest strictly above ("more than 3000" is not said of exactly 3,000 words). These are the
+    multiples nearest the response, so where they are not true no other multiple of `step` is.
     """
-    kind = rng.choices(list(proportions), weights=list(proportions.values()))[0]
-    floor_ = max(low, min(high, math.floor(words / unit) * unit))
-    ceil_ = max(low, min(high, math.ceil(words / unit) * unit))
+    floor_ = words // step * step
+    ceil_ = -(-words // step) * step
     if kind == "about":
-        step = 2 * unit if rng.random() < coarse_prob else unit
-        candidates = sorted({max(low, min(high, round(words / s) * s + d)) for s in (step, unit) for d in (-s, 0, s)},
-                            key=lambda n: (abs(n - words), n))
-        for n in candidates:
-            if satisfies(Constraint("about", n, None), words):
-                return Constraint("about", n, None)
-        kind = "range"  # no round number within 20%: say it as a range instead
-    if kind == "range":
-        if ceil_ > floor_:
-            return Constraint("range", floor_, ceil_)
-        # a round length: the range reaches one unit further, on the side that stays in [low, high]
-        return Constraint("range", floor_, floor_ + unit) if floor_ + unit <= high else Constraint("range", floor_ - unit, floor_)
-    if kind == "above":
-        return Constraint("above", floor_, None)
-    return Constraint("below", None, ceil_)
+        candidates = [Constraint("about", n, None) for n in sorted({floor_, ceil_}, key=lambda n: (abs(n - words), n))]
+    elif kind == "range":
+        a, b = floor_, ceil_
+        if a == b:
+            a, b = (a, a + step) if a + step <= high else (a - step, a)
+        candidates = [Constraint("range", a, b)]
+    elif kind == "above":
+        candidates = [Constraint("above", ceil_ - step, None)]
+    elif kind == "below":
+        candidates = [Constraint("below", None, floor_ + step)]
+    else:
+        raise ValueError(f"unknown constraint kind {kind!r}")
+    return next((c for c in candidates if all(max(1, low) <= n <= high for n in c.numbers()) and satisfies(c, words)),
+                None)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A constraint and what was drawn for it."""
+    constraint: Constraint
+    drawn_kind: str  # by the proportions
+    drawn_step: int  # 2 x unit with probability coarse_prob, else unit
+    step: int  # the constraint's numbers are multiples of this
+
+    @property
+    def fallback(self) -> str | None:
+        """'<drawn>-><kind>' when the drawn kind had no true constraint, 'coarse->unit' when 2 x unit had none."""
+        if self.constraint.kind != self.drawn_kind:
+            return f"{self.drawn_kind}->{self.constraint.kind}"
+        return "coarse->unit" if self.step != self.drawn_step else None
+
+
+def assign_constraint(words: int, rng: random.Random, unit: int, low: int, high: int,
+                      proportions: dict[str, float], coarse_prob: float = 0.2) -> Assignment:
+    """A constraint that a response of `words` words satisfies, of a kind drawn by `proportions`, with
+    numbers that are multiples of 2 x unit with probability coarse_prob (else of unit), inside [low, high].
+
+    Fallbacks, in order, each taken only when nothing before it is true of the response: the drawn kind
+    with multiples of unit (when coarse was drawn), then a range (FALLBACK_KIND) with the drawn step,
+    then a range with unit. The kind is kept before the coarseness: the kind proportions are the method's.
+    Raises ValueError when `words` lies outside [low, high] or the window has no range (bounds not
+    multiples of unit, or less than one unit apart: params.py refuses such a window).
+    """
+    if not low <= words <= high:
+        raise ValueError(f"{words} words lie outside the length-control window [{low}, {high}]")
+    kind = rng.choices(list(proportions), weights=list(proportions.values()))[0]
+    drawn_step = 2 * unit if rng.random() < coarse_prob else unit
+    for candidate_kind in dict.fromkeys((kind, FALLBACK_KIND)):
+        for step in dict.fromkeys((drawn_step, unit)):
+            constraint = true_constraint(candidate_kind, words, step, low, high)
+            if constraint:
+                return Assignment(constraint, kind, drawn_step, step)
+    raise ValueError(f"no constraint in multiples of {unit} inside [{low}, {high}] is true of {words} words: "
+                     f"the window's bounds must be multiples of the unit, at least one unit apart")
 
 
 _DIGITS = "零一二三四五六七八九"
@@ -125,6 +175,23 @@ def template_rewrite(query: str, constraint: Constraint, language: str, rng: ran
         return phrase + sep + query
     end = "" if query.rstrip()[-1:] in ".!?。！？" else ("。" if language == "zh" else ".")
     return query.rstrip() + end + sep + phrase
+
+
+# A length the query already asks for: a number of words or pages ("500 words", "a 1,500-word
+# essay", "two thousand words"), or in Chinese a number of 字 ("3000字", "三千字") or a 字数/篇幅 requirement
+# with a number. Chinese numerals need 百, 千 or 万, so 十字路口 or 一字一句 are not lengths.
+_EN_NUMBER = r"(?:\d[\d,.]*\s*k?|(?:(?:one|two|three|four|five|six|seven|eight|nine|ten|fifteen|twenty|thirty|forty|" \
+             r"fifty|a|several)[\s-]+)*(?:hundred|thousand))"
+_LENGTH_NAMED = re.compile(
+    rf"\b{_EN_NUMBER}[\s-]*(?:words?|pages?)\b"
+    r"|[\d０-９]+\s*(?:个)?字"
+    r"|[一二两三四五六七八九十][零一二两三四五六七八九十百千万]*[百千万]\s*(?:个)?字"
+    r"|(?:字数|篇幅)[^。！？，,；;\n]{0,8}?[\d０-９零一二两三四五六七八九十百千万]", re.IGNORECASE)
+
+
+def names_length(query: str) -> bool:
+    """Whether the query already asks for a length (a second limit added to it would contradict the first)."""
+    return bool(_LENGTH_NAMED.search(query))
 
 
 REWRITE_PROMPT = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slkit.models import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
@@ -201,11 +201,22 @@ class LengthControlParams(_Section):
     min_words: int = Field(2000, ge=1)  # responses kept for the stage, and the bounds' clamp
     max_words: int = Field(8000, ge=1)
     round_to: int = Field(1000, ge=1)  # N, A and B are multiples of this
-    coarse_prob: float = Field(0.2, ge=0, le=1)  # "about N" rounded to 2 x round_to this often
+    coarse_prob: float = Field(0.2, ge=0, le=1)  # N, A and B are multiples of 2 x round_to this often
     proportions: dict[Literal["about", "range", "above", "below"], float] = {
         "about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
     rewrite: Literal["template", "model"] = "template"  # model rewrites failing the check fall back to templates
     fresh_adapter: bool = False  # False: continue from the last iteration's Generator adapter
+    # The collection pass: this many new self-instructed queries per language (like queries.per_language),
+    # answered by the last iteration's Generator, add their drafts to the pairs. The reference's size; 0 skips it.
+    collect_queries: int = Field(5000, ge=0)
+
+    @model_validator(mode="after")
+    def _window_has_a_true_constraint(self) -> LengthControlParams:
+        # Then a range of consecutive multiples is true of every length in the window (length_control.py).
+        if self.min_words % self.round_to or self.max_words % self.round_to or self.max_words - self.min_words < self.round_to:
+            raise ValueError(f"min_words ({self.min_words}) and max_words ({self.max_words}) must be multiples of "
+                             f"round_to ({self.round_to}), at least one round_to apart")
+        return self
 
 
 class JudgeParams(_Section):

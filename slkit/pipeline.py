@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
-from slkit.records import is_done
-from slkit.stages import BASELINE, STAGES, lock_path, stage_dir
+from slkit.stages import BASELINE, STAGES, lock_path, stage_dir, stage_done
 
 KERNEL_NAME = "slkit"
 NOTEBOOKS = {"seed": "00_seed.ipynb", "generate": "01_generate.ipynb", "extend": "02_extend.ipynb",
@@ -211,7 +210,7 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
     for k, stage in stages_bar:
         out = stage_dir(run_dir, k, stage)
         stages_bar.set_postfix_str(f"iter {k} {stage}")
-        if is_done(out, stage):
+        if stage_done(run_dir, k, stage):
             continue
         out.mkdir(parents=True, exist_ok=True)
         stop_orphaned_stage(lock_path(run_dir, k, stage))
@@ -224,7 +223,7 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
             except pm.PapermillExecutionError as err:
                 raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
                                    f"see the executed notebook {executed}; rerun the same command to resume") from None
-        if not is_done(out, stage):
+        if not stage_done(run_dir, k, stage):
             raise RuntimeError(f"notebook {executed} finished without writing {stage}.done.json")
     items_bar.close()
     stages_bar.close()

@@ -50,14 +50,17 @@ def judge_request(engine: Engine, query: str, language: str) -> str:
     return engine.render(prompt) if engine.is_chat else prompt
 
 
-def _query_id(iteration: int, slot: int) -> str:
-    return f"it{iteration}-q{slot}"
+def _query_id(iteration: int | str, slot: int) -> str:
+    """it<k>-q<slot> in macro-iteration k; <name>-q<slot> in a named pass (the final stage's collection)."""
+    return f"it{iteration}-q{slot}" if isinstance(iteration, int) else f"{iteration}-q{slot}"
 
 
-def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params: Params, iteration: int,
+def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params: Params, iteration: int | str,
                        writer: RecordWriter, on_done: Callable[[int], None] | None = None) -> Counter:
     """Fill `writer` with params.queries.per_language new queries in each language; returns rejection
     counts by reason.
+
+    `iteration` (a macro-iteration, or the name of another pass) names the query ids and seeds the sampling.
 
     `pool` holds {"query", "language"} examples to imitate (the seeds, plus earlier iterations'
     queries when queries.grow_pool: the pool grows between iterations, so that a resumed stage

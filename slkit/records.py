@@ -108,8 +108,11 @@ def is_done(iter_dir: str | os.PathLike, stage: str) -> bool:
     return done_marker(iter_dir, stage).exists()
 
 
-def mark_done(iter_dir: str | os.PathLike, stage: str, summary: dict[str, Any]) -> None:
-    write_json_atomic(done_marker(iter_dir, stage), {"stage": stage, "finished_at": time.time(), "summary": summary})
+def mark_done(iter_dir: str | os.PathLike, stage: str, summary: dict[str, Any], iteration: int | None = None) -> None:
+    """Write the done-marker; `iteration` records the iteration a stage outside iter_<k>/ ran after."""
+    extra = {} if iteration is None else {"iteration": iteration}
+    write_json_atomic(done_marker(iter_dir, stage),
+                      {"stage": stage, "finished_at": time.time(), **extra, "summary": summary})
 
 
 class Progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -69,15 +70,21 @@ def lock_path(run_dir: str | Path, iteration: int, stage: str) -> Path:
     return stage_dir(run_dir, iteration, stage) / f"{stage}.lock"
 
 
+def stage_done(run_dir: str | Path, iteration: int, stage: str) -> bool:
+    """Whether the stage has finished: its done-marker exists, and the final stage's records that it ran
+    after this iteration (a run resumed with more macro_iterations reruns it on the new last iteration)."""
+    marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
+    return marker.exists() and (stage != "length_control" or read_json(marker).get("iteration") == iteration)
+
+
 def skip_when_done(stage: str) -> Callable:
     """A finished stage returns its recorded summary instead of running again. A running stage
     leaves its PID in <stage>.lock; out of GPU memory, it stops with the params to lower."""
     def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
         @functools.wraps(fn)
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-            marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
-            if marker.exists():
-                return read_json(marker)["summary"]
+            if stage_done(run_dir, iteration, stage):
+                return read_json(done_marker(stage_dir(run_dir, iteration, stage), stage))["summary"]
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
             lock.write_text(str(os.getpid()))
@@ -98,12 +105,17 @@ def skip_when_done(stage: str) -> Callable:
 
 
 def _generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
-                      work: Callable[..., Counter]) -> tuple[list[dict], Counter]:
-    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` incrementally."""
-    params, out = _prepare(run_dir, iteration)
+                      work: Callable[..., Counter], out: Path | None = None,
+                      adapters: dict[str, str | None] | None = None) -> tuple[list[dict], Counter]:
+    """Run `work(engine, writer, on_done)` with this iteration's adapters (or `adapters`), writing `output`
+    in the iteration's directory (or `out`) incrementally. A finished `output` is read, not rewritten."""
+    params, iteration_out = _prepare(run_dir, iteration)
+    out = out or iteration_out
+    if (out / output).exists():
+        return read_jsonl(out / output), Counter()
     with RecordWriter(out / output) as writer:
         progress = Progress(out, stage, total, len(writer.records))
-        engine = load_engine(params, current_adapters(run_dir, iteration))
+        engine = load_engine(params, current_adapters(run_dir, iteration) if adapters is None else adapters)
         try:
             counts = work(engine, writer, progress.advance)
         finally:
@@ -115,17 +127,24 @@ def _earlier_queries(run_dir: str | Path, iteration: int) -> list[dict]:
     return [r for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
 
 
+def _query_pool(params: Params, earlier: list[dict]) -> list[dict]:
+    """The examples self-instruct imitates: the seeds, plus earlier queries when queries.grow_pool."""
+    from slkit.seeds import load_seeds
+
+    pool = load_seeds(params.queries.seed_files)
+    if params.queries.grow_pool:  # earlier iterations' queries are examples too
+        pool += [{"query": r["query"], "language": r["language"]} for r in earlier]
+    return pool
+
+
 @skip_when_done("seed")
 def seed_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """-> queries.jsonl: new queries by self-instruct, judged, length-filtered, deduplicated."""
     from slkit.queries import synthesize_queries
-    from slkit.seeds import load_seeds
 
     params, out = _prepare(run_dir, iteration)
     earlier = _earlier_queries(run_dir, iteration)
-    pool = load_seeds(params.queries.seed_files)
-    if params.queries.grow_pool:  # earlier iterations' queries are examples too
-        pool += [{"query": r["query"], "language": r["language"]} for r in earlier]
+    pool = _query_pool(params, earlier)
     records, rejected = _generate_records(
         run_dir, iteration, "seed", "queries.jsonl", params.queries.per_language * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
@@ -214,8 +233,8 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
     """The Generator answers the benchmark subset, evaluation.samples_per_query times each ->
     out/benchmark_outputs.jsonl (resumable); returns length scores and length stability."""
     from slkit.engines import Request
-    from slkit.evaluation import SCALES, length_stability, load_benchmark, score_length, stratified_subset, summarize_scores
-    from slkit.textstats import count_words
+    from slkit.evaluation import (SCALES, length_stability, load_benchmark, output_lengths, score_length, stratified_subset,
+                                  summarize_scores)
 
     ev = params.evaluation
     if not ev.benchmark:
@@ -235,11 +254,11 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
                                     params.sampling, progress.advance)
             engine.close()
             for (i, k), text in zip(todo, texts):
-                item, words = subset[i], count_words(text)
+                item, lengths = subset[i], output_lengths(text, fmt)
                 writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
                               "type": item["type"], "bin": item["bin"], "required": item["required"],
                               **({"interval": list(item["interval"])} if "interval" in item else {}),
-                              "words": words, "score": score_length(item, words, fmt), "output": text})
+                              **lengths, "score": score_length(item, lengths["words"], fmt), "output": text})
         scored = sorted(writer.finish(), key=lambda r: (r["index"], r["sample"]))
     return {"benchmark": Path(ev.benchmark).name if Path(ev.benchmark).exists() else ev.benchmark, "format": fmt,
             "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored)}
@@ -290,24 +309,90 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     return metrics
 
 
+# The final stage's collection pass: names its query ids (collect-q<slot>) and seeds its sampling.
+COLLECTION = "collect"
+# The response field of each file the final stage takes pairs from.
+RESPONSE_FIELDS = {"drafts.jsonl": "draft", "extensions.jsonl": "extended"}
+
+
+def _discard_stale_results(out: Path, iteration: int) -> None:
+    """A final stage built after another last iteration (a run resumed with more macro_iterations, finished
+    or killed) is stale: remove its files but the executed notebook and the lock, then record `iteration`."""
+    record = out / "after_iteration.json"
+    if record.exists() and read_json(record)["iteration"] == iteration:
+        return
+    for path in out.iterdir():
+        if path.suffix not in (".ipynb", ".lock"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_json_atomic(record, {"iteration": iteration})
+
+
+def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Path) -> dict[str, Any]:
+    """The collection pass of the final stage: length_control.collect_queries new self-instructed queries,
+    answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable)."""
+    from slkit.drafts import write_drafts
+    from slkit.queries import synthesize_queries
+
+    count = params.length_control.collect_queries
+    if not count:
+        return {}
+    earlier = _earlier_queries(run_dir, iteration + 1)
+    pool = _query_pool(params, earlier)
+    # synthesize_queries makes queries.per_language queries in each language: here the collection's count.
+    sized = params.model_copy(update={"queries": params.queries.model_copy(update={"per_language": count})})
+    final = {"generator": str(adapter_dir(run_dir, iteration, "generator"))}
+    queries, rejected = _generate_records(
+        run_dir, iteration, "length_control (collect queries)", "queries.jsonl", count * len(params.queries.languages),
+        lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], sized,
+                                                           COLLECTION, writer, on_done), out=out, adapters=final)
+    drafts, refused = _generate_records(
+        run_dir, iteration, "length_control (collect drafts)", "drafts.jsonl",
+        len(queries) * params.drafts.samples_per_query,
+        lambda engine, writer, on_done: write_drafts(engine, queries, params, COLLECTION, writer, params.quality,
+                                                     on_done), out=out, adapters=final)
+    return {"queries": len(queries), "drafts": len(drafts), "rejected_queries": dict(rejected),
+            "rejected_drafts": dict(refused)}
+
+
+def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[dict]:
+    """(query, response) pairs in the length-control window, in id order: the drafts and extensions of
+    every iteration up to `iteration`, and the collection pass's drafts."""
+    lc = params.length_control
+    paths = [iter_dir(run_dir, k) / name for k in range(1, iteration + 1) for name in RESPONSE_FIELDS]
+    paths.append(stage_dir(run_dir, iteration, "length_control") / "drafts.jsonl")
+    pairs = []
+    for path in paths:
+        if path.exists():
+            source = f"{path.parent.name}/{path.stem}"
+            pairs += [{"id": r["id"], "query": r["query"], "language": r["language"], "words": r["words"],
+                       "response": r[RESPONSE_FIELDS[path.name]], "source": source}
+                      for r in read_jsonl(path) if lc.min_words <= r["words"] <= lc.max_words]
+    return sorted(pairs, key=lambda p: p["id"])
+
+
 @skip_when_done("length_control")
 def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-    """All iterations' extensions in the word window -> length_control/constrained.jsonl (queries carrying a
-    length their response meets), a final Generator adapter trained on them, length scores before and after."""
+    """Every iteration's drafts and extensions, and the collection pass's drafts, in the word window ->
+    length_control/constrained.jsonl (queries carrying a length their response meets), a final Generator
+    adapter trained on them, length scores before and after. Records the iteration it ran after."""
     from slkit.engines import Request
-    from slkit.length_control import assign_constraint, rewrite_failure, rewrite_prompt, satisfies, template_rewrite
+    from slkit.length_control import (assign_constraint, names_length, rewrite_failure, rewrite_prompt, satisfies,
+                                      template_rewrite)
     from slkit.training import train_adapter
 
     params = load_run_params(run_dir)
     lc = params.length_control
     out = stage_dir(run_dir, iteration, "length_control")
     out.mkdir(parents=True, exist_ok=True)
-    pairs = sorted((r for k in range(1, iteration + 1) if (iter_dir(run_dir, k) / "extensions.jsonl").exists()
-                    for r in read_jsonl(iter_dir(run_dir, k) / "extensions.jsonl")
-                    if lc.min_words <= r["words"] <= lc.max_words), key=lambda r: r["id"])
+    _discard_stale_results(out, iteration)
+    collection = collect_drafts(run_dir, iteration, params, out)
+    found = long_responses(run_dir, iteration, params)
+    # A query that already names a length would carry two limits: skipped (and counted), not rewritten.
+    pairs = [p for p in found if not names_length(p["query"])]
     rng = random.Random(stable_seed(params.seed, "length_control"))
-    constraints = [assign_constraint(p["words"], rng, lc.round_to, lc.min_words, lc.max_words, dict(lc.proportions),
+    assignments = [assign_constraint(p["words"], rng, lc.round_to, lc.min_words, lc.max_words, dict(lc.proportions),
                                      lc.coarse_prob) for p in pairs]
+    constraints = [a.constraint for a in assignments]
     rewrites = [template_rewrite(p["query"], c, p["language"], rng) for p, c in zip(pairs, constraints)]
     how = ["template"] * len(pairs)
     refused: Counter = Counter()
@@ -324,12 +409,13 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
             else:
                 rewrites[i], how[i] = text.strip(), "model"
     records = []
-    for p, c, query, h in zip(pairs, constraints, rewrites, how):
+    for p, a, query, h in zip(pairs, assignments, rewrites, how):
+        c = a.constraint
         if not satisfies(c, p["words"]):  # cannot happen by construction; never train on a false constraint
             raise AssertionError(f"constraint {c} is not true of {p['id']} ({p['words']} words)")
         records.append({"id": p["id"], "query": query, "original_query": p["query"], "language": p["language"],
-                        "constraint": {"kind": c.kind, "low": c.low, "high": c.high}, "words": p["words"],
-                        "rewrite": h, "completion": p["extended"]})
+                        "constraint": {"kind": c.kind, "low": c.low, "high": c.high}, "fallback": a.fallback,
+                        "words": p["words"], "source": p["source"], "rewrite": h, "completion": p["response"]})
     write_jsonl_atomic(out / "constrained.jsonl", records)
     write_jsonl_atomic(out / "generator_sft.jsonl",
                        [{"id": r["id"], "prompt": r["query"], "completion": r["completion"]} for r in records])
@@ -340,12 +426,15 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
                 else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
     before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("length_following")
     after = score_benchmark(params, {"generator": str(final)}, out, "length_control")
-    summary = {"pairs": len(records), "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
+    summary = {"pairs": len(records), "sources": dict(Counter(r["source"] for r in records)),
+               "skipped": {"names_length": len(found) - len(pairs)}, "collection": collection,
+               "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
+               "fallbacks": dict(Counter(r["fallback"] for r in records if r["fallback"])),
                "rewrites": dict(Counter(how)), "model_rewrites_refused": dict(refused),
                "training": {k: v for k, v in training.items() if k != "losses"},
                "length_before": before, "length_after": after}
     write_json_atomic(out / "metrics.json", summary)
-    mark_done(out, "length_control", summary)
+    mark_done(out, "length_control", summary, iteration=iteration)
     return summary
 
 

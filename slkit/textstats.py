@@ -1,7 +1,9 @@
-"""Text statistics shared by every stage and benchmark: the one word counter, language, paragraphs.
+"""Text statistics shared by every stage and benchmark: the word counters, language, paragraphs.
 
 Word counting follows METHOD.md: each CJK character or CJK/full-width punctuation mark
-(U+4E00-9FFF, U+3000-303F, U+FF00-FFEF) is one word; the rest is split on whitespace.
+(U+4E00-9FFF, U+3000-303F, U+FF00-FFEF) is one word; the rest is split on whitespace (count_words,
+for every stage of the method and LonGen). LongBench-Write is scored with LongWriter's own counter
+(count_words_longwriter): Han characters plus English words, no punctuation.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ CJK_CLASS = "\u4e00-\u9fff\u3000-\u303f\uff00-\uffef"
 _CJK_CHAR = re.compile(f"[{CJK_CLASS}]")
 _HAN = re.compile("[\u4e00-\u9fff]")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
+# LongWriter's English word, as its scorer writes it: \b makes a Han character a word character, so
+# "Python" inside Chinese text ("用Python写") or letters joined to digits ("mp3") are not words there.
+_LONGWRITER_WORD = re.compile(r"\b[a-zA-Z]+\b")
 # Chinese n-gram units for the repetition check, as the reference splits them: every non-ASCII character
 # is a unit (Han characters, CJK punctuation, curly quotes, ellipses), and a run of ASCII characters
 # (letters, digits, spaces, line breaks, ASCII punctuation) is one unit.
@@ -23,6 +28,11 @@ def count_words(text: str) -> int:
     cjk = len(_CJK_CHAR.findall(text))
     rest = _CJK_CHAR.sub(" ", text)
     return cjk + len(rest.split())
+
+
+def count_words_longwriter(text: str) -> int:
+    """Words by LongWriter's LongBench-Write scorer: Han characters (U+4E00-9FFF) plus English words."""
+    return len(_HAN.findall(text)) + len(_LONGWRITER_WORD.findall(text))
 
 
 def detect_language(text: str) -> str:

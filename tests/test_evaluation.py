@@ -144,3 +144,39 @@ def test_real_longen_parses():
     records = load_longen(str(LONGEN))
     assert len(records) == 240
     assert {r["type"] for r in records} == {"about", "range", "above", "below"}
+
+
+# Chinese with CJK punctuation and an English word joined to Han characters: slkit's counter takes both,
+# LongWriter's (Han characters plus \b[a-zA-Z]+\b) neither.
+CHINESE_OUTPUT = "我们使用Python编程。这是第二句，很好！"
+
+
+def test_longwriter_and_slkit_counters_differ_on_chinese():
+    from slkit.textstats import count_words, count_words_longwriter
+
+    assert count_words(CHINESE_OUTPUT) == 17  # 13 Han + 3 CJK punctuation marks + "Python"
+    assert count_words_longwriter(CHINESE_OUTPUT) == 13  # Han characters only
+    assert count_words_longwriter("Write 3 short notes, mp3 aside.") == 4  # neither "3" nor "mp3" is a word there
+    assert count_words("Write 3 short notes, mp3 aside.") == 6
+
+
+@pytest.mark.parametrize("fmt,row,words", [
+    ("longbench_write", {"prompt": "写一篇短文。", "type": "文学", "length": 13}, 13),
+    ("longen", {"language": "zh", "range": "2-4k", "type": "about", "constraint": "大约13字", "query": "写一篇短文。"}, 17),
+])
+def test_benchmark_outputs_are_scored_with_their_formats_counter(tmp_path, monkeypatch, smoke_params, scripted_engine,
+                                                                 fmt, row, words):
+    from slkit import stages
+
+    bench = _write(tmp_path / "bench.jsonl", [row])
+    params = smoke_params.model_copy(update={"evaluation": smoke_params.evaluation.model_copy(
+        update={"benchmark": bench, "benchmark_format": fmt, "subset_size": 1, "samples_per_query": 1})})
+    monkeypatch.setattr(stages, "load_engine", lambda *args: scripted_engine(lambda request: CHINESE_OUTPUT))
+    summary = stages.score_benchmark(params, {}, tmp_path, "evaluate")
+    record = json.loads((tmp_path / "benchmark_outputs.jsonl").read_text())
+    assert (record["words_slkit"], record["words_longwriter"]) == (17, 13)
+    assert record["words"] == words and record["counter"] == {"longen": "slkit", "longbench_write": "longwriter"}[fmt]
+    if fmt == "longbench_write":  # S_l of 13 words for 13 required: 100; slkit's 17 would give 89.7
+        assert record["score"] == summary["overall"] == 100.0
+    else:  # about 13 -> [10.4, 15.6]: 17 words is above it
+        assert record["score"] == pytest.approx(3 - 2 * 17 / 15.6)

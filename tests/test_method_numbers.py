@@ -87,7 +87,7 @@ def method_text():
 @pytest.fixture
 def minimal_recipe(tmp_path):
     recipe = tmp_path / "minimal.yaml"
-    recipe.write_text("run_name: minimal\nmodel:\n  path: builtin:gemma-3-270m\n")
+    recipe.write_text("run_name: minimal\nmodel:\n  path: builtin:tiny-random-llama\n")
     return recipe
 
 

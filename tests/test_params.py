@@ -16,7 +16,7 @@ def test_every_shipped_recipe_loads(path):
 
 def test_defaults_are_the_reference_values(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\n")
+    f.write_text("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\n")
     p = load_params(f)
     assert (p.sampling.temperature, p.sampling.top_p, p.sampling.top_k, p.sampling.repetition_penalty) == (0.7, 0.8, 20, 1.1)
     assert p.sampling.max_new_tokens == 16384 and p.training.max_length == 16384
@@ -43,6 +43,8 @@ def test_defaults_are_the_reference_values(tmp_path):
     assert lc.proportions == {"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
     assert p.evaluation.subset_size is None  # the whole benchmark
     assert p.macro_iterations == 3
+    assert (p.length_control.min_words, p.length_control.max_words, p.length_control.round_to) == (2000, 8000, 1000)
+    assert p.length_control.collect_queries == 5000  # the reference's collection pass
 
 
 def _write(tmp_path, text):
@@ -52,9 +54,9 @@ def _write(tmp_path, text):
 
 
 @pytest.mark.parametrize("text,error", [
-    ("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  lora_rank: 8\n",
+    ("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\ntraining:\n  lora_rank: 8\n",
      r"bad.yaml:5: training.lora_rank: unknown key"),
-    ("run_name: x\nmodel:\n  path: builtin:gemma-3-270m\nsampling:\n  top_k: twenty\n",
+    ("run_name: x\nmodel:\n  path: builtin:tiny-random-llama\nsampling:\n  top_k: twenty\n",
      r"bad.yaml:5: sampling.top_k: .*integer.*'twenty'"),
     ("run_name: x\n", r"model: missing required key"),
     ("run_name: x\nmodel:\n  path: ./no/such/model\n",
@@ -78,11 +80,11 @@ def test_malformed_yaml_names_line(tmp_path):
 
 
 def test_scientific_notation_is_a_float(tmp_path):
-    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\ntraining:\n  learning_rate: 2e-4\n")
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:tiny-random-llama\ntraining:\n  learning_rate: 2e-4\n")
     assert load_params(f).training.learning_rate == 2e-4
 
 
 def test_overrides(tmp_path):
-    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:gemma-3-270m\n")
+    f = _write(tmp_path, "run_name: x\nmodel:\n  path: builtin:tiny-random-llama\n")
     p = load_params(f, {"training.epochs": 2.0, "macro_iterations": 1})
     assert p.training.epochs == 2.0 and p.macro_iterations == 1

@@ -86,17 +86,25 @@ def test_cli_reports_bad_params_in_one_line(tmp_path):
 
 
 def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
-    from slkit.length_control import Constraint, satisfies
+    from slkit.textstats import count_words
+    from test_length_control import longen_accepts
 
     out = smoke_run / "length_control"
     assert json.loads((out / "05_length_control.ipynb").read_text())["metadata"]["papermill"]["parameters"] == {
         "run_dir": str(smoke_run), "iteration": 2}
     records = [json.loads(line) for line in (out / "constrained.jsonl").open()]
-    extensions = sum(1 for k in (1, 2) for _ in (smoke_run / f"iter_{k}" / "extensions.jsonl").open())
-    assert 0 < len(records) <= extensions
-    for r in records:
-        assert satisfies(Constraint(**r["constraint"]), r["words"])
+    sources = ["iter_1/drafts", "iter_1/extensions", "iter_2/drafts", "iter_2/extensions", "length_control/drafts"]
+    responses = sum(1 for s in sources for _ in (smoke_run / f"{s}.jsonl").open())
+    assert 0 < len(records) <= responses and {r["source"] for r in records} <= set(sources)
+    collected = {json.loads(line)["id"] for line in (out / "queries.jsonl").open()}
+    assert collected and collected <= {f"collect-q{i}" for i in range(4)}  # collect_queries: 2 per language, 2 languages
+    for r in records:  # recomputed here from the text and LonGen's rule: the stage's own check is not trusted
+        c = r["constraint"]
+        assert r["words"] == count_words(r["completion"]) and 10 <= r["words"] <= 400
+        assert longen_accepts(c["kind"], c["low"], c["high"], r["words"]), r
+        assert all(10 <= n <= 400 and n % 10 == 0 for n in (c["low"], c["high"]) if n is not None), r
         assert r["original_query"].rstrip("。.") in r["query"]
+    assert json.loads((out / "length_control.done.json").read_text())["iteration"] == 2
     metrics = json.loads((out / "metrics.json").read_text())
     before = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())["length_following"]
     assert metrics["length_before"] == before

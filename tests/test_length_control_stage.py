@@ -1,0 +1,160 @@
+"""The final stage on a hand-made run directory with a scripted engine and a stand-in trainer (no model):
+which pairs it takes, the collection pass, skipped queries, and reruns when the last iteration changes."""
+import json
+import random
+
+import pytest
+
+from conftest import REPO
+from slkit import stages
+from slkit.params import dump_params, load_params
+from slkit.records import read_json, read_jsonl
+from slkit.textstats import count_words
+from test_length_control import longen_accepts
+
+VOCAB = ("river mountain garden lantern harbor meadow orchard valley canyon forest island desert glacier village "
+         "market bridge castle temple library museum theater factory railway airport station stadium college "
+         "hospital kitchen workshop studio gallery festival harvest journey voyage compass anchor beacon").split()
+
+
+def _text(seed: int, words: int) -> str:
+    return " ".join(random.Random(seed).choices(VOCAB, k=words)) + "."
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _iteration(run_dir, k):
+    """iter_<k>/ as the loop leaves it: queries, drafts, extensions, a Generator adapter, metrics."""
+    d = stages.iter_dir(run_dir, k)
+    queries = [{"id": f"it{k}-q0", "query": f"Describe the history of harbor towns, part {k}.", "language": "en"},
+               {"id": f"it{k}-q1", "query": "Write 500 words about mountain villages.", "language": "en"}]
+    _jsonl(d / "queries.jsonl", queries)
+    drafts = [{"id": f"{q['id']}-d0", "query_id": q["id"], "query": q["query"], "language": "en", "sample": 0,
+               "draft": _text(k * 10 + i, 30), "words": 30} for i, q in enumerate(queries)]
+    drafts.append({**drafts[0], "id": f"it{k}-q0-d1", "sample": 1, "draft": "Too short.", "words": 2})
+    _jsonl(d / "drafts.jsonl", drafts)
+    _jsonl(d / "extensions.jsonl", [{**r, "id": f"{r['id']}-x", "draft_id": r["id"], "extended": _text(k * 20 + i, 70),
+                                     "words": 70} for i, r in enumerate(drafts[:2])])
+    (d / "adapters" / "generator").mkdir(parents=True)
+    (d / "adapters" / "generator" / "adapter_config.json").write_text("{}")
+    (d / "metrics.json").write_text(json.dumps({"iteration": k}))
+
+
+class Fakes:
+    """load_engine and train_adapter stand-ins that record what they were given."""
+
+    def __init__(self, monkeypatch, scripted_engine):
+        self.adapters, self.engines, self.trained = [], [], []
+
+        def answer(request):
+            if request.role is None:  # self-instruct: a new query
+                return " ".join(random.Random(request.seed).sample(VOCAB, 9)) + "?"
+            return _text(request.seed, 40)
+
+        def load_engine(params, adapters=None):
+            self.adapters.append(adapters)
+            self.engines.append(scripted_engine(answer))
+            return self.engines[-1]
+
+        def train_adapter(params, examples_path, output_dir, init_adapter=None):
+            summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "slkit-train.json").write_text(json.dumps(summary))
+            self.trained.append(summary)
+            return summary
+
+        monkeypatch.setattr(stages, "load_engine", load_engine)
+        monkeypatch.setattr("slkit.training.train_adapter", train_adapter)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    params = load_params(REPO / "params" / "smoke.yaml", {
+        "output_dir": str(tmp_path), "evaluation.benchmark": None, "queries.languages": ["en"],
+        "length_control.collect_queries": 2})
+    run = params.run_dir
+    run.mkdir(parents=True)
+    dump_params(params, run / "params.yaml")
+    _iteration(run, 1)
+    return run
+
+
+def _adapter(run, k):
+    return str(stages.adapter_dir(run, k, "generator"))
+
+
+def test_final_stage_takes_drafts_extensions_and_a_collection_pass(run_dir, monkeypatch, scripted_engine):
+    fakes = Fakes(monkeypatch, scripted_engine)
+    summary = stages.length_control_stage(run_dir, 1)
+    out = run_dir / "length_control"
+    # The collection: 2 new queries and their drafts, by the last iteration's Generator, written resumably.
+    queries = read_jsonl(out / "queries.jsonl")
+    assert sorted(q["id"] for q in queries) == ["collect-q0", "collect-q1"]
+    assert sorted(d["id"] for d in read_jsonl(out / "drafts.jsonl")) == [
+        "collect-q0-d0", "collect-q0-d1", "collect-q1-d0", "collect-q1-d1"]
+    assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}] * 2
+    assert {r.role for r in fakes.engines[1].requests} == {"generator"}
+    assert summary["collection"]["queries"] == 2 and summary["collection"]["drafts"] == 4
+    records = read_jsonl(out / "constrained.jsonl")
+    # Drafts and extensions of the iteration, and the collected drafts; the query naming 500 words is
+    # skipped (draft and extension), the 2-word draft is outside the window.
+    assert sorted(r["id"] for r in records) == ["collect-q0-d0", "collect-q0-d1", "collect-q1-d0", "collect-q1-d1",
+                                                "it1-q0-d0", "it1-q0-d0-x"]
+    assert summary["skipped"] == {"names_length": 2}
+    assert summary["sources"] == {"iter_1/drafts": 1, "iter_1/extensions": 1, "length_control/drafts": 4}
+    lc = load_params(run_dir / "params.yaml").length_control
+    for r in records:  # checked here by LonGen's rule, not by the stage's own check
+        c = r["constraint"]
+        assert r["words"] == count_words(r["completion"])
+        assert longen_accepts(c["kind"], c["low"], c["high"], r["words"]), r
+        assert all(lc.min_words <= n <= lc.max_words and n % lc.round_to == 0 for n in (c["low"], c["high"]) if n)
+    assert fakes.trained == [{"samples": 6, "init_adapter": _adapter(run_dir, 1)}]
+    assert read_json(out / "length_control.done.json")["iteration"] == 1
+
+
+def test_collect_queries_zero_turns_the_collection_off(run_dir, monkeypatch, scripted_engine):
+    params = load_params(run_dir / "params.yaml", {"length_control.collect_queries": 0})
+    dump_params(params, run_dir / "params.yaml")
+    fakes = Fakes(monkeypatch, scripted_engine)
+    summary = stages.length_control_stage(run_dir, 1)
+    assert summary["collection"] == {} and fakes.adapters == []
+    assert not (run_dir / "length_control" / "queries.jsonl").exists()
+    assert summary["pairs"] == 2
+
+
+def test_the_collection_resumes_from_its_partial_records(run_dir, monkeypatch, scripted_engine):
+    out = run_dir / "length_control"
+    out.mkdir()
+    (out / "after_iteration.json").write_text('{"iteration": 1}')
+    kept = {"id": "collect-q0", "query": "Chronicle the lantern festivals of harbor villages.", "language": "en",
+            "words": 7, "tries": 1}
+    _jsonl(out / "queries.jsonl.partial", [kept])
+    Fakes(monkeypatch, scripted_engine)
+    stages.length_control_stage(run_dir, 1)
+    queries = {q["id"]: q for q in read_jsonl(out / "queries.jsonl")}
+    assert set(queries) == {"collect-q0", "collect-q1"} and queries["collect-q0"] == kept
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_raising_macro_iterations_reruns_the_final_stage(run_dir, monkeypatch, scripted_engine, killed):
+    fakes = Fakes(monkeypatch, scripted_engine)
+    stages.length_control_stage(run_dir, 1)
+    out = run_dir / "length_control"
+    (out / "05_length_control.ipynb").write_text("{}")  # the executed notebook papermill is writing
+    if killed:  # the stage after iteration 1 died before its done-marker: its files must not be reused either
+        (out / "length_control.done.json").unlink()
+    _iteration(run_dir, 2)
+    assert not stages.stage_done(run_dir, 2, "length_control")
+    fakes.adapters.clear()
+    summary = stages.length_control_stage(run_dir, 2)
+    assert fakes.adapters == [{"generator": _adapter(run_dir, 2)}] * 2  # collected again with iteration 2's Generator
+    assert summary["training"]["init_adapter"] == _adapter(run_dir, 2)  # trained again, from iteration 2's adapter
+    assert {r["source"] for r in read_jsonl(out / "constrained.jsonl")} >= {"iter_1/drafts", "iter_2/extensions"}
+    assert read_json(out / "length_control.done.json")["iteration"] == 2
+    assert (out / "05_length_control.ipynb").exists()
+    assert stages.stage_done(run_dir, 2, "length_control") and not stages.stage_done(run_dir, 1, "length_control")
+    fakes.adapters.clear()
+    assert stages.length_control_stage(run_dir, 2) == summary and fakes.adapters == []  # done: skipped
