@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (the loop with gemma-3-270m on CPU) and `make test`.
+# Two commands on a fresh machine: `make demo` (the loop with Qwen2.5-Coder-0.5B-Instruct on CPU) and `make test`.
 # Both create .venv on first use. On CPU-only machines torch 2.13.0 (CPU build) is installed first,
 # which keeps the environment at ~2 GB; on a GPU machine run `make install TORCH=torch` for CUDA.
 PY ?= python3

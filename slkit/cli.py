@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"kernel: {ensure_kernel()}")
             if not args.kernel_only:
-                print(f"demo model: {resolve_model_path('builtin:gemma-3-270m')}")
+                print(f"demo model: {resolve_model_path('builtin:qwen2.5-coder-0.5b-instruct')}")
     except (ParamsError, RecordFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

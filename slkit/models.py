@@ -112,6 +112,20 @@ def pick_device(device: str) -> str:
     return device
 
 
+def compute_dtype(name: str, device: str) -> str:
+    """The dtype `model.dtype` stands for on `device`: "auto" is bfloat16 on a GPU and on CPUs with native
+    bf16 instructions (AVX512-BF16, AMX), else float32: on an AVX2-only CPU a bf16 matmul is several times
+    slower than fp32 (docs/benchmarks.md)."""
+    if name != "auto":
+        return name
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "bfloat16" if ("BF16" in capability or "AMX" in capability) else "float32"
+
+
 def load_model(model_params: Any, device: str = "auto", for_training: bool = False):
     """The base causal LM in the recipe's dtype, 4-bit nf4 (double quant, bf16 compute) when asked.
 
@@ -121,8 +135,8 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, model_params.dtype)
     device = pick_device(device)
+    dtype = getattr(torch, compute_dtype(model_params.dtype, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
     if model_params.load_in_4bit:
         from transformers import BitsAndBytesConfig

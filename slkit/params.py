@@ -40,8 +40,10 @@ class _Section(BaseModel):
 
 
 class ModelParams(_Section):
-    path: str = Field(description="local directory, hub id, or builtin:gemma-3-270m / builtin:tiny-random-llama")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    path: str = Field(description="local directory, hub id, or builtin:qwen2.5-coder-0.5b-instruct / "
+                                   "builtin:qwen2.5-coder-1.5b-instruct / builtin:tiny-random-llama")
+    # auto: bfloat16 on GPUs and on CPUs with bf16 instructions, float32 on other CPUs (where bf16 is slow)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     load_in_4bit: bool = False  # nf4 + double quant through bitsandbytes (QLoRA); needs a CUDA GPU to pay off
     trust_remote_code: bool = False  # runs code shipped with the weights: only for models you trust
     prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: the chat template when the tokenizer has one

@@ -330,7 +330,7 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
             save_strategy="steps" if tp.save_steps else "no",
             report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
-            bf16=on_gpu and params.model.dtype == "bfloat16", fp16=on_gpu and params.model.dtype == "float16",
+            bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
             activation_checkpointing=tp.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False},
