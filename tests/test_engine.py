@@ -54,3 +54,16 @@ def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_mod
     # the extender has no adapter yet (iteration 1): it must be the base model
     assert engine.generate([Request(prompt, "extender", 12)], greedy)[0] == base
     assert with_adapter != base
+
+
+@pytest.mark.parametrize("capability, device, expected", [
+    ("AVX2", "cpu", "float32"), ("AVX512", "cpu", "float32"), ("AVX512_BF16", "cpu", "bfloat16"),
+    ("AMX_BF16", "cpu", "bfloat16"), ("AVX2", "cuda:0", "bfloat16")])
+def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch, capability, device, expected):
+    import torch
+
+    from slkit.models import compute_dtype
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert compute_dtype("auto", device) == expected
+    assert compute_dtype("float16", device) == "float16"  # an explicit dtype is kept

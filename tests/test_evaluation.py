@@ -180,3 +180,50 @@ def test_benchmark_outputs_are_scored_with_their_formats_counter(tmp_path, monke
         assert record["score"] == summary["overall"] == 100.0
     else:  # about 13 -> [10.4, 15.6]: 17 words is above it
         assert record["score"] == pytest.approx(3 - 2 * 17 / 15.6)
+
+
+def test_the_builtin_benchmark_is_package_data_in_longen_format():
+    from slkit.evaluation import locate_benchmark
+
+    path = locate_benchmark("builtin:lengths-mini")
+    assert path.endswith("slkit/benchmarks/lengths-mini.jsonl")
+    fmt, items = load_benchmark("builtin:lengths-mini")
+    assert fmt == "longen" and len(items) == 48
+    groups = {(i["language"], i["type"]) for i in items}
+    assert groups == {(lang, t) for lang in ("en", "zh") for t in ("about", "range", "above", "below")}
+    for item in items:  # every target is within what a small model writes, and the query states it
+        low, high = item["interval"]
+        assert 50 <= low <= high <= 1200, item
+        assert all(str(n) in item["query"] for n in {int(low), int(high)} if item["type"] == "range"), item
+
+
+def test_an_unknown_builtin_benchmark_names_the_known_ones():
+    with pytest.raises(RecordFileError, match="builtin:lengths-mini"):
+        load_benchmark("builtin:nope")
+
+
+def test_a_hub_dataset_with_one_split_needs_no_split_name(monkeypatch):
+    import datasets
+
+    rows = [{"language": "en", "range": "2-4k", "type": "about", "constraint": "around 2000 words", "query": "q"}]
+    calls = []
+
+    def fake_load(name, split=None):
+        calls.append((name, split))
+        table = datasets.Dataset.from_list(rows)
+        return table if split else datasets.DatasetDict({"test": table})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    fmt, items = load_benchmark("quanshr/LonGen")
+    assert fmt == "longen" and items[0]["interval"] == (1600.0, 2400.0) and calls == [("quanshr/LonGen", None)]
+    load_benchmark("quanshr/LonGen:test")
+    assert calls[-1] == ("quanshr/LonGen", "test")
+
+
+def test_a_hub_dataset_with_several_splits_asks_for_one(monkeypatch):
+    import datasets
+
+    table = datasets.Dataset.from_list([{"prompt": "p", "type": "t", "length": 100}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: datasets.DatasetDict({"train": table, "test": table}))
+    with pytest.raises(RecordFileError, match="splits train, test; name one as org/bench:SPLIT"):
+        load_benchmark("org/bench")

@@ -66,6 +66,23 @@ def test_metrics_and_iteration_chaining(smoke_run):
     assert not q1 & q2
 
 
+def test_the_base_model_is_evaluated_first_with_the_same_subset_and_seeds(smoke_run):
+    """runs/<run>/baseline/: the untrained model on the same queries and samples, shown as iteration 0."""
+    from slkit.reports import benchmark_table, iterations, summary_table
+
+    base = smoke_run / "baseline"
+    nb = json.loads((base / "04_evaluate.ipynb").read_text())
+    assert nb["metadata"]["papermill"]["parameters"]["iteration"] == 0
+    assert not (base / "adapters").exists() and (base / "evaluate.done.json").exists()
+    m0 = json.loads((base / "metrics.json").read_text())
+    assert m0["iteration"] == 0 and m0["length_following"]["n"] == 16
+    slots = lambda d: [(r["index"], r["sample"], r["query"]) for r in map(json.loads, (d / "benchmark_outputs.jsonl").open())]
+    assert sorted(slots(base)) == sorted(slots(smoke_run / "iter_1"))  # same queries, same samples
+    assert iterations(smoke_run) == [0, 1, 2]
+    assert sorted(benchmark_table(smoke_run)["iteration"].unique()) == [0, 1, 2]
+    assert list(summary_table([smoke_run])["iteration"]) == [0, 1, 2]
+
+
 def test_rerun_skips_finished_stages(smoke_run):
     before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")}
     run_pipeline(smoke_run / "params.yaml", show_progress=False)

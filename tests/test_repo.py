@@ -44,3 +44,15 @@ def test_environment_yml_matches_pyproject():
     declared = {_name(r) for r in project["dependencies"]} | {_name(r) for r in project["optional-dependencies"]["dev"]}
     in_env = {_name(r) for r in pip if not r.startswith("-e")} | {_name(r) for r in conda if r not in ("pip", "python=3.11")}
     assert declared == in_env
+
+
+def test_no_recipe_default_or_user_command_names_the_shared_folder():
+    """Users have no ../shared: recipes, param defaults, the Makefile and the README must not need it."""
+    from slkit.params import EvaluationParams, QueryParams
+
+    files = sorted((REPO / "params").glob("*.yaml")) + [REPO / "Makefile", REPO / "README.md", REPO / "environment.yml"]
+    for path in files:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "shared/" in line and not (path.name == "README.md" and "test" in line):
+                raise AssertionError(f"{path.name}:{number} names the shared folder: {line.strip()}")
+    assert "shared" not in str(EvaluationParams().benchmark) and not QueryParams().seed_files
