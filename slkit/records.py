@@ -63,13 +63,22 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]
     os.replace(tmp, path)
 
 
+class RecordWriteError(OSError):
+    """A record could not be written (a full disk, a quota); the message names the file."""
+
+
 class RecordWriter:
-    """Append-only jsonl writer that survives a kill: finished records are kept, a torn last line is dropped."""
+    """Append-only jsonl writer that survives a kill: finished records are kept, a torn last line is dropped.
+
+    A file finished by a stage that then died before its done-marker is resumed too, not redone.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.records: list[dict[str, Any]] = []
+        if self.path.exists() and not self.partial.exists():
+            os.replace(self.path, self.partial)  # complete, but its stage is not: finish() renames it back
         if self.partial.exists():
             raw = self.partial.read_bytes()
             lines = raw.split(b"\n")
@@ -80,11 +89,21 @@ class RecordWriter:
             if torn.strip():  # killed mid-write: drop the torn tail
                 with open(self.partial, "wb") as f:
                     f.write(b"\n".join(complete) + (b"\n" if complete else b""))
-        self._file = open(self.partial, "a", encoding="utf-8")
+        # Unbuffered: each record reaches the file in write(), so a kill loses no finished record.
+        self._file = open(self.partial, "ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        end = self._file.tell()
+        try:
+            while line:  # a nearly full disk writes part of a line, then refuses the rest
+                line = line[self._file.write(line):]
+        except OSError as err:
+            self._file.truncate(end)  # leave no torn line behind
+            self._file.close()
+            raise RecordWriteError(
+                f"{self.partial}: cannot write a record ({err.strerror}); the {len(self.records)} records "
+                "before it are kept: free space and rerun to resume") from err
         self.records.append(record)
 
     def finish(self) -> list[dict[str, Any]]:
