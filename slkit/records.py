@@ -6,6 +6,7 @@ then is the output complete. `<stage>.done.json` is written last of all.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -47,24 +48,35 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+class RecordWriteError(OSError):
+    """A record could not be written (a full disk, a quota); the message names the file."""
+
+
+def _cannot_write(path: Path, err: OSError, kept: str = "") -> RecordWriteError:
+    hint = ("free space and rerun to resume" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "rerun to resume once it can be written")
+    return RecordWriteError(f"{path}: cannot write ({err.strerror}); {kept}{hint}")
+
+
+def _write_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """Write `lines` to path.tmp, then rename it to path: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from err
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    _write_atomic(path, [json.dumps(data, ensure_ascii=False, indent=2)])
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-class RecordWriteError(OSError):
-    """A record could not be written (a full disk, a quota); the message names the file."""
+    _write_atomic(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 class RecordWriter:
@@ -101,9 +113,7 @@ class RecordWriter:
         except OSError as err:
             self._file.truncate(end)  # leave no torn line behind
             self._file.close()
-            raise RecordWriteError(
-                f"{self.partial}: cannot write a record ({err.strerror}); the {len(self.records)} records "
-                "before it are kept: free space and rerun to resume") from err
+            raise _cannot_write(self.partial, err, f"the {len(self.records)} records before this one are kept: ") from err
         self.records.append(record)
 
     def finish(self) -> list[dict[str, Any]]:

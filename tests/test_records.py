@@ -35,8 +35,8 @@ def test_writer_resumes_and_drops_a_torn_line(tmp_path):
 
 
 class _DiskWithRoom:
-    """Stands in for the writer's file on a disk with `room` bytes left: a write fills what fits,
-    then the next one fails with ENOSPC, as write(2) does on a full disk."""
+    """Stands in for an open file on a disk with `room` bytes left: a write fills what fits, then the
+    next one fails with ENOSPC, as write(2) does on a full disk."""
 
     def __init__(self, file, room):
         self.file, self.room = file, room
@@ -44,9 +44,19 @@ class _DiskWithRoom:
     def write(self, data):
         if self.room <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = self.file.write(bytes(data[:self.room]))
+        n = self.file.write(data[:self.room])
         self.room -= n
         return n
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
     def __getattr__(self, name):
         return getattr(self.file, name)
@@ -58,8 +68,8 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_rerun_resumes(tmp_path
     writer.write({"id": 1})
     writer._file = _DiskWithRoom(writer._file, room=25)  # simulated ENOSPC: room for one record and a half
     writer.write({"id": 2, "draft": "x"})
-    with pytest.raises(RecordWriteError, match=r"drafts.jsonl.partial: cannot write a record \(No space left on "
-                                               r"device\); the 2 records before it are kept") as err:
+    with pytest.raises(RecordWriteError, match=r"drafts.jsonl.partial: cannot write \(No space left on device\); "
+                                               r"the 2 records before this one are kept: free space and rerun") as err:
         writer.write({"id": 3, "draft": "y"})
     assert err.value.__cause__.errno == errno.ENOSPC
     # no torn line left behind: the file holds the two whole records
@@ -68,6 +78,21 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_rerun_resumes(tmp_path
     assert [r["id"] for r in resumed.records] == [1, 2]
     resumed.write({"id": 3, "draft": "y"})
     assert [r["id"] for r in resumed.finish()] == [1, 2, 3]
+
+
+def test_a_full_disk_while_a_whole_file_is_written_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from slkit import records
+
+    out = tmp_path / "resampled.jsonl"
+    records.write_jsonl_atomic(out, [{"id": 1}])
+
+    def full_disk(path, *args, **kwargs):
+        return _DiskWithRoom(open(path, "w", encoding="utf-8"), room=10)  # simulated ENOSPC after 10 bytes
+
+    monkeypatch.setattr(records, "open", full_disk, raising=False)
+    with pytest.raises(RecordWriteError, match=r"resampled.jsonl: cannot write \(No space left on device\)"):
+        records.write_jsonl_atomic(out, [{"id": 1}, {"id": 2}])
+    assert out.read_text() == '{"id": 1}\n' and not out.with_name("resampled.jsonl.tmp").exists()
 
 
 def test_a_finished_file_of_an_unfinished_stage_is_resumed_not_redone(tmp_path):
@@ -142,8 +167,8 @@ def test_a_stage_on_a_really_full_disk_stops_naming_the_file_and_resumes(tmp_pat
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["error"].startswith(f"{stages.iter_dir(dirs['full'], 1)}/drafts.jsonl.partial: cannot write a "
-                                      "record (No space left on device)")
+    assert result["error"].startswith(f"{stages.iter_dir(dirs['full'], 1)}/drafts.jsonl.partial: cannot write "
+                                      "(No space left on device)")
     kept = [json.loads(line) for line in result["kept"].splitlines()]
     assert 0 < len(kept) < 24 and result["kept"].endswith("\n")
 
