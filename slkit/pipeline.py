@@ -122,6 +122,7 @@ def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = Non
 
 
 def make_run_dir(params: Params, params_path: str | Path) -> Path:
+    """Create runs/<run>/ (and nothing in it), so its run lock can be taken before anything is written."""
     try:
         params.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -132,7 +133,7 @@ def make_run_dir(params: Params, params_path: str | Path) -> Path:
 def write_run_params(params: Params, params_path: str | Path) -> Path:
     """Write runs/<run>/params.yaml; a run dir started with other params is refused (resource keys
     may change, logged in params_changes.log). Call it holding the run lock."""
-    run_dir = make_run_dir(params, params_path)
+    run_dir = params.run_dir
     snapshot = run_dir / "params.yaml"
     changed: list[str] = []
     if snapshot.exists():

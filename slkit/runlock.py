@@ -13,7 +13,6 @@ stage runs (`lock_for_stage`), and is refused while another run holds it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -23,6 +22,11 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, the record alone decides (as on a filesystem without flock)
+    fcntl = None
 
 LOCK_FILE = "run.lock"
 TOKEN_ENV = "SLKIT_RUN_LOCK"  # the holder's token, inherited by the notebooks' kernels it starts
@@ -47,16 +51,14 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = _flock(fd)
             except BlockingIOError:
                 raise RunLockedError(refusal(self.run_dir, read_record(fd))) from None
-            except OSError as err:
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                # A filesystem without flock (some network mounts): the record alone decides.
+            if not locked:  # no flock here: the record alone decides
                 record = read_record(fd)
                 if record and not _gone(record):
-                    raise RunLockedError(refusal(self.run_dir, record)) from None
+                    raise RunLockedError(refusal(self.run_dir, record) + f" If it is not running, delete "
+                                         f"{self.path}.") from None
             previous = read_record(fd)
             if previous:  # its holder died without releasing it: kill -9, a crash or a reboot
                 print(f"warning: taking over the run lock of {self.run_dir}: {describe(previous)} "
@@ -64,7 +66,8 @@ class RunLock:
             record = {"pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "holder": self.holder, "token": self.token}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
         except BaseException:
             os.close(fd)
             raise
@@ -88,10 +91,25 @@ class RunLock:
         self.release()
 
 
+def _flock(fd: int) -> bool:
+    """Take the flock without waiting: True when taken, False where the platform or filesystem has none
+    (Windows, some network mounts); BlockingIOError while another process holds it."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise  # BlockingIOError (EWOULDBLOCK) among them
+        return False
+    return True
+
+
 def read_record(fd: int) -> dict[str, Any]:
     """The holder's record in the lock file ({} when empty or unreadable)."""
+    os.lseek(fd, 0, os.SEEK_SET)
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return json.loads(os.read(fd, 4096) or b"{}")
     except ValueError:
         return {}
 
@@ -108,8 +126,8 @@ def refusal(run_dir: Path, record: dict[str, Any]) -> str:
 
 def _gone(record: dict[str, Any]) -> bool:
     """The recorded holder ran on this host and its process no longer exists."""
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
-        return False  # another machine's process cannot be checked from here
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int) or os.name != "posix":
+        return False  # another machine's process cannot be checked from here (nor safely on Windows)
     try:
         os.kill(record["pid"], 0)
     except ProcessLookupError:

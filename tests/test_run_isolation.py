@@ -69,6 +69,23 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, holder,
     assert capsys.readouterr().err == ""
 
 
+def test_without_flock_the_record_decides(tmp_path, holder, monkeypatch, capsys):
+    """Windows and some network filesystems have no flock: a live holder on this host still refuses the
+    run, a dead one's record is taken over."""
+    from slkit import runlock
+
+    run_dir = tmp_path / "run"
+    first = holder(run_dir)
+    monkeypatch.setattr(runlock, "fcntl", None)
+    with pytest.raises(RunLockedError, match=_holder_pattern(first.pid) + r".*If it is not running, delete"):
+        RunLock(run_dir).acquire()
+    first.kill()
+    first.wait()
+    with RunLock(run_dir):
+        pass
+    assert f"taking over the run lock of {run_dir}: slkit run (pid {first.pid}" in capsys.readouterr().err
+
+
 def _drafts_run(run_dir, smoke_params):
     stages.iter_dir(run_dir, 1).mkdir(parents=True)
     dump_params(smoke_params, run_dir / "params.yaml")
