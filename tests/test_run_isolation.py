@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,7 +168,7 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
         assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
     kernel = int(stage_lock.read_text())
-    connection = json.loads(open(_connection_file(kernel)).read())
+    connection = json.loads(Path(_connection_file(kernel)).read_text())
     assert connection["transport"] == "ipc"
     assert stat.S_IMODE(os.stat(os.path.dirname(connection["ip"])).st_mode) == 0o700
     params_before = ((run_dir / "params.yaml").read_bytes(), (run_dir / "params.yaml").stat().st_mtime_ns)
@@ -187,5 +188,5 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
 
 def _connection_file(pid):
     """The connection file a running kernel was started with (its -f argument)."""
-    argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     return argv[argv.index("-f") + 1]
