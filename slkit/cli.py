@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from slkit.params import ParamsError
     from slkit.records import RecordFileError
+    from slkit.runlock import RunLockedError
 
     try:
         if args.command == "run":
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel: {ensure_kernel()}")
             if not args.kernel_only:
                 print(f"demo model: {resolve_model_path('builtin:qwen2.5-coder-0.5b-instruct')}")
-    except (ParamsError, RecordFileError) as err:
+    except (ParamsError, RecordFileError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

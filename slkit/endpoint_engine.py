@@ -154,7 +154,8 @@ class EndpointEngine(LocalPrompts):
                 if _is_client_error(err):
                     raise RuntimeError(f"{client.base_url}: request refused: {err}") from None
                 errors.append(f"{client.base_url}: {type(err).__name__}: {err}")
-        raise RuntimeError("every server failed for one request:\n  " + "\n  ".join(errors))
+        raise RuntimeError(f"every server failed for one request ({ep.max_retries + 1} tries each); the records "
+                           "written so far are kept: rerun once a server answers\n  " + "\n  ".join(errors))
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[str]:

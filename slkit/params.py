@@ -19,6 +19,7 @@ from slkit.models import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -259,6 +260,14 @@ class Params(_Section):
     training: TrainingParams = TrainingParams()
     evaluation: EvaluationParams = EvaluationParams()
     length_control: LengthControlParams = LengthControlParams()
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_directory_name(cls, value: str) -> str:
+        if not _RUN_NAME.fullmatch(value) or ".." in value or value == ".":
+            raise ValueError("must be one directory name of letters, digits, '-', '_' and '.', without '..' "
+                             "(the run is written to output_dir/run_name; a path belongs in output_dir)")
+        return value
 
     @property
     def run_dir(self) -> Path:

@@ -5,12 +5,15 @@
 Writes runs/<run>/params.yaml (the params the run started with) and, per iteration,
 runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
 A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
+One run directory, one run: the run holds runs/<run>/run.lock (slkit.runlock) from before it
+writes params.yaml to its end; a second `slkit run` on the same directory is refused.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
+from slkit.runlock import hold_run_dir
 from slkit.stages import BASELINE, STAGES, lock_path, stage_dir, stage_done
 
 KERNEL_NAME = "slkit"
@@ -90,8 +94,8 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
-def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
-    """Validate params, check the data files exist, create the run dir and its params snapshot."""
+def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Validate params and read the data files they name; nothing is written."""
     from slkit.records import RecordFileError
 
     try:
@@ -112,6 +116,21 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
     load_seeds(params.queries.seed_files)
     if benchmark:
         load_benchmark(benchmark, params.evaluation.benchmark_format)
+    return params
+
+
+def make_run_dir(params: Params, params_path: str | Path) -> Path:
+    """Create runs/<run>/ (and nothing in it), so its run lock can be taken before anything is written."""
+    try:
+        params.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ParamsError(f"{params_path}: output_dir: cannot write {params.run_dir} ({err.strerror})") from None
+    return params.run_dir
+
+
+def write_run_params(params: Params, params_path: str | Path) -> Path:
+    """Write runs/<run>/params.yaml; a run dir started with other params is refused (resource keys
+    may change, logged in params_changes.log). Call it holding the run lock."""
     run_dir = params.run_dir
     snapshot = run_dir / "params.yaml"
     changed: list[str] = []
@@ -126,14 +145,20 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
                 f"results. Start a new run with another run_name (e.g. --set run_name={params.run_name}-2) "
                 f"or delete {run_dir}.")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         dump_params(params, snapshot)
         if changed:
             with open(run_dir / "params_changes.log", "a", encoding="utf-8") as log:
                 log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed with changed {', '.join(changed)}\n")
     except OSError as err:
         raise ParamsError(f"{params_path}: output_dir: cannot write {run_dir} ({err.strerror})") from None
-    return params, run_dir
+    return run_dir
+
+
+def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
+    """Validate params, check the data files, create the run dir and its params snapshot (under the run lock)."""
+    params = check_inputs(params_path, overrides)
+    with hold_run_dir(make_run_dir(params, params_path)):
+        return params, write_run_params(params, params_path)
 
 
 def stop_orphaned_stage(lock: Path) -> None:
@@ -189,13 +214,42 @@ class _ProgressPoller:
             self._update()
 
 
+def kernel_connection(socket_dir: str | Path) -> dict[str, str]:
+    """How a notebook's kernel talks to papermill: Unix sockets in `socket_dir` (private, mode 0700),
+    so no other local user can reach it as they could a TCP port; TCP on 127.0.0.1 where zmq has no ipc."""
+    import zmq
+
+    if zmq.has("ipc"):
+        return {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}
+    return {"transport": "tcp", "ip": "127.0.0.1"}
+
+
+def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str, Any], kernel: str,
+                 socket_dir: str | Path) -> None:
+    """Execute one notebook with papermill in a fresh kernel connected by `kernel_connection`."""
+    import papermill as pm
+    from traitlets.config import Config
+
+    pm.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel, progress_bar=False,
+                        cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}))
+
+
 def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = None,
                  show_progress: bool = True) -> Path:
-    """Execute every stage notebook of every macro-iteration; returns the run directory."""
+    """Execute every stage notebook of every macro-iteration; returns the run directory.
+    The run directory is held by this run alone (slkit.runlock): a second `slkit run` is refused."""
+    params = check_inputs(params_path, overrides)
+    with hold_run_dir(make_run_dir(params, params_path)), \
+            tempfile.TemporaryDirectory(prefix="slkit-kernels-") as socket_dir:  # created with mode 0700
+        run_dir = write_run_params(params, params_path)
+        _run_stages(params, run_dir, socket_dir, show_progress)
+    return run_dir
+
+
+def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool) -> None:
     import papermill as pm
     from tqdm.auto import tqdm
 
-    params, run_dir = prepare_run(params_path, overrides)
     kernel = ensure_kernel()
     from slkit.models import resolve_model_path
 
@@ -217,9 +271,8 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
         executed = out / NOTEBOOKS[stage]
         with _ProgressPoller(out, items_bar):
             try:
-                pm.execute_notebook(str(notebooks_dir() / NOTEBOOKS[stage]), str(executed),
-                                    parameters={"run_dir": str(run_dir), "iteration": k},
-                                    kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()))
+                run_notebook(notebooks_dir() / NOTEBOOKS[stage], executed, {"run_dir": str(run_dir), "iteration": k},
+                             kernel, socket_dir)
             except pm.PapermillExecutionError as err:
                 raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
                                    f"see the executed notebook {executed}; rerun the same command to resume") from None
@@ -227,4 +280,3 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
             raise RuntimeError(f"notebook {executed} finished without writing {stage}.done.json")
     items_bar.close()
     stages_bar.close()
-    return run_dir

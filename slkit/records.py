@@ -6,6 +6,7 @@ then is the output complete. `<stage>.done.json` is written last of all.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -47,29 +48,49 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+class RecordWriteError(OSError):
+    """A record could not be written (a full disk, a quota); the message names the file."""
+
+
+def _cannot_write(path: Path, err: OSError, kept: str = "") -> RecordWriteError:
+    hint = ("free space and rerun to resume" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "rerun to resume once it can be written")
+    return RecordWriteError(f"{path}: cannot write ({err.strerror}); {kept}{hint}")
+
+
+def _write_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """Write `lines` to path.tmp, then rename it to path: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from err
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    _write_atomic(path, [json.dumps(data, ensure_ascii=False, indent=2)])
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    _write_atomic(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 class RecordWriter:
-    """Append-only jsonl writer that survives a kill: finished records are kept, a torn last line is dropped."""
+    """Append-only jsonl writer that survives a kill: finished records are kept, a torn last line is dropped.
+
+    A file finished by a stage that then died before its done-marker is resumed too, not redone.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.records: list[dict[str, Any]] = []
+        if self.path.exists() and not self.partial.exists():
+            os.replace(self.path, self.partial)  # complete, but its stage is not: finish() renames it back
         if self.partial.exists():
             raw = self.partial.read_bytes()
             lines = raw.split(b"\n")
@@ -80,11 +101,19 @@ class RecordWriter:
             if torn.strip():  # killed mid-write: drop the torn tail
                 with open(self.partial, "wb") as f:
                     f.write(b"\n".join(complete) + (b"\n" if complete else b""))
-        self._file = open(self.partial, "a", encoding="utf-8")
+        # Unbuffered: each record reaches the file in write(), so a kill loses no finished record.
+        self._file = open(self.partial, "ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        end = self._file.tell()
+        try:
+            while line:  # a nearly full disk writes part of a line, then refuses the rest
+                line = line[self._file.write(line):]
+        except OSError as err:
+            self._file.truncate(end)  # leave no torn line behind
+            self._file.close()
+            raise _cannot_write(self.partial, err, f"the {len(self.records)} records before this one are kept: ") from err
         self.records.append(record)
 
     def finish(self) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from slkit.engines import load_engine, stable_seed
 from slkit.params import Params, load_params
 from slkit.records import (Progress, RecordWriter, done_marker, mark_done, read_json, read_jsonl, write_json_atomic,
                            write_jsonl_atomic)
+from slkit.runlock import lock_for_stage
 
 STAGES = ("seed", "generate", "extend", "train", "evaluate")
 ROLES = ("generator", "extender")
@@ -85,6 +86,7 @@ def skip_when_done(stage: str) -> Callable:
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
             if stage_done(run_dir, iteration, stage):
                 return read_json(done_marker(stage_dir(run_dir, iteration, stage), stage))["summary"]
+            run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
             lock.write_text(str(os.getpid()))
@@ -100,6 +102,8 @@ def skip_when_done(stage: str) -> Callable:
                                   f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.") from err
             finally:
                 lock.unlink(missing_ok=True)
+                if run_lock:
+                    run_lock.release()
         return run
     return wrap
 

@@ -270,6 +270,14 @@ def launch_distributed(params: Params, examples_path: str | Path, output_dir: st
     return json.loads((output_dir / "slkit-train.json").read_text())
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest Trainer checkpoint that was saved to its end. Trainer writes trainer_state.json last,
+    so a kill while saving leaves a checkpoint without it, which would fail to resume."""
+    complete = [p for p in checkpoints.glob("checkpoint-*")
+                if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
 def train_adapter(params: Params, examples_path: str | Path, output_dir: str | Path,
                   init_adapter: str | None = None) -> dict[str, Any]:
     """Train one adapter on a jsonl of {"prompt", "completion"}; writes a PEFT adapter to output_dir.
@@ -290,7 +298,6 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
     import os
     import torch
     from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from slkit.models import load_tokenizer
 
@@ -329,6 +336,7 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             num_train_epochs=tp.epochs, learning_rate=tp.learning_rate, lr_scheduler_type=tp.lr_scheduler,
             warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
             save_strategy="steps" if tp.save_steps else "no",
+            save_total_limit=2,  # a kill while saving leaves the one before complete; older ones are dead weight
             report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
             bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
@@ -345,7 +353,7 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_complete_checkpoint(checkpoints)
         summary["resumed_from"] = last
         result = trainer.train(resume_from_checkpoint=last)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -82,6 +82,17 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.stderr.strip() == f"error: {seeds}:1: not valid JSON (Expecting value)"
 
 
+def test_run_name_that_leaves_output_dir_is_refused_before_anything_is_written(tmp_path):
+    """The bug report: --set run_name=../../escape wrote the run two directories above runs/."""
+    out = tmp_path / "a" / "b" / "runs"
+    result = subprocess.run([sys.executable, "-m", "slkit", "run", str(SMOKE), "--set", f"output_dir={out}",
+                             "--set", "run_name=../../escape"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: invalid parameters:\n  {SMOKE}:3: run_name: ")
+    assert "'../../escape'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
     import torch
 

@@ -21,8 +21,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{
 GREEDY = SamplingParams(temperature=0, stop=[])
 
 
-def _start_server(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def _start_server(model_dir: Path, log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     serve = Path(sys.executable).with_name("transformers")
     proc = subprocess.Popen([str(serve), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                              "--device", "cpu", "--dtype", "float32"],
@@ -152,6 +152,61 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
     assert "SLKIT_TEST_KEY" in (run_dir / "params.yaml").read_text()  # the variable's name, not its value
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert files and not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(served_model, smoke_params, tmp_path,
+                                                                           monkeypatch):
+    """The only server dies while the evaluate stage's judge is asking it (the stage's benchmark outputs are
+    written): the stage fails with one error naming the server, after the client's retries. With a server
+    back on the same address the rerun judges every output once and keeps the benchmark outputs as written."""
+    from slkit import stages
+    from slkit.params import dump_params, params_from_dict
+    from slkit.records import read_jsonl
+
+    model_dir, _ = served_model
+    port = free_port()
+    server, url = _start_server(model_dir, tmp_path / "server.log", port)
+    data = _params(smoke_params, model_dir, base_urls=[url], concurrency=1, max_retries=1, timeout_s=10.0).to_dict()
+    data["evaluation"]["max_new_tokens"] = 8
+    data["evaluation"]["judge"].update(enabled=True, max_tries=1, max_new_tokens=16)  # on the run's engine
+    run_dir = tmp_path / "run"
+    out = stages.iter_dir(run_dir, 1)
+    out.mkdir(parents=True)
+    dump_params(params_from_dict(data), run_dir / "params.yaml")
+
+    calls, killed = [], []  # requests per generate call: the benchmark's, then the judge's
+    real_generate, real_complete = EndpointEngine.generate, EndpointEngine._complete
+
+    def generate(self, requests, sampling, on_done=None):
+        calls.append(len(requests))
+        return real_generate(self, requests, sampling, on_done)
+
+    def complete(self, index, request, sampling):
+        text = real_complete(self, index, request, sampling)
+        if len(calls) == 2 and not killed:  # the judge's first reply is in: now the server dies
+            server.kill()
+            killed.append(server.wait())
+        return text
+
+    monkeypatch.setattr(EndpointEngine, "generate", generate)
+    monkeypatch.setattr(EndpointEngine, "_complete", complete)
+    with pytest.raises(RuntimeError, match=rf"every server failed for one request.*\n  {url}/?: APIConnectionError"):
+        stages.evaluate_stage(run_dir, 1)
+    assert calls == [16, 8] and not (out / "evaluate.done.json").exists()
+    outputs = (out / "benchmark_outputs.jsonl").read_bytes()
+
+    calls.clear()
+    server, _ = _start_server(model_dir, tmp_path / "server-again.log", port)
+    try:
+        metrics = stages.evaluate_stage(run_dir, 1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert calls == [8]  # only the judge's requests: the benchmark outputs were not generated again
+    assert (out / "benchmark_outputs.jsonl").read_bytes() == outputs
+    assert sorted((r["index"], r["sample"]) for r in read_jsonl(out / "judgements.jsonl")) == [(i, 0) for i in range(8)]
+    assert metrics["judge"]["judged"] + metrics["judge"]["failed"] == 8
+    assert (out / "evaluate.done.json").exists()
 
 
 def test_request_body_standard_and_vllm_fields():

@@ -109,3 +109,59 @@ def test_tiled_mlp_is_exact_and_covers_every_layer(smoke_params, tiny_model_path
     g_base = base.model.layers[0].mlp.up_proj.weight.grad
     g_tiled = tiled.model.layers[0].mlp.up_proj.weight.grad
     assert torch.allclose(g_base, g_tiled, atol=1e-5)
+
+
+def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_params, tiny_model_path, tmp_path):
+    """SIGKILL once a checkpoint is saved; a kill while saving the next one is simulated by a copy of it
+    without trainer_state.json (Trainer writes that last). The rerun starts from the complete checkpoint,
+    runs only the remaining steps and ends with the uninterrupted run's adapter."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from slkit.params import dump_params
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"word {i} " * 30}) + "\n"
+                            for i in range(15)))
+    params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+        update={"save_steps": 3, "epochs": 1.0, "learning_rate": 5e-3, "lr_scheduler": "linear"})})
+    dump_params(params, tmp_path / "params.yaml")
+    out = tmp_path / "killed" / "generator"
+    script = ("import sys; from slkit.params import load_params; from slkit.training import train_adapter; "
+              "print(train_adapter(load_params(sys.argv[1]), sys.argv[2], sys.argv[3])['steps'])")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "params.yaml"), str(data), str(out)])
+    checkpoints = out.parent / ".generator-checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    saved = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
+    torn = checkpoints / f"checkpoint-{saved + 3}"
+    shutil.rmtree(torn, ignore_errors=True)
+    shutil.copytree(checkpoints / f"checkpoint-{saved}", torn)
+    (torn / "trainer_state.json").unlink()
+
+    resumed = train_adapter(params, data, out)
+    assert resumed["resumed_from"] == str(checkpoints / f"checkpoint-{saved}")
+    assert 0 < saved < resumed["steps"] == 15
+    assert len(resumed["step_seconds"]) == 15 - saved  # only the steps after the checkpoint ran again
+    assert not checkpoints.exists()
+
+    clean = train_adapter(params, data, tmp_path / "clean" / "generator")
+    assert clean["resumed_from"] is None
+    assert resumed["losses"] == pytest.approx(clean["losses"], rel=1e-3)
+    a = load_file(out / "adapter_model.safetensors")
+    b = load_file(tmp_path / "clean" / "generator" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
