@@ -61,14 +61,14 @@ def _write(tmp_path, text):
     ("run_name: x\n", r"model: missing required key"),
     ("run_name: x\nmodel:\n  path: ./no/such/model\n",
      r"bad.yaml:3: model.path: .*neither an existing model directory nor a hub id"),
-    ("model:\n  path: builtin:gemma-3-270m\nrun_name: ../../escape\n",
+    ("model:\n  path: builtin:tiny-random-llama\nrun_name: ../../escape\n",
      r"bad.yaml:3: run_name: .*one directory name .*a path belongs in output_dir.*'../../escape'"),
-    ("run_name: runs/x\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*'runs/x'"),
-    ("run_name: ..\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*'..'"),
-    ("run_name: a..b\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*'a..b'"),
-    ("run_name: '.'\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*'.'"),
-    ("run_name: 'my run'\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*'my run'"),
-    ("run_name: ''\nmodel:\n  path: builtin:gemma-3-270m\n", r"bad.yaml:1: run_name: .*''"),
+    ("run_name: runs/x\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*'runs/x'"),
+    ("run_name: ..\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*'..'"),
+    ("run_name: a..b\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*'a..b'"),
+    ("run_name: '.'\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*'.'"),
+    ("run_name: 'my run'\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*'my run'"),
+    ("run_name: ''\nmodel:\n  path: builtin:tiny-random-llama\n", r"bad.yaml:1: run_name: .*''"),
 ], ids=["unknown key", "wrong type", "missing model", "model directory that does not exist", "run_name climbing out",
         "run_name with a separator", "run_name ..", "run_name with ..", "run_name .", "run_name with a space",
         "empty run_name"])
@@ -79,7 +79,7 @@ def test_error_names_key_file_and_line(tmp_path, text, error):
 
 def test_run_name_is_one_directory_name(tmp_path):
     for name in ("qwen2.5-7b_try.2", "smoke", "实验1", ".hidden"):
-        assert load_params(_write(tmp_path, f"run_name: '{name}'\nmodel:\n  path: builtin:gemma-3-270m\n")).run_name == name
+        assert load_params(_write(tmp_path, f"run_name: '{name}'\nmodel:\n  path: builtin:tiny-random-llama\n")).run_name == name
 
 
 def test_hub_id_and_unknown_builtin(tmp_path):
