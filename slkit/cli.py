@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from slkit.params import ParamsError
+    from slkit.model_fetch import ModelFetchError
     from slkit.records import RecordFileError
     from slkit.runlock import RunLockedError
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kernel: {ensure_kernel()}")
             if not args.kernel_only:
                 print(f"demo model: {resolve_model_path('builtin:qwen2.5-coder-0.5b-instruct')}")
-    except (ParamsError, RecordFileError, RunLockedError) as err:
+    except (ParamsError, RecordFileError, RunLockedError, ModelFetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

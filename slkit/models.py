@@ -115,15 +115,14 @@ def pick_device(device: str) -> str:
 def compute_dtype(name: str, device: str) -> str:
     """The dtype `model.dtype` stands for on `device`: "auto" is bfloat16 on a GPU and on CPUs with native
     bf16 instructions (AVX512-BF16, AMX), else float32: on an AVX2-only CPU a bf16 matmul is several times
-    slower than fp32 (docs/benchmarks.md)."""
+    slower than fp32 (measured: docs/benchmarks.md, "CPU generation")."""
     if name != "auto":
         return name
     import torch
 
     if device.startswith("cuda"):
         return "bfloat16"
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "bfloat16" if ("BF16" in capability or "AMX" in capability) else "float32"
+    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
 
 
 def load_model(model_params: Any, device: str = "auto", for_training: bool = False):

@@ -125,6 +125,15 @@ class QualityParams(_Section):
     check_meta_talk: bool = True
     meta_head_lines: int = Field(2, ge=0)
     meta_tail_lines: int = Field(3, ge=0)
+    # Words of a text that talks about itself ("Here is the revised version...") instead of being the answer,
+    # matched case-sensitively in those lines as in the reference (titles such as "Incident Response Plan"
+    # pass). English: the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION),
+    # which an Extender echoes when it comments on its task. Chinese: slkit's own list (the reference has
+    # none), the same idea with the Chinese template's words; set zh: [] for the reference's behaviour.
+    meta_words: dict[Literal["en", "zh"], list[str]] = {
+        "en": ["revised", "revision", "response", "version", "paragraph", "draft", "enriched"],
+        "zh": ["修改后", "以下是", "扩写", "改写", "初稿", "充实后"],
+    }
 
 
 class QueryParams(_Section):

@@ -38,7 +38,7 @@ JUDGE = {
 # (with the former part of the text), stage 2 (with the whole text, answer pre-filled) and the Extender's
 # training set, so the trained Extender always sees its own training prompt and knows the task.
 # The quality check rejects its nouns ("draft", "enriched", 初稿, ...) at a text's edges: an Extender
-# that talks about the task instead of doing it (quality.META_WORDS).
+# that talks about the task instead of doing it (quality.meta_words).
 EXTENSION = {
     "en": ("Below are a writing request and a draft written for it. Make the draft richer and longer: expand "
            "each part with concrete details, examples and description, and add sub-headings or new sections "

@@ -7,17 +7,6 @@ from slkit.textstats import first_repeated_ngram, ngram_units
 # Sentence ends, closing quotes and brackets, CJK full stops and closers, an ellipsis (the Chinese
 # reference accepts a final "…" or "……"); a code fence is checked apart.
 CLOSING_CHARS = ".!?\"')]}" + "\u201d\u2019\u2026" + "\u3002\uff01\uff1f\u300d\u300f\u300b\u3011\uff09"
-# Words of a text that talks about itself ("Here is the revised version...") instead of being the answer.
-# English: the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION), which an
-# Extender echoes when it comments on its task. Matched case-sensitively as in the reference, so titles
-# such as "Incident Response Plan" or "Version Control" pass. Chinese: slkit's own list (the reference has
-# none for Chinese), the same idea with the words of the Chinese template.
-META_WORDS = {
-    "en": ("revised", "revision", "response", "version", "paragraph", "draft", "enriched"),
-    "zh": ("修改后", "以下是", "扩写", "改写", "初稿", "充实后"),
-}
-
-
 def ends_cleanly(text: str) -> bool:
     """The last visible character closes a sentence, a quote, a bracket or a code fence, or is an ellipsis."""
     stripped = text.rstrip()
@@ -28,7 +17,7 @@ def has_meta_talk(text: str, language: str, rules: QualityParams) -> bool:
     """A meta word in the first `meta_head_lines` or last `meta_tail_lines` non-empty lines."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     edge = lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
-    return any(word in line for line in edge for word in META_WORDS[language])
+    return any(word in line for line in edge for word in rules.meta_words.get(language, ()))
 
 
 def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:

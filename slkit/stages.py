@@ -323,8 +323,12 @@ def _discard_stale_results(out: Path, iteration: int) -> None:
     """A final stage built after another last iteration (a run resumed with more macro_iterations, finished
     or killed) is stale: remove its files but the executed notebook and the lock, then record `iteration`."""
     record = out / "after_iteration.json"
-    if record.exists() and read_json(record)["iteration"] == iteration:
+    built_after = read_json(record)["iteration"] if record.exists() else None
+    if built_after == iteration:
         return
+    if built_after is not None and built_after > iteration:  # never throw away work built on later iterations
+        raise ValueError(f"{out} was built after iteration {built_after}; run the final stage with iteration "
+                         f"{built_after} (the run's last macro-iteration), not {iteration}")
     for path in out.iterdir():
         if path.suffix not in (".ipynb", ".lock"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()

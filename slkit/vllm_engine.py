@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from slkit.engines import LocalPrompts, Request, postprocess, stop_token_ids
-from slkit.models import load_tokenizer, resolve_model_path
+from slkit.models import compute_dtype, load_tokenizer, resolve_model_path
 from slkit.params import Params, SamplingParams
 from slkit.prompts import with_bos
 
@@ -58,7 +58,7 @@ def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dic
     kwargs: dict[str, Any] = dict(
         model=model_dir,
         tokenizer=model_dir,
-        dtype=params.model.dtype,
+        dtype=compute_dtype(params.model.dtype, "cuda"),
         seed=params.seed,
         trust_remote_code=params.model.trust_remote_code,
         gpu_memory_utilization=vp.gpu_memory_utilization,

@@ -56,14 +56,13 @@ def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_mod
     assert with_adapter != base
 
 
-@pytest.mark.parametrize("capability, device, expected", [
-    ("AVX2", "cpu", "float32"), ("AVX512", "cpu", "float32"), ("AVX512_BF16", "cpu", "bfloat16"),
-    ("AMX_BF16", "cpu", "bfloat16"), ("AVX2", "cuda:0", "bfloat16")])
-def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch, capability, device, expected):
-    import torch
-
+@pytest.mark.parametrize("avx512_bf16, amx, device, expected", [
+    (False, False, "cpu", "float32"), (True, False, "cpu", "bfloat16"), (False, True, "cpu", "bfloat16"),
+    (False, False, "cuda:0", "bfloat16")])
+def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch, avx512_bf16, amx, device, expected):
     from slkit.models import compute_dtype
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert compute_dtype("auto", device) == expected
     assert compute_dtype("float16", device) == "float16"  # an explicit dtype is kept

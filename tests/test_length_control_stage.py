@@ -158,3 +158,15 @@ def test_raising_macro_iterations_reruns_the_final_stage(run_dir, monkeypatch, s
     assert stages.stage_done(run_dir, 2, "length_control") and not stages.stage_done(run_dir, 1, "length_control")
     fakes.adapters.clear()
     assert stages.length_control_stage(run_dir, 2) == summary and fakes.adapters == []  # done: skipped
+
+
+def test_the_final_stage_of_a_later_iteration_is_never_thrown_away(run_dir, monkeypatch, scripted_engine):
+    """Running it by hand with an earlier iteration (the notebook's default is 1) is refused, files kept."""
+    Fakes(monkeypatch, scripted_engine)
+    _iteration(run_dir, 2)
+    stages.length_control_stage(run_dir, 2)
+    out = run_dir / "length_control"
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match="built after iteration 2; run the final stage with iteration 2"):
+        stages.length_control_stage(run_dir, 1)
+    assert sorted(p.name for p in out.iterdir()) == before and stages.stage_done(run_dir, 2, "length_control")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slkit import model_fetch
-from slkit.model_fetch import ModelFetchError, SplitGGUF, build_split_gguf_model, fetch_gguf
+from slkit.model_fetch import ModelFetchError, SplitGGUF, fetch_gguf
 from slkit.models import train_small_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
