@@ -47,3 +47,11 @@ def test_vllm_bench_builds_a_full_vocabulary_checkpoint(tmp_path):
     assert len(tok) == json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert tok.decode([10, 1023]) == "w6 w1019"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_cpu_generate_bench_tiny():
+    out = subprocess.run([sys.executable, "bench/cpu_generate.py", "--model", "builtin:tiny-random-llama",
+                          "--batches", "1", "2", "--steps", "2"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| float32 |", "| bfloat16 |"))]
+    assert len(rows) == 4 and rows[0].endswith("| 1.00x |")
