@@ -55,10 +55,17 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+# A last line that only opens a list item or a heading ("2.", "- ", "### ") holds no sentence yet.
+_DANGLING_MARKER = re.compile(r"\n\s*(?:\d+[.)]|[-*•]|#+)?\s*(?:\*\*)?\s*$")
+
+
 def trim_unfinished(text: str) -> str:
-    """Drop an unfinished last sentence (text after the last sentence end)."""
+    """Drop an unfinished last sentence (text after the last sentence end), and a list number or
+    heading mark that a capped answer left on its last line ("...end.\n\n2.")."""
     ends = list(_SENTENCE_END.finditer(text))
-    return text[:ends[-1].end()] if ends else text
+    text = text[:ends[-1].end()] if ends else text
+    cut = _DANGLING_MARKER.search(text)
+    return trim_unfinished(text[:cut.start()]) if cut and cut.start() > 0 and cut.end() - cut.start() > 0 else text
 
 
 def postprocess(text: str, sampling: SamplingParams) -> str:

@@ -9,6 +9,10 @@ def test_stop_strings_and_trimming():
     assert cut_at_stop("a\n---\nb", ["\n---\n", "zzz"]) == "a"
     assert trim_unfinished("First sentence. Second one is cut") == "First sentence."
     assert trim_unfinished("他来了。然后他") == "他来了。"
+    # a capped list or outline leaves the next item's number or heading mark: it goes too
+    assert trim_unfinished("Intro.\n\n1. **Soil**: keep it moist.\n\n2.") == "Intro.\n\n1. **Soil**: keep it moist."
+    assert trim_unfinished("第一点。\n\n3. **") == "第一点。" and trim_unfinished("End.\n\n### ") == "End."
+    assert trim_unfinished("Version 2.0 is out.\nIt works.") == "Version 2.0 is out.\nIt works."
     assert trim_unfinished('She said "go." and then') == 'She said "go."'
     assert trim_unfinished("no end at all") == "no end at all"
 
