@@ -117,6 +117,9 @@ class SamplingParams(_Section):
 class QualityParams(_Section):
     """The quality check on every text; defaults are the reference values."""
     check_ending: bool = True  # last character closes a sentence, quote, bracket or code fence
+    # Shorter texts fail as "too_short": a refusal ("I'm sorry, but I can't assist...") is no draft to extend.
+    # 0 in the reference, whose 7B model does not refuse writing requests; small models do.
+    min_words: int = Field(0, ge=0)
     check_repetition: bool = True
     ngram_zh: int = Field(13, ge=2)  # any repeated n-gram of CJK characters / ASCII runs rejects (zh)
     ngram_en: int = Field(10, ge=2)  # any repeated n-gram of whitespace words rejects (en)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from slkit.params import QualityParams
-from slkit.textstats import first_repeated_ngram, ngram_units
+from slkit.textstats import count_words, first_repeated_ngram, ngram_units
 
 # Sentence ends, closing quotes and brackets, CJK full stops and closers, an ellipsis (the Chinese
 # reference accepts a final "…" or "……"); a code fence is checked apart.
@@ -21,9 +21,11 @@ def has_meta_talk(text: str, language: str, rules: QualityParams) -> bool:
 
 
 def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:
-    """Why `text` fails the check ('empty', 'unfinished', 'repetition', 'meta-talk'), or None if it passes."""
+    """Why `text` fails the check ('empty', 'too_short', 'unfinished', 'repetition', 'meta-talk'), or None."""
     if not text.strip():
         return "empty"
+    if count_words(text) < rules.min_words:
+        return "too_short"
     if rules.check_ending and not ends_cleanly(text):
         return "unfinished"
     if rules.check_repetition:

@@ -79,3 +79,13 @@ def test_rules_can_be_relaxed():
     assert quality_failure("no ending", "en") == "unfinished"
     assert quality_failure("no ending", "en", QualityParams(check_ending=False)) is None
     assert quality_failure("   ", "en") == "empty"
+
+
+def test_a_refusal_is_too_short_when_min_words_is_set():
+    from slkit.params import QualityParams
+
+    refusal = "I'm sorry, but I can't assist with that request."
+    assert quality_failure(refusal, "en") is None  # the reference has no such rule (min_words 0)
+    assert quality_failure(refusal, "en", QualityParams(min_words=40)) == "too_short"
+    assert quality_failure("抱歉，我无法完成这个请求。", "zh", QualityParams(min_words=40)) == "too_short"
+    assert quality_failure(" ".join(["word"] * 39) + " end.", "en", QualityParams(min_words=40, check_repetition=False)) is None
