@@ -16,10 +16,11 @@ def decode_ms(model, batch: int, steps: int, prompt_tokens: int = 64) -> float:
     """Mean wall milliseconds of one decode step (KV cache on) for `batch` sequences."""
     import torch
 
-    ids = torch.randint(0, 1000, (batch, prompt_tokens))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_tokens))
     with torch.inference_mode():
         out = model(ids, use_cache=True)
-        cache, token = out.past_key_values, torch.randint(0, 1000, (batch, 1))
+        cache, token = out.past_key_values, torch.randint(0, vocab, (batch, 1))
         out = model(token, past_key_values=cache, use_cache=True)  # warm-up step
         cache = out.past_key_values
         start = time.perf_counter()
