@@ -140,9 +140,10 @@ def test_compare_puts_runs_side_by_side(smoke_run, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     table = (out / "summary.md").read_text().splitlines()
-    assert len(table) == 2 + 4  # header, rule, 2 runs x 2 iterations
-    assert sum(line.startswith(f"| {smoke_run.name} |") for line in table) == 2
-    assert sum(line.startswith("| smoke-copy |") for line in table) == 2
+    assert len(table) == 2 + 6  # header, rule, 2 runs x (baseline + 2 iterations)
+    assert sum(line.startswith(f"| {smoke_run.name} |") for line in table) == 3
+    assert sum(line.startswith("| smoke-copy |") for line in table) == 3
+    assert sum(line.startswith(f"| {smoke_run.name} | 0 |") for line in table) == 1  # the base model's row
     for figure in ("lengths", "required_vs_produced", "length_scores", "filter_rates", "distinct_n"):
         assert (out / f"{figure}.png").stat().st_size > 5000, figure
     bad = subprocess.run([sys.executable, "-m", "slkit", "compare", str(tmp_path)], capture_output=True, text=True)
