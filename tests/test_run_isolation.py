@@ -100,7 +100,7 @@ def test_a_stage_run_by_hand_on_a_held_run_dir_is_refused(tmp_path, holder, smok
     _drafts_run(run_dir, smoke_params)
     first = holder(run_dir)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(lambda r: "A draft."))
+    monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(lambda r: "A short answer."))
     with pytest.raises(RunLockedError, match=_holder_pattern(first.pid)):
         stages.generate_stage(run_dir, 1)
     assert sorted(p.name for p in stages.iter_dir(run_dir, 1).iterdir()) == ["queries.jsonl"]  # nothing written
@@ -121,7 +121,7 @@ def test_a_stage_run_by_hand_holds_the_run_dir_while_it_runs(tmp_path, smoke_par
             RunLock(run_dir).acquire().release()
         except RunLockedError as err:
             refusals.append(str(err))
-        return "A draft."
+        return "A short answer."
 
     monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(answer))
     stages.generate_stage(run_dir, 1)
