@@ -109,12 +109,14 @@ class TransformersEngine(LocalPrompts):
 
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
         import torch
-        from slkit.models import load_model, load_tokenizer
+        from slkit.models import load_model, load_tokenizer, pick_device, quantize_int8_for_cpu
 
         self.params = params
         self.tokenizer = load_tokenizer(params.model)
         self.tokenizer.padding_side = "left"
-        self.model = load_model(params.model, device=params.engine.device, for_training=False)
+        int8 = params.engine.cpu_int8 and pick_device(params.engine.device) == "cpu" and not params.model.load_in_4bit
+        self.model = load_model(params.model, device=params.engine.device, for_training=False,
+                                dtype="float32" if int8 else None)
         self.adapters = {role: path for role, path in (adapters or {}).items() if path}
         if self.adapters:
             from peft import PeftModel
@@ -123,6 +125,7 @@ class TransformersEngine(LocalPrompts):
             self.model = PeftModel.from_pretrained(self.model, self.adapters[roles[0]], adapter_name=roles[0])
             for role in roles[1:]:
                 self.model.load_adapter(self.adapters[role], adapter_name=role)
+        self.int8_layers = quantize_int8_for_cpu(self.model, params.engine.cpu_int8_skip) if int8 else []
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.eos_ids = stop_token_ids(self.model, self.tokenizer)

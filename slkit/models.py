@@ -125,8 +125,8 @@ def compute_dtype(name: str, device: str) -> str:
     return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
 
 
-def load_model(model_params: Any, device: str = "auto", for_training: bool = False):
-    """The base causal LM in the recipe's dtype, 4-bit nf4 (double quant, bf16 compute) when asked.
+def load_model(model_params: Any, device: str = "auto", for_training: bool = False, dtype: str | None = None):
+    """The base causal LM in the recipe's dtype (or `dtype`), 4-bit nf4 (double quant, bf16 compute) when asked.
 
     No whole-model fp32 upcast (peft's prepare_model_for_kbit_training does one; it doubles
     activation memory at long lengths): norms and embeddings stay in the compute dtype.
@@ -135,7 +135,7 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
-    dtype = getattr(torch, compute_dtype(model_params.dtype, device))
+    dtype = getattr(torch, dtype or compute_dtype(model_params.dtype, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
     if model_params.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -150,3 +150,29 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
     if for_training:
         model.config.use_cache = False
     return model
+
+
+def quantize_int8_for_cpu(model: Any, skip: list[str]) -> list[str]:
+    """Swap a float32 model's linear layers for torch's dynamically quantised int8 ones, in place, and return
+    their names: int8 weights (one scale per output row) times int8 activations (one scale per call).
+
+    For generation on a CPU only (the swapped layers have no gradients). LoRA layers keep full precision: an
+    adapter loaded by peft adds its float32 update to the int8 base layer's output. A layer whose name ends
+    with an entry of `skip` (before peft's ".base_layer") stays float32.
+    """
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    def kept(name: str) -> bool:
+        base = name.removesuffix(".base_layer")
+        return ".lora_" in f".{name}" or base.rsplit(".", 1)[-1] in skip
+
+    names = [name for name, module in model.named_modules()
+             if type(module) is torch.nn.Linear and not kept(name)]
+    with warnings.catch_warnings():  # torch.ao's eager-mode API is deprecated in favour of torchao; it still works
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8,
+                         inplace=True)
+    return names

@@ -70,3 +70,48 @@ def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch, avx512_bf16, am
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert compute_dtype("auto", device) == expected
     assert compute_dtype("float16", device) == "float16"  # an explicit dtype is kept
+
+
+def test_cpu_int8_engine_quantises_base_layers_keeps_lora_and_skipped_layers_and_stays_close(
+        smoke_params, tiny_model_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from slkit.models import load_model
+
+    model = get_peft_model(load_model(smoke_params.model), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "gen")
+    engine_params = smoke_params.engine.model_copy(update={"cpu_int8": True, "device": "cpu"})
+    params = smoke_params.model_copy(update={"engine": engine_params})
+    float_engine = TransformersEngine(smoke_params.model_copy(update={"model": smoke_params.model.model_copy(
+        update={"dtype": "float32"})}), {"generator": str(tmp_path / "gen")})
+    int8_engine = TransformersEngine(params, {"generator": str(tmp_path / "gen")})
+
+    layers = dict(int8_engine.model.named_modules())
+    quantised = [n for n, m in layers.items() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert sorted(quantised) == sorted(int8_engine.int8_layers) and quantised
+    assert all(n.endswith(".base_layer") or n.endswith("lm_head") for n in quantised)
+    # LoRA layers and the skipped down_proj stay float32 nn.Linear
+    assert not any(".lora_" in n or "down_proj" in n for n in quantised)
+    assert all(type(m) is torch.nn.Linear for n, m in layers.items() if n.endswith("down_proj.base_layer"))
+    assert all(type(m) is torch.nn.Linear for n, m in layers.items() if ".lora_A." in n or ".lora_B." in n)
+
+    enc = float_engine._encode([float_engine.render("Write a long story about rivers.")])
+    with torch.inference_mode():
+        for role in ("generator", None):
+            with float_engine._adapter(role), int8_engine._adapter(role):
+                ref = float_engine.model(**enc).logits[0, -1].log_softmax(-1)
+                got = int8_engine.model(**enc).logits[0, -1].log_softmax(-1)
+            assert got.argmax() == ref.argmax()
+            assert (ref.exp() * (ref - got)).sum() < 0.05  # KL in nats
+        with int8_engine._adapter("generator"):
+            adapted = int8_engine.model(**enc).logits[0, -1]
+        with int8_engine._adapter(None):
+            base = int8_engine.model(**enc).logits[0, -1]
+    assert not torch.allclose(adapted, base)  # the adapter still acts on the int8 model
+    greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": [], "repetition_penalty": 3.0})
+    prompt = int8_engine.render("Write a long story.")
+    assert int8_engine.generate([Request(prompt, "generator", 8)], greedy)[0]
