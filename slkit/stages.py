@@ -18,7 +18,7 @@ from slkit.engines import load_engine, stable_seed
 from slkit.params import Params, load_params
 from slkit.records import (Progress, RecordWriter, done_marker, mark_done, read_json, read_jsonl, write_json_atomic,
                            write_jsonl_atomic)
-from slkit.runlock import lock_for_stage
+from slkit.runlock import boot_id, lock_for_stage
 
 STAGES = ("seed", "generate", "extend", "train", "evaluate")
 ROLES = ("generator", "extender")
@@ -89,7 +89,7 @@ def skip_when_done(stage: str) -> Callable:
             run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
-            lock.write_text(str(os.getpid()))
+            lock.write_text(f"{os.getpid()} {boot_id()}")  # the PID means something on this boot only
             try:
                 return fn(run_dir, iteration)
             except Exception as err:

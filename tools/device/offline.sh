@@ -2,8 +2,11 @@
 # The GPU machine's side of an offline run (README.md beside this file). Run from the folder the transfers
 # land in; everything the run needs lives under $SLKIT_OFFLINE (default /tmp/slkit-offline) while the
 # machine is up:  code/ (slkit, notebooks, params, data)  site/ (wheels)  pieces/  cache/ (the model)
-# runs/<run>/ (the run directory)  run.log  run.pid.
-#   offline.sh setup CODE_DIR WHEEL_DIR   copy the code, install the wheels, print the GPU and packages
+# runs/<run>/ (the run directory)  run.log  run.pid.  vLLM goes to /tmp/vsite (../shared/tools/vllm-device).
+#   offline.sh setup CODE_DIR WHEEL_DIR [VLLM_C4]  copy the code, install the wheels, keep vLLM's c4 folder,
+#                                         print the GPU and packages
+#   offline.sh vllm-piece FILE            keep one of vLLM's wheel pieces (.vllm/cN/partN) in /tmp/vchunks
+#   offline.sh vllm-install               once the 4 pieces are there: install vLLM in the background
 #   offline.sh keep FILE...               move carried pieces into pieces/ (one transfer at a time)
 #   offline.sh model BUILTIN GGUF_NAME    join pieces/GGUF_NAME.part*, check, convert it for BUILTIN
 #   offline.sh start RECIPE [--set K=V]   start `slkit run` detached (it outlives this command)
@@ -19,16 +22,27 @@ export PYTHONPATH=$W/code:$W/site:${VLLM_SITE:-/tmp/vsite}${PYTHONPATH:+:$PYTHON
 step=${1:-}; shift || true
 case "$step" in
   setup)
-    rm -rf "$W/code" && cp -r "$1" "$W/code"
+    rm -rf "$W/code" && cp -r "$1" "$W/code" || exit 3
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$2"/*.whl || exit 3
+    if [ -n "${3:-}" ]; then rm -rf /tmp/vc4 && cp -r "$3" /tmp/vc4 || exit 3; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|pandas|seaborn|matplotlib|pyyaml|pydantic|tqdm|numpy|datasets|gguf|liger.kernel|bitsandbytes) '
-    python3 -c 'import papermill, ipykernel, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)'
+    ;;
+  vllm-piece)
+    mkdir -p /tmp/vchunks && mv -f "$1" /tmp/vchunks/ && ls /tmp/vchunks
+    ;;
+  vllm-install)
+    # About 20 s; detached, so the next transfers need not wait. `model` waits for it.
+    (setsid nohup bash /tmp/vc4/install.sh > /tmp/vinstall.log 2>&1 < /dev/null &); echo "installing vLLM (/tmp/vinstall.log)"
     ;;
   keep)
     mv -f "$@" "$W/pieces/" && echo "pieces: $(ls "$W/pieces" | grep -c 'part[0-9]')"
     ;;
   model)
+    for _ in $(seq 60); do grep -q 'installed in' /tmp/vinstall.log 2>/dev/null && break; sleep 2; done
+    tail -n 1 /tmp/vinstall.log 2>/dev/null
+    # The `gguf` package (in vLLM's dependencies) imports mistral_common, whose language codes need pycountry.
+    python3 -c 'import papermill, ipykernel, gguf, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)' || exit 3
     bash "$here/pieces.sh" join "$W/pieces" "$2" "$W" || exit 3
     rm -f "$W/pieces/$2".part[0-9]*
     # From $W: `python3 -m` puts the working directory first on sys.path, and a checkout there has its own slkit/.
@@ -61,8 +75,11 @@ case "$step" in
     bash "$here/pieces.sh" split "$W/$run.tgz" "$out" "$mib"
     ;;
   unbundle)
-    bash "$here/pieces.sh" join "$1" "$2.tgz" "$W" && tar -C "$W/runs" -xzf "$W/$2.tgz" && rm "$W/$2.tgz" \
-      && echo "runs/$2 ready: $(ls "$W/runs/$2")"
+    bash "$here/pieces.sh" join "$1" "$2.tgz" "$W" && tar -C "$W/runs" -xzf "$W/$2.tgz" && rm "$W/$2.tgz" || exit 3
+    # A <stage>.lock holds the PID of the kernel that ran the stage on the machine the run came from; here
+    # that number may belong to anything, this run included (slkit stops the PID it names before resuming).
+    rm -f "$W/runs/$2"/*/*.lock
+    echo "runs/$2 ready: $(ls "$W/runs/$2")"
     ;;
   *) sed -n 2,13p "$0"; exit 2 ;;
 esac
