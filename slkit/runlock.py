@@ -124,6 +124,15 @@ def refusal(run_dir: Path, record: dict[str, Any]) -> str:
             f"Wait for it to finish or stop it, or use another run_name.")
 
 
+def boot_id() -> str:
+    """This boot of this machine: a PID names a process only within it. Linux's boot id, else the host name.
+    A run directory carried to another machine (tools/device) or kept over a reboot has other boot ids."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
 def _gone(record: dict[str, Any]) -> bool:
     """The recorded holder ran on this host and its process no longer exists."""
     if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int) or os.name != "posix":

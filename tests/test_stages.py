@@ -143,3 +143,34 @@ def test_benchmark_subset_size_null_scores_the_whole_benchmark(scripted_run):
         p = params.model_copy(update={"evaluation": params.evaluation.model_copy(
             update={"subset_size": size, "samples_per_query": 1})})
         assert stages.score_benchmark(p, {}, out, "evaluate")["n"] == n
+
+
+def test_the_evaluate_stage_starts_one_engine_for_the_benchmark_and_its_own_judge(tmp_path, monkeypatch):
+    """vLLM keeps its GPU memory until the stage's process ends, so a second engine in the evaluate stage
+    did not fit on the H200 (20 of 140 GiB free): the self-judge must reuse the benchmark's engine (as the
+    base model), and a judge with a model of its own gets its own engine."""
+    loaded = []
+
+    def load(params, adapters=None):
+        loaded.append((params.model.path, dict(adapters or {})))
+        return RecordingEngine(adapters or {}, [], [0, "evaluate"])
+
+    monkeypatch.setattr(stages, "load_engine", load)
+    monkeypatch.setattr("slkit.reports.write_iteration_figures", lambda *a: [])
+    _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {
+        "output_dir": str(tmp_path), "evaluation.benchmark": str(BENCHMARK), "evaluation.judge.enabled": True,
+        "evaluation.judge.max_tries": 1})
+    metrics = stages.evaluate_stage(run_dir, stages.BASELINE)
+    assert metrics["judge"] and len(loaded) == 1
+    assert len(read_jsonl(stages.iter_dir(run_dir, stages.BASELINE) / "judgements.jsonl")) > 0
+
+    loaded.clear()
+    judge_model = str(tmp_path / "judge-model")
+    (tmp_path / "judge-model").mkdir()
+    (tmp_path / "judge-model" / "config.json").write_text("{}")
+    _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {
+        "output_dir": str(tmp_path), "run_name": "own-judge", "evaluation.benchmark": str(BENCHMARK),
+        "evaluation.judge.enabled": True, "evaluation.judge.max_tries": 1,
+        "evaluation.judge.model": {"path": judge_model}})
+    stages.evaluate_stage(run_dir, stages.BASELINE)
+    assert [path for path, _ in loaded] == ["builtin:tiny-random-llama", judge_model]

@@ -58,3 +58,54 @@ def test_engine_kwargs_follow_the_recipe(tmp_path):
                          str(tmp_path))
     assert "quantization" not in bf16
     assert "enable_lora" not in engine_kwargs(params, str(tmp_path), with_lora=False)  # iteration 1: no adapters
+
+
+def test_the_engine_logs_its_start_and_decoding_time_to_the_run(tmp_path, monkeypatch):
+    """runs/<run>/engine_timings.jsonl: one line when the engine is ready (start seconds), one when it closes
+    (decoding seconds, requests, tokens), so a run shows how much of it engine starts take (issue 14)."""
+    import json
+    import sys
+    import types
+
+    from slkit import vllm_engine
+
+    class Output:
+        def __init__(self):
+            self.outputs = [types.SimpleNamespace(text="an answer.", token_ids=[1, 2, 3])]
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, prompts, sampling_params, lora_request, use_tqdm):
+            return [Output() for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    request_module = types.ModuleType("vllm.lora.request")
+    request_module.LoRARequest = lambda *spec: spec
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_module)
+
+    class Tokenizer:
+        eos_token_id, bos_token = 0, None
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [5, 6]}
+
+        def get_vocab(self):
+            return {}
+
+    monkeypatch.setattr(vllm_engine, "load_tokenizer", lambda model: Tokenizer())
+    monkeypatch.setattr(vllm_engine, "resolve_model_path", lambda path: str(tmp_path))
+    params = load_params(REPO / "params" / "growth-qwen2.5-1.5b.yaml",
+                         {"output_dir": str(tmp_path), "model.path": str(tmp_path)})
+    params.run_dir.mkdir(parents=True)
+    engine = vllm_engine.VLLMEngine(params, {})
+    engine.generate([Request("p", None, 8, seed=i) for i in range(3)], params.sampling)
+    engine.close()
+    lines = [json.loads(line) for line in (params.run_dir / "engine_timings.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["ready", "closed"]
+    assert lines[0]["start_s"] >= 0 and lines[1]["requests"] == 3 and lines[1]["generated_tokens"] == 9
+    assert lines[1]["generate_s"] >= 0

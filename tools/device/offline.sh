@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU machine's side of an offline run (README.md beside this file). Run from the folder the transfers
+# land in; everything the run needs lives under $SLKIT_OFFLINE (default /tmp/slkit-offline) while the
+# machine is up:  code/ (slkit, notebooks, params, data)  site/ (wheels)  pieces/  cache/ (the model)
+# runs/<run>/ (the run directory)  run.log  run.pid.  vLLM goes to /tmp/vsite (../shared/tools/vllm-device).
+#   offline.sh setup CODE_DIR WHEEL_DIR [VLLM_C4]  copy the code, install the wheels, keep vLLM's c4 folder,
+#                                         print the GPU and packages
+#   offline.sh vllm-piece FILE            keep one of vLLM's wheel pieces (.vllm/cN/partN) in /tmp/vchunks
+#   offline.sh vllm-install               once the 4 pieces are there: install vLLM in the background
+#   offline.sh keep FILE...               move carried pieces into pieces/ (one transfer at a time)
+#   offline.sh model BUILTIN GGUF_NAME    join pieces/GGUF_NAME.part*, check, convert it for BUILTIN
+#   offline.sh start RECIPE [--set K=V]   start `slkit run` detached (it outlives this command)
+#   offline.sh watch SECONDS              wait that long, or until the run ends, and show where it is
+#   offline.sh bundle RUN_NAME OUT_DIR [MIB]  stop the run, pack runs/RUN_NAME (no checkpoints) into pieces
+#   offline.sh unbundle DIR RUN_NAME      put a bundled run directory back under runs/ (to resume it)
+set -uo pipefail
+W=${SLKIT_OFFLINE:-/tmp/slkit-offline}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$W/pieces" "$W/runs"
+export PYTHONPATH=$W/code:$W/site:${VLLM_SITE:-/tmp/vsite}${PYTHONPATH:+:$PYTHONPATH} SLKIT_CACHE=$W/cache \
+  PYTHONUNBUFFERED=1 VLLM_ATTENTION_BACKEND=FLASH_ATTN VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
+step=${1:-}; shift || true
+case "$step" in
+  setup)
+    rm -rf "$W/code" && cp -r "$1" "$W/code" || exit 3
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$2"/*.whl || exit 3
+    if [ -n "${3:-}" ]; then rm -rf /tmp/vc4 && cp -r "$3" /tmp/vc4 || exit 3; fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|pandas|seaborn|matplotlib|pyyaml|pydantic|tqdm|numpy|datasets|gguf|liger.kernel|bitsandbytes) '
+    ;;
+  vllm-piece)
+    mkdir -p /tmp/vchunks && mv -f "$1" /tmp/vchunks/ && ls /tmp/vchunks
+    ;;
+  vllm-install)
+    # About 20 s; detached, so the next transfers need not wait. `model` waits for it.
+    (setsid nohup bash /tmp/vc4/install.sh > /tmp/vinstall.log 2>&1 < /dev/null &); echo "installing vLLM (/tmp/vinstall.log)"
+    ;;
+  keep)
+    mv -f "$@" "$W/pieces/" && echo "pieces: $(ls "$W/pieces" | grep -c 'part[0-9]')"
+    ;;
+  model)
+    for _ in $(seq 60); do grep -q 'installed in' /tmp/vinstall.log 2>/dev/null && break; sleep 2; done
+    tail -n 1 /tmp/vinstall.log 2>/dev/null
+    # The `gguf` package (in vLLM's dependencies) imports mistral_common, whose language codes need pycountry.
+    python3 -c 'import papermill, ipykernel, gguf, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)' || exit 3
+    bash "$here/pieces.sh" join "$W/pieces" "$2" "$W" || exit 3
+    rm -f "$W/pieces/$2".part[0-9]*
+    # From $W: `python3 -m` puts the working directory first on sys.path, and a checkout there has its own slkit/.
+    ( cd "$W" && time python3 -m slkit setup --model "$1" --gguf "$W/$2" ) 2>&1 | grep -v Warning || exit 3
+    rm -f "$W/$2"
+    ;;
+  start)
+    cd "$W" || exit 3
+    if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
+    setsid nohup python3 -m slkit run "$@" --no-progress >> run.log 2>&1 < /dev/null &
+    echo $! > run.pid; echo "started pid $!: slkit run $*"
+    ;;
+  watch)
+    end=$((SECONDS + $1))
+    while [ $SECONDS -lt $end ] && kill -0 "$(cat "$W/run.pid")" 2>/dev/null; do sleep 5; done
+    kill -0 "$(cat "$W/run.pid")" 2>/dev/null && echo "run: running" || echo "run: ended"
+    ls -t "$W"/runs/*/*/*.done.json 2>/dev/null | head -3
+    cat "$W"/runs/*/*/progress.json 2>/dev/null | tail -c 300; echo
+    tail -n 4 "$W"/runs/*/engine_timings.jsonl 2>/dev/null
+    grep -v -E 'Warning|warn\(|^\s*$' "$W/run.log" | tail -n 8
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    ;;
+  bundle)
+    run=$1 out=$2 mib=${3:-15}
+    # Stop the stage's kernel (its PID is in <stage>.lock) and the run, so the records are not torn mid-copy;
+    # the rerun resumes from them.
+    for lock in "$W/runs/$run"/*/*.lock; do [ -f "$lock" ] && kill -TERM "$(cat "$lock")" 2>/dev/null; done
+    [ -f "$W/run.pid" ] && kill -TERM "$(cat "$W/run.pid")" 2>/dev/null; sleep 3
+    tar -C "$W/runs" --exclude='checkpoint-*' -czf "$W/$run.tgz" "$run" || exit 3
+    bash "$here/pieces.sh" split "$W/$run.tgz" "$out" "$mib"
+    ;;
+  unbundle)
+    bash "$here/pieces.sh" join "$1" "$2.tgz" "$W" && tar -C "$W/runs" -xzf "$W/$2.tgz" && rm "$W/$2.tgz" || exit 3
+    # A <stage>.lock holds the PID of the kernel that ran the stage on the machine the run came from; here
+    # that number may belong to anything, this run included (slkit stops the PID it names before resuming).
+    rm -f "$W/runs/$2"/*/*.lock
+    echo "runs/$2 ready: $(ls "$W/runs/$2")"
+    ;;
+  *) sed -n 2,13p "$0"; exit 2 ;;
+esac
