@@ -91,6 +91,37 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def top_k_top_p_probs(scores: Any, temperature: float, top_k: int, top_p: float) -> tuple[Any, Any]:
+    """The sampling distribution of temperature, then top-k, then top-p (the order of transformers' and vLLM's
+    samplers) over the k best tokens only: (probabilities, token ids), each (batch, k). Top-p keeps the best
+    tokens until their mass reaches top_p, the one that crosses it included."""
+    import torch
+
+    values, ids = torch.topk(scores / temperature, min(top_k, scores.shape[-1]), dim=-1)  # best first
+    probs = values.softmax(-1)
+    if top_p < 1:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs, ids
+
+
+class TopKSampler:
+    """A logits processor that samples the next token among the top-k (temperature, top-k, top-p as above) and
+    leaves only it with a finite score, so that greedy decoding takes it. The distribution is the one
+    transformers' warpers and multinomial give; the cost is not: on a CPU, sorting and sampling over Qwen's
+    152k-token vocabulary took 0.2 s per step at batch 16, more than the 0.5B model's forward pass."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs, ids = top_k_top_p_probs(scores, self.temperature, self.top_k, self.top_p)
+        chosen = ids.gather(-1, torch.multinomial(probs, 1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+
 class LocalPrompts:
     """Prompts rendered here with the model's tokenizer: its chat template, or the plain format."""
     params: Params
@@ -151,17 +182,21 @@ class TransformersEngine(LocalPrompts):
             i += len(batch)
             enc = self._encode([requests[j].text for j in batch])
             greedy = sampling.temperature == 0
+            # With top-k on, TopKSampler draws the token after the repetition penalty and greedy search takes it.
+            top_k_sampler = not greedy and sampling.top_k > 0
             kwargs = dict(
                 max_new_tokens=max(requests[j].max_new_tokens for j in batch),
                 min_new_tokens=sampling.min_new_tokens or None,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None if greedy else sampling.top_k,
+                do_sample=not greedy and not top_k_sampler,
+                temperature=None if greedy or top_k_sampler else sampling.temperature,
+                top_p=None if greedy or top_k_sampler else sampling.top_p,
+                top_k=None if greedy or top_k_sampler else sampling.top_k,
                 repetition_penalty=sampling.repetition_penalty,
                 eos_token_id=self.eos_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
+            if top_k_sampler:
+                kwargs["logits_processor"] = [TopKSampler(sampling.temperature, sampling.top_k, sampling.top_p)]
             torch.manual_seed(stable_seed(*(requests[j].seed for j in batch)))
             with torch.inference_mode(), self._adapter(role):
                 out = self.model.generate(**enc, **kwargs)

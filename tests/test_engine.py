@@ -115,3 +115,29 @@ def test_cpu_int8_engine_quantises_base_layers_keeps_lora_and_skipped_layers_and
     greedy = smoke_params.sampling.model_copy(update={"temperature": 0.0, "stop": [], "repetition_penalty": 3.0})
     prompt = int8_engine.render("Write a long story.")
     assert int8_engine.generate([Request(prompt, "generator", 8)], greedy)[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 20, 0.8), (1.0, 5, 1.0), (0.5, 50, 0.3)])
+def test_top_k_sampler_draws_from_the_distribution_of_transformers_warpers(temperature, top_k, top_p):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from slkit.engines import TopKSampler, top_k_top_p_probs
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 300) * 3
+    scores[0, :150] = float("-inf")  # a row with forbidden tokens (min_new_tokens masks eos like this)
+    warped = scores
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        warped = warper(None, warped)
+    expected = warped.softmax(-1)
+    probs, ids = top_k_top_p_probs(scores, temperature, top_k, top_p)
+    got = torch.zeros_like(expected).scatter_(-1, ids, probs)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+    chosen = TopKSampler(temperature, top_k, top_p)(None, scores)
+    assert ((chosen == 0).sum(-1) == 1).all() and torch.isinf(chosen).sum(-1).eq(299).all()
+    assert (expected.gather(-1, chosen.argmax(-1, keepdim=True)) > 0).all()  # drawn from the support
+    # frequencies over many draws follow the distribution
+    draws = torch.stack([TopKSampler(temperature, top_k, top_p)(None, scores[1:2]).argmax(-1) for _ in range(3000)])
+    freq = torch.bincount(draws.flatten(), minlength=300).float() / 3000
+    assert (freq - expected[1]).abs().max() < 0.04
