@@ -259,6 +259,10 @@ class EvaluationParams(_Section):
     baseline: bool = True  # evaluate the untrained base model first (runs/<run>/baseline/), so curves start from it
     benchmark_format: Literal["auto", "longen", "longbench_write"] = "auto"  # auto: by the first record's fields
     subset_size: int | None = Field(None, ge=1)  # None: the whole benchmark; else queries drawn evenly over language x type
+    # Queries that ask for more words than this are left out before the subset is drawn. None (the reference):
+    # all. For a run whose answers are capped far below the benchmark's targets, where those would score 0
+    # whatever the model learned.
+    max_required_words: float | None = Field(None, gt=0)
     samples_per_query: int = Field(1, ge=1)  # k > 1 measures length stability (coefficient of variation over k)
     max_new_tokens: int | None = None  # None: sampling.max_new_tokens
     judge: JudgeParams = JudgeParams()

@@ -266,6 +266,8 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
     if not ev.benchmark:
         return None
     fmt, items = load_benchmark(ev.benchmark, ev.benchmark_format)
+    if ev.max_required_words is not None:
+        items = [item for item in items if item["required"] <= ev.max_required_words]
     subset = items if ev.subset_size is None else stratified_subset(items, ev.subset_size, params.seed)
     slots = [(i, k) for i in range(len(subset)) for k in range(ev.samples_per_query)]
     with RecordWriter(out / "benchmark_outputs.jsonl") as writer:

@@ -145,6 +145,23 @@ def test_benchmark_subset_size_null_scores_the_whole_benchmark(scripted_run):
         assert stages.score_benchmark(p, {}, out, "evaluate")["n"] == n
 
 
+def test_max_required_words_leaves_longer_targets_out_of_the_subset(scripted_run):
+    from slkit.evaluation import load_benchmark
+
+    run_dir, log, where = scripted_run
+    params = stages.load_run_params(run_dir)
+    _, items = load_benchmark(str(BENCHMARK))
+    limit = sorted(item["required"] for item in items)[len(items) // 2]
+    out = run_dir / "eval-short"
+    out.mkdir()
+    p = params.model_copy(update={"evaluation": params.evaluation.model_copy(
+        update={"subset_size": None, "samples_per_query": 1, "max_required_words": limit})})
+    scores = stages.score_benchmark(p, {}, out, "evaluate")
+    answered = read_jsonl(out / "benchmark_outputs.jsonl")
+    assert 0 < scores["n"] == sum(item["required"] <= limit for item in items) < len(items)
+    assert max(r["required"] for r in answered) <= limit
+
+
 def test_the_evaluate_stage_starts_one_engine_for_the_benchmark_and_its_own_judge(tmp_path, monkeypatch):
     """vLLM keeps its GPU memory until the stage's process ends, so a second engine in the evaluate stage
     did not fit on the H200 (20 of 140 GiB free): the self-judge must reuse the benchmark's engine (as the
