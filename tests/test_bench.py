@@ -51,7 +51,10 @@ def test_vllm_bench_builds_a_full_vocabulary_checkpoint(tmp_path):
 
 def test_cpu_generate_bench_tiny():
     out = subprocess.run([sys.executable, "bench/cpu_generate.py", "--model", "builtin:tiny-random-llama",
-                          "--batches", "1", "2", "--steps", "2"], capture_output=True, text=True, cwd=REPO, timeout=600)
+                          "--batches", "1", "2", "--tokens", "3"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith(("| float32 |", "| bfloat16 |"))]
-    assert len(rows) == 4 and rows[0].endswith("| 1.00x |")
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith(("| float32 |", "| int8 |",
+                                                                                       "| bfloat16 |"))]
+    assert len(rows) == 8 and rows[0][5] == "1.00x" and rows[4][5] == "1.00x"
+    kl = {(row[0], row[1]): float(row[6].rstrip(" |")) for row in rows}
+    assert kl["| float32", "TopKSampler"] == 0.0 and kl["| int8", "TopKSampler"] > 0.0
