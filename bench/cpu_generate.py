@@ -88,7 +88,7 @@ def main() -> None:
         for weights, sampler in configs:
             s = results[weights, sampler, batch]
             print(f"| {weights} | {sampler} | {batch} | {s:.3f} | {batch / s:.1f} | "
-                  f"{s / results[first[0], first[1], batch]:.2f}x | {kl[weights, sampler]:.4f} |")
+                  f"{s / results[first[0], first[1], batch]:.2f}x | {kl[weights, sampler]:.3g} |")
 
 
 if __name__ == "__main__":
