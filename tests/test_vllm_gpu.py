@@ -142,10 +142,11 @@ def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(s
     model rewrites on one engine (sleep mode), the adapter's training on the GPU, the scoring engine."""
     import shutil
 
+    from test_length_control_stage import _iteration
+
     from slkit import stages
     from slkit.params import dump_params
     from slkit.pipeline import prepare_run
-    from test_length_control_stage import _iteration
 
     model_dir, adapters = small_model
     params = _params(model_dir, **{
