@@ -72,6 +72,12 @@ class VLLMParams(_Section):
     enforce_eager: bool = False  # True skips CUDA graphs: starts ~1 min faster, decodes slower
     tensor_parallel_size: int = Field(1, ge=1)
     enable_prefix_caching: bool = True
+    # True: close() puts the engine to sleep (vLLM's sleep mode, level 2), which frees its weights and KV cache
+    # inside the process, so training or another engine can follow in it (a plain close frees nothing until
+    # the process ends). vLLM's allocator serves one such engine per process: the length-control stage turns it
+    # on for its engine before training and off for the scoring engine after; the other stages, one engine per
+    # process, need none.
+    enable_sleep_mode: bool = False
 
 
 class EndpointParams(_Section):

@@ -110,20 +110,22 @@ def skip_when_done(stage: str) -> Callable:
 
 def _generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
                       work: Callable[..., Counter], out: Path | None = None,
-                      adapters: dict[str, str | None] | None = None) -> tuple[list[dict], Counter]:
-    """Run `work(engine, writer, on_done)` with this iteration's adapters (or `adapters`), writing `output`
-    in the iteration's directory (or `out`) incrementally. A finished `output` is read, not rewritten."""
+                      shared: StageEngine | None = None) -> tuple[list[dict], Counter]:
+    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` in the iteration's
+    directory (or `out`) incrementally. A finished `output` is read, not rewritten. With `shared`, its engine
+    is used and left open for the rest of the stage."""
     params, iteration_out = _prepare(run_dir, iteration)
     out = out or iteration_out
     if (out / output).exists():
         return read_jsonl(out / output), Counter()
     with RecordWriter(out / output) as writer:
         progress = Progress(out, stage, total, len(writer.records))
-        engine = load_engine(params, current_adapters(run_dir, iteration) if adapters is None else adapters)
+        engines = shared or StageEngine(params, current_adapters(run_dir, iteration))
         try:
-            counts = work(engine, writer, progress.advance)
+            counts = work(engines.get(), writer, progress.advance)
         finally:
-            engine.close()
+            if shared is None:
+                engines.close()
         return writer.finish(), counts
 
 
@@ -237,7 +239,9 @@ class StageEngine:
     """A stage's engine, started at its first use and closed once by the stage. vLLM keeps the GPU memory
     it reserved until its process ends, so a second engine started in the same stage process does not fit
     (measured on an H200: 20 of 140 GiB free after the first closed): the parts of a stage that run on the
-    same model and backend share this one (the base model is role None beside the LoRA roles)."""
+    same model and backend share this one (the base model is role None beside the LoRA roles). An engine
+    that training or another engine follows in the process is built with_sleep_mode, and then gives its
+    memory back when closed."""
 
     def __init__(self, params: Params, adapters: dict[str, str | None]):
         self.params, self.adapters, self.engine = params, adapters, None
@@ -251,6 +255,14 @@ class StageEngine:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+
+
+def with_sleep_mode(params: Params, on: bool) -> Params:
+    """`params` whose vLLM engine gives its GPU memory back when closed (on), or keeps it until the process
+    ends (off). vLLM's sleep-mode allocator takes one engine per process: only the first engine of a process
+    that is followed by more GPU work gets it. Other backends ignore it."""
+    vllm = params.engine.vllm.model_copy(update={"enable_sleep_mode": on})
+    return params.model_copy(update={"engine": params.engine.model_copy(update={"vllm": vllm})})
 
 
 def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, stage: str,
@@ -368,9 +380,11 @@ def _discard_stale_results(out: Path, iteration: int) -> None:
     write_json_atomic(record, {"iteration": iteration})
 
 
-def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Path) -> dict[str, Any]:
+def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Path,
+                   engines: StageEngine) -> dict[str, Any]:
     """The collection pass of the final stage: length_control.collect_queries new self-instructed queries,
-    answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable)."""
+    answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable). Both run on
+    `engines` (holding that Generator), left open for the rest of the stage."""
     from slkit.drafts import write_drafts
     from slkit.queries import synthesize_queries
 
@@ -381,16 +395,15 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
     pool = _query_pool(params, earlier)
     # synthesize_queries makes queries.per_language queries in each language: here the collection's count.
     sized = params.model_copy(update={"queries": params.queries.model_copy(update={"per_language": count})})
-    final = {"generator": str(adapter_dir(run_dir, iteration, "generator"))}
     queries, rejected = _generate_records(
         run_dir, iteration, "length_control (collect queries)", "queries.jsonl", count * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], sized,
-                                                           COLLECTION, writer, on_done), out=out, adapters=final)
+                                                           COLLECTION, writer, on_done), out=out, shared=engines)
     drafts, refused = _generate_records(
         run_dir, iteration, "length_control (collect drafts)", "drafts.jsonl",
         len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, COLLECTION, writer, params.quality,
-                                                     on_done), out=out, adapters=final)
+                                                     on_done), out=out, shared=engines)
     return {"queries": len(queries), "drafts": len(drafts), "rejected_queries": dict(rejected),
             "rejected_drafts": dict(refused)}
 
@@ -426,29 +439,38 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     out = stage_dir(run_dir, iteration, "length_control")
     out.mkdir(parents=True, exist_ok=True)
     _discard_stale_results(out, iteration)
-    collection = collect_drafts(run_dir, iteration, params, out)
-    found = long_responses(run_dir, iteration, params)
-    # A query that already names a length would carry two limits: skipped (and counted), not rewritten.
-    pairs = [p for p in found if not names_length(p["query"])]
-    rng = random.Random(stable_seed(params.seed, "length_control"))
-    assignments = [assign_constraint(p["words"], rng, lc.round_to, lc.min_words, lc.max_words, dict(lc.proportions),
-                                     lc.coarse_prob) for p in pairs]
-    constraints = [a.constraint for a in assignments]
-    rewrites = [template_rewrite(p["query"], c, p["language"], rng) for p, c in zip(pairs, constraints)]
-    how = ["template"] * len(pairs)
-    refused: Counter = Counter()
-    if lc.rewrite == "model" and pairs:
-        engine = load_engine(params, {})
-        asked = engine.generate([Request(engine.render(rewrite_prompt(p["query"], c, p["language"], rng)), None,
-                                         params.queries.max_new_tokens, stable_seed(params.seed, "rewrite", p["id"]))
-                                 for p, c in zip(pairs, constraints)], params.sampling)
-        engine.close()
-        for i, (p, c, text) in enumerate(zip(pairs, constraints, asked)):
-            failure = rewrite_failure(p["query"], text, c)
-            if failure:
-                refused[failure] += 1
-            else:
-                rewrites[i], how[i] = text.strip(), "model"
+    # Every generation before training runs on one engine: the last iteration's Generator for the collection,
+    # the base model (role None) for the rewrites. It is closed before training and, built with vLLM's sleep
+    # mode, gives its GPU memory back to training and to the scoring engine; that one is the process's last
+    # and is built without it (vLLM's sleep-mode allocator takes one engine per process).
+    last = adapter_dir(run_dir, iteration, "generator")
+    engines = StageEngine(with_sleep_mode(params, True), {"generator": str(last)})
+    try:
+        collection = collect_drafts(run_dir, iteration, params, out, engines)
+        found = long_responses(run_dir, iteration, params)
+        # A query that already names a length would carry two limits: skipped (and counted), not rewritten.
+        pairs = [p for p in found if not names_length(p["query"])]
+        rng = random.Random(stable_seed(params.seed, "length_control"))
+        assignments = [assign_constraint(p["words"], rng, lc.round_to, lc.min_words, lc.max_words,
+                                         dict(lc.proportions), lc.coarse_prob) for p in pairs]
+        constraints = [a.constraint for a in assignments]
+        rewrites = [template_rewrite(p["query"], c, p["language"], rng) for p, c in zip(pairs, constraints)]
+        how = ["template"] * len(pairs)
+        refused: Counter = Counter()
+        if lc.rewrite == "model" and pairs:
+            engine = engines.get()
+            asked = engine.generate([Request(engine.render(rewrite_prompt(p["query"], c, p["language"], rng)), None,
+                                             params.queries.max_new_tokens,
+                                             stable_seed(params.seed, "rewrite", p["id"]))
+                                     for p, c in zip(pairs, constraints)], params.sampling)
+            for i, (p, c, text) in enumerate(zip(pairs, constraints, asked)):
+                failure = rewrite_failure(p["query"], text, c)
+                if failure:
+                    refused[failure] += 1
+                else:
+                    rewrites[i], how[i] = text.strip(), "model"
+    finally:
+        engines.close()
     records = []
     for p, a, query, h in zip(pairs, assignments, rewrites, how):
         c = a.constraint
@@ -460,13 +482,12 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     write_jsonl_atomic(out / "constrained.jsonl", records)
     write_jsonl_atomic(out / "generator_sft.jsonl",
                        [{"id": r["id"], "prompt": r["query"], "completion": r["completion"]} for r in records])
-    last = adapter_dir(run_dir, iteration, "generator")
     init = None if lc.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
     final = out / "adapters" / "generator"
     training = (read_json(final / "slkit-train.json") if (final / "slkit-train.json").exists()
                 else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
     before = read_json(iter_dir(run_dir, iteration) / "metrics.json").get("length_following")
-    after = score_benchmark(params, {"generator": str(final)}, out, "length_control")
+    after = score_benchmark(with_sleep_mode(params, False), {"generator": str(final)}, out, "length_control")
     summary = {"pairs": len(records), "sources": dict(Counter(r["source"] for r in records)),
                "skipped": {"names_length": len(found) - len(pairs)}, "collection": collection,
                "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),

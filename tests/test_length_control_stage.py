@@ -44,10 +44,12 @@ def _iteration(run_dir, k):
 
 
 class Fakes:
-    """load_engine and train_adapter stand-ins that record what they were given."""
+    """load_engine and train_adapter stand-ins that record what they were given: each engine's adapters and
+    whether it was asked to give its memory back when closed (vLLM's sleep mode). Training with an engine
+    still open fails, as it would on a GPU that engine holds."""
 
     def __init__(self, monkeypatch, scripted_engine):
-        self.adapters, self.engines, self.trained = [], [], []
+        self.adapters, self.sleep_modes, self.engines, self.open, self.trained = [], [], [], [], []
 
         def answer(request):
             if request.role is None:  # self-instruct: a new query
@@ -55,11 +57,16 @@ class Fakes:
             return _text(request.seed, 40)
 
         def load_engine(params, adapters=None):
+            engine = scripted_engine(answer)
+            engine.close = lambda: self.open.remove(engine)  # a second close fails too
             self.adapters.append(adapters)
-            self.engines.append(scripted_engine(answer))
-            return self.engines[-1]
+            self.sleep_modes.append(params.engine.vllm.enable_sleep_mode)
+            self.engines.append(engine)
+            self.open.append(engine)
+            return engine
 
         def train_adapter(params, examples_path, output_dir, init_adapter=None):
+            assert not self.open, "an engine is open while the adapter trains"
             summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "slkit-train.json").write_text(json.dumps(summary))
@@ -95,8 +102,9 @@ def test_final_stage_takes_drafts_extensions_and_a_collection_pass(run_dir, monk
     assert sorted(q["id"] for q in queries) == ["collect-q0", "collect-q1"]
     assert sorted(d["id"] for d in read_jsonl(out / "drafts.jsonl")) == [
         "collect-q0-d0", "collect-q0-d1", "collect-q1-d0", "collect-q1-d1"]
-    assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}] * 2
-    assert {r.role for r in fakes.engines[1].requests} == {"generator"}
+    # One engine, holding that Generator: self-instruct on the base model (role None), drafts with the adapter.
+    assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}] and not fakes.open
+    assert {r.role for r in fakes.engines[0].requests} == {None, "generator"}
     assert summary["collection"]["queries"] == 2 and summary["collection"]["drafts"] == 4
     records = read_jsonl(out / "constrained.jsonl")
     # Drafts and extensions of the iteration, and the collected drafts; the query naming 500 words is
@@ -150,7 +158,7 @@ def test_raising_macro_iterations_reruns_the_final_stage(run_dir, monkeypatch, s
     assert not stages.stage_done(run_dir, 2, "length_control")
     fakes.adapters.clear()
     summary = stages.length_control_stage(run_dir, 2)
-    assert fakes.adapters == [{"generator": _adapter(run_dir, 2)}] * 2  # collected again with iteration 2's Generator
+    assert fakes.adapters == [{"generator": _adapter(run_dir, 2)}]  # collected again with iteration 2's Generator
     assert summary["training"]["init_adapter"] == _adapter(run_dir, 2)  # trained again, from iteration 2's adapter
     assert {r["source"] for r in read_jsonl(out / "constrained.jsonl")} >= {"iter_1/drafts", "iter_2/extensions"}
     assert read_json(out / "length_control.done.json")["iteration"] == 2
@@ -170,3 +178,50 @@ def test_the_final_stage_of_a_later_iteration_is_never_thrown_away(run_dir, monk
     with pytest.raises(ValueError, match="built after iteration 2; run the final stage with iteration 2"):
         stages.length_control_stage(run_dir, 1)
     assert sorted(p.name for p in out.iterdir()) == before and stages.stage_done(run_dir, 2, "length_control")
+
+
+BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
+
+
+def _set(run_dir, **overrides):
+    dump_params(load_params(run_dir / "params.yaml", overrides), run_dir / "params.yaml")
+
+
+def test_every_generation_before_training_shares_one_engine_closed_before_training(run_dir, monkeypatch,
+                                                                                  scripted_engine):
+    """On vLLM a closed engine gives its GPU memory back only through sleep mode, and only one engine per
+    process can have it: the collection (the Generator) and the model rewrites (the base model) share one
+    engine, built with sleep mode and closed before training (the stand-in trainer fails while an engine is
+    open); the scoring engine after training holds the new adapter and is built without sleep mode."""
+    _set(run_dir, **{"length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK)})
+    fakes = Fakes(monkeypatch, scripted_engine)
+    summary = stages.length_control_stage(run_dir, 1)
+    final = str(run_dir / "length_control" / "adapters" / "generator")
+    assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}, {"generator": final}]
+    assert fakes.sleep_modes == [True, False] and len(fakes.trained) == 1 and not fakes.open
+    before, scoring = fakes.engines
+    assert {r.role for r in before.requests} == {None, "generator"}  # self-instruct and rewrites; drafts
+    assert {r.role for r in scoring.requests} == {"generator"}  # so every rewrite ran on the first engine:
+    assert summary["rewrites"].get("model", 0) + sum(summary["model_rewrites_refused"].values()) == summary["pairs"] > 0
+    assert summary["length_after"]["n"] > 0
+
+
+def test_on_vllm_training_and_scoring_fit_in_the_memory_the_first_engine_gave_back(run_dir, monkeypatch, fake_vllm):
+    """The stage on slkit's vLLM engine over a fake vLLM with its memory rules (conftest.FakeGPU): an engine
+    takes 85% of the card and a closed one keeps it unless it slept. Training finds the whole card free and
+    the scoring engine starts; before, the collection's second engine already found 15% free."""
+    _set(run_dir, **{"engine.backend": "vllm", "length_control.rewrite": "model",
+                     "evaluation.benchmark": str(BENCHMARK)})
+    free_while_training = []
+
+    def train_adapter(params, examples_path, output_dir, init_adapter=None):
+        free_while_training.append(fake_vllm.total - fake_vllm.reserved)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "slkit-train.json").write_text(json.dumps({"samples": len(read_jsonl(examples_path))}))
+        return {"samples": len(read_jsonl(examples_path))}
+
+    monkeypatch.setattr("slkit.training.train_adapter", train_adapter)
+    summary = stages.length_control_stage(run_dir, 1)
+    assert free_while_training == [fake_vllm.total]
+    assert [llm.kwargs["enable_sleep_mode"] for llm in fake_vllm.llms] == [True, False]
+    assert summary["collection"]["drafts"] > 0 and summary["length_after"]["n"] > 0

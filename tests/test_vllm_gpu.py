@@ -55,11 +55,12 @@ def _params(model_dir, **overrides):
     return load_params(REPO / "params" / "smoke.yaml", {"model.path": str(model_dir), **VLLM_PARAMS, **overrides})
 
 
-def _in_fresh_process(code: str) -> None:
+def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
     """Like a notebook: one GPU phase per process, so vLLM's memory goes back when it ends."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def test_roles_share_one_batch_and_greedy_is_repeatable(small_model):
@@ -95,6 +96,75 @@ def test_stages_run_on_vllm_each_in_its_own_process(small_model, tmp_path):
         lines = (run_dir / name).read_text().splitlines()
         assert lines and all(json.loads(line) for line in lines), name
     assert (run_dir / "iter_1" / "adapters" / "generator" / "adapter_model.safetensors").exists()
+
+
+def _memory_lines(stderr: str) -> list[str]:
+    """vLLM's own account of a sleep ("Sleep mode freed X GiB memory, Y GiB memory is still in use."), and any
+    error its allocator printed when slept memory was collected (vLLM issue 36651)."""
+    return [line for line in stderr.splitlines() if "Sleep mode freed" in line or "CUDA Error" in line]
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_a_closed_engine_with_sleep_mode_leaves_room_for_the_next_in_its_process(small_model, tmp_path, eager):
+    """Two engines of 85% of the GPU, one after the other in one process, the first built with sleep mode:
+    without it the second found 20 of 140 GiB free on the H200. The second serves the same adapter alike.
+    With CUDA graphs too (the GPU recipes' setting): their memory is outside what sleep frees."""
+    from slkit.params import dump_params
+
+    model_dir, adapters = small_model
+    dump_params(_params(model_dir, **{"output_dir": str(tmp_path), "engine.vllm.gpu_memory_utilization": 0.85,
+                                      "engine.vllm.enforce_eager": eager}), tmp_path / "p.yaml")
+    done = _in_fresh_process(f"""
+import json, torch
+from slkit.engines import Request
+from slkit.params import SamplingParams, load_params
+from slkit.stages import with_sleep_mode
+from slkit.vllm_engine import VLLMEngine
+params = load_params({str(tmp_path / "p.yaml")!r})
+greedy, adapters = SamplingParams(temperature=0, stop=[]), {{"generator": {adapters["generator"]!r}}}
+first = VLLMEngine(with_sleep_mode(params, True), adapters)
+a = first.generate([Request(first.render("Write about rivers."), "generator", 16)], greedy)
+first.close()
+free, total = torch.cuda.mem_get_info()
+second = VLLMEngine(with_sleep_mode(params, False), adapters)
+b = second.generate([Request(second.render("Write about rivers."), "generator", 16)], greedy)
+second.close()
+print(json.dumps({{"free_after_first_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1),
+                  "same": a == b}}))
+""")
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    print(measured, *_memory_lines(done.stderr), sep="\n")
+    assert measured["free_after_first_gib"] >= 0.85 * measured["total_gib"] and measured["same"]
+
+
+def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(small_model, tmp_path):
+    """The final stage as papermill runs it, one process, on vLLM at 85% of the GPU: the collection and the
+    model rewrites on one engine (sleep mode), the adapter's training on the GPU, the scoring engine."""
+    import shutil
+
+    from test_length_control_stage import _iteration
+
+    from slkit import stages
+    from slkit.params import dump_params
+    from slkit.pipeline import prepare_run
+
+    model_dir, adapters = small_model
+    params = _params(model_dir, **{
+        "output_dir": str(tmp_path / "runs"), "run_name": "vllm-length-control",
+        "engine.vllm.gpu_memory_utilization": 0.85, "training.lora_r": 16, "queries.languages": ["en"],
+        "length_control.rewrite": "model", "evaluation.benchmark": str(REPO / "tests" / "fixtures" / "longen_mini.jsonl")})
+    dump_params(params, tmp_path / "vllm.yaml")
+    _, run_dir = prepare_run(tmp_path / "vllm.yaml")
+    _iteration(run_dir, 1)  # iteration 1's files, with the small model's Generator adapter
+    shutil.rmtree(stages.adapter_dir(run_dir, 1, "generator"))
+    shutil.copytree(adapters["generator"], stages.adapter_dir(run_dir, 1, "generator"))
+    done = _in_fresh_process(f"from slkit import stages; stages.length_control_stage({str(run_dir)!r}, 1)")
+    timings = [json.loads(line) for line in (run_dir / "engine_timings.jsonl").read_text().splitlines()]
+    print(*timings, *_memory_lines(done.stderr), sep="\n")
+    closed = [t for t in timings if t["event"] == "closed"]
+    assert len(closed) == 2 and closed[0]["gpu_free_gib"] >= 0.85 * closed[0]["gpu_total_gib"]
+    metrics = json.loads((run_dir / "length_control" / "metrics.json").read_text())
+    assert closed[0]["requests"] > 0 and metrics["training"]["trained"] and metrics["length_after"]["n"] > 0
 
 
 def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
