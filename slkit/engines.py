@@ -184,13 +184,14 @@ class TransformersEngine(LocalPrompts):
             greedy = sampling.temperature == 0
             # With top-k on, TopKSampler draws the token after the repetition penalty and greedy search takes it.
             top_k_sampler = not greedy and sampling.top_k > 0
+            warped = not greedy and not top_k_sampler  # transformers' own sampler (top_k 0: no top-k)
             kwargs = dict(
                 max_new_tokens=max(requests[j].max_new_tokens for j in batch),
                 min_new_tokens=sampling.min_new_tokens or None,
-                do_sample=not greedy and not top_k_sampler,
-                temperature=None if greedy or top_k_sampler else sampling.temperature,
-                top_p=None if greedy or top_k_sampler else sampling.top_p,
-                top_k=None if greedy or top_k_sampler else sampling.top_k,
+                do_sample=warped,
+                temperature=sampling.temperature if warped else None,
+                top_p=sampling.top_p if warped else None,
+                top_k=sampling.top_k if warped else None,
                 repetition_penalty=sampling.repetition_penalty,
                 eos_token_id=self.eos_ids,
                 pad_token_id=self.tokenizer.pad_token_id,

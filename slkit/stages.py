@@ -6,13 +6,14 @@ stage whose done-marker exists. A killed stage resumes from its `.partial` recor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from slkit.engines import load_engine, stable_seed
 from slkit.params import Params, load_params
@@ -120,12 +121,8 @@ def _generate_records(run_dir: str | Path, iteration: int, stage: str, output: s
         return read_jsonl(out / output), Counter()
     with RecordWriter(out / output) as writer:
         progress = Progress(out, stage, total, len(writer.records))
-        engines = shared or StageEngine(params, current_adapters(run_dir, iteration))
-        try:
-            counts = work(engines.get(), writer, progress.advance)
-        finally:
-            if shared is None:
-                engines.close()
+        with stage_engine(shared, params, current_adapters(run_dir, iteration)) as engine:
+            counts = work(engine, writer, progress.advance)
         return writer.finish(), counts
 
 
@@ -257,6 +254,20 @@ class StageEngine:
             self.engine = None
 
 
+@contextlib.contextmanager
+def stage_engine(shared: StageEngine | None, params: Params, adapters: dict[str, str | None]) -> Iterator[Any]:
+    """`shared`'s engine, left open for the rest of the stage; without one, an engine of `params` with
+    `adapters`, closed when the block ends (also when it raises)."""
+    if shared is not None:
+        yield shared.get()
+        return
+    own = StageEngine(params, adapters)
+    try:
+        yield own.get()
+    finally:
+        own.close()
+
+
 def with_sleep_mode(params: Params, on: bool) -> Params:
     """`params` whose vLLM engine gives its GPU memory back when closed (on), or keeps it until the process
     ends (off). vLLM's sleep-mode allocator takes one engine per process: only the first engine of a process
@@ -287,14 +298,11 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
         todo = [(i, k) for i, k in slots if (i, k) not in done]
         progress = Progress(out, stage, len(slots), len(done))
         if todo:
-            engines = shared or StageEngine(params, adapters)
-            engine = engines.get()
             max_new = ev.max_new_tokens or params.sampling.max_new_tokens
-            texts = engine.generate([Request(engine.render(subset[i]["query"]), "generator", max_new,
-                                             stable_seed(params.seed, "benchmark", i, k)) for i, k in todo],
-                                    params.sampling, progress.advance)
-            if shared is None:
-                engines.close()
+            with stage_engine(shared, params, adapters) as engine:
+                texts = engine.generate([Request(engine.render(subset[i]["query"]), "generator", max_new,
+                                                 stable_seed(params.seed, "benchmark", i, k)) for i, k in todo],
+                                        params.sampling, progress.advance)
             for (i, k), text in zip(todo, texts):
                 item, lengths = subset[i], output_lengths(text, fmt)
                 writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
@@ -319,13 +327,12 @@ def judge_stage_outputs(params: Params, out: Path, stage: str, shared: StageEngi
     items = [r for r in read_jsonl(outputs) if r["sample"] < jp.samples_per_query]
     with RecordWriter(out / "judgements.jsonl") as writer:
         if len(writer.records) < len(items):
-            own = shared is not None and jp.model is None and jp.engine is None
-            engines = shared if own else StageEngine(
-                params.model_copy(update={"model": jp.model or params.model, "engine": jp.engine or params.engine}), {})
+            own = jp.model is None and jp.engine is None
+            judge_params = params.model_copy(update={"model": jp.model or params.model,
+                                                     "engine": jp.engine or params.engine})
             progress = Progress(out, f"{stage} (judge)", len(items), len(writer.records))
-            judge_responses(engines.get(), items, jp, params.seed, writer, progress.advance)
-            if not own:
-                engines.close()
+            with stage_engine(shared if own else None, judge_params, {}) as engine:
+                judge_responses(engine, items, jp, params.seed, writer, progress.advance)
         return summarize_judgements(writer.finish())
 
 
