@@ -7,8 +7,8 @@ reference's sampling (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1
 per decode step, tokens/s and the time against the first row at the same batch:
 
 - float32, transformers' sampler: do_sample=True (sorts and samples over the whole vocabulary each step);
-- float32, TopKSampler: slkit's engine (slkit/engines.py), the same distribution among the top-k only;
-- int8, TopKSampler: `engine.cpu_int8` (slkit.models.quantize_int8_for_cpu, down_proj kept float32);
+- float32, TopKSampler: slkit's engine (slkit/engines/transformers.py), the same distribution among the top-k only;
+- int8, TopKSampler: `engine.cpu_int8` (slkit.models.loading.quantize_int8_for_cpu, down_proj kept float32);
 - bfloat16, TopKSampler: what `model.dtype: auto` picks on CPUs with AVX512-BF16 or AMX.
 
 The last column is the mean KL divergence (nats per token) of the row's next-token distribution from
@@ -29,8 +29,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slkit.engines import TopKSampler
-    from slkit.models import compute_dtype, quantize_int8_for_cpu, resolve_model_path
+    from slkit.engines.transformers import TopKSampler
+    from slkit.models.loading import compute_dtype, quantize_int8_for_cpu, resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct")

@@ -6,7 +6,7 @@
 
 --vllm compares, side by side, a bare vLLM `LLM.generate` with a rank-16 LoRA (the probe of
 FINDINGS.md) against slkit's VLLMEngine driven by slkit's own drafts stage code
-(slkit.drafts.write_drafts writing records), bf16 and 4-bit weights, same prompt token ids, same
+(slkit.method.drafts.write_drafts writing records), bf16 and 4-bit weights, same prompt token ids, same
 sampling, same memory budget; each measurement in a fresh process so vLLM gets the GPU back.
 
 Randomly initialised weights of the real shapes (bench/train_memory.py builds them), loaded as the
@@ -31,8 +31,9 @@ from train_memory import RECIPE, build_checkpoint  # noqa: E402
 def run(shape: str, workdir: Path, prompts: int, new_tokens: int, batch: int, bf16: bool) -> list[dict]:
     import torch
 
-    from slkit.engines import Request, TransformersEngine
-    from slkit.params import load_params
+    from slkit.engines.base import Request
+    from slkit.engines.transformers import TransformersEngine
+    from slkit.running.params import load_params
 
     model_dir = build_checkpoint(shape, workdir)
     on_gpu = torch.cuda.is_available()
@@ -111,8 +112,8 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
     """One measurement in this process: 'bare' (vLLM's own API) or 'slkit' (the drafts stage on VLLMEngine)."""
     import torch
 
-    from slkit.params import load_params
-    from slkit.prompts import render_user_turn, with_bos
+    from slkit.running.params import load_params
+    from slkit.models.chat import render_user_turn, with_bos
 
     utilization = round(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 4)
     overrides = {"model.path": str(model_dir), "model.load_in_4bit": not bf16, "model.prompt_format": "plain",
@@ -144,9 +145,10 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
         seconds = time.perf_counter() - start
         produced = sum(len(o.outputs[0].token_ids) for o in outs)
     else:
-        from slkit.drafts import write_drafts
-        from slkit.engines import Request, load_engine
-        from slkit.records import RecordWriter
+        from slkit.method.drafts import write_drafts
+        from slkit.engines.base import Request
+        from slkit.engines import load_engine
+        from slkit.running.records import RecordWriter
 
         engine = load_engine(params, {"generator": str(adapter), "extender": str(adapter)})
         engine.generate([Request(engine.render(texts[0]), "generator", new_tokens)], params.sampling)  # warm-up

@@ -7,7 +7,7 @@ Models are randomly initialised with the real shapes (honest for memory and spee
 Each measurement runs in a fresh process (clean CUDA peak, survives an OOM) and trains 2 optimizer
 steps of batch 1 on one sequence of exactly `length` tokens; tokens/s is taken from the second step.
 - naive: peft's prepare_model_for_kbit_training (fp32 upcast) + the model's own loss, paged AdamW 8-bit.
-- slkit*: slkit.training.train_adapter, the function the 03_train notebook calls, with the GPU recipe
+- slkit*: slkit.training.adapters.train_adapter, the function the 03_training notebook calls, with the GPU recipe
   params/qwen2.5-7b-24gb.yaml and the variant's overrides.
 Both: nf4 with double quant, bf16 compute, LoRA r=16 alpha=32 on all linear layers.
 """
@@ -51,7 +51,7 @@ def build_checkpoint(shape: str, workdir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slkit.models import train_small_tokenizer
+    from slkit.models.loading import train_small_tokenizer
 
     out = workdir / shape
     if (out / "config.json").exists():
@@ -71,7 +71,7 @@ def build_checkpoint(shape: str, workdir: Path) -> Path:
 
 def write_samples(path: Path, tokenizer, length: int, n: int = 2) -> None:
     """n (prompt, completion) pairs whose tokens reach `length` (training cuts them there)."""
-    words = " ".join(line for line in (REPO / "slkit" / "seeds" / "en.txt").read_text().splitlines())
+    words = " ".join(line for line in (REPO / "slkit" / "method" / "exemplars" / "en.txt").read_text().splitlines())
     per_copy = len(tokenizer(words)["input_ids"])
     completion = " ".join([words] * (length // per_copy + 2))
     path.write_text("".join(json.dumps({"prompt": "Write at length.", "completion": completion}) + "\n" for _ in range(n)))
@@ -80,9 +80,9 @@ def write_samples(path: Path, tokenizer, length: int, n: int = 2) -> None:
 def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) -> dict:
     import torch
 
-    from slkit.models import load_tokenizer
-    from slkit.params import load_params
-    from slkit.training import train_adapter
+    from slkit.models.loading import load_tokenizer
+    from slkit.running.params import load_params
+    from slkit.training.adapters import train_adapter
 
     on_gpu = torch.cuda.is_available()
     params = load_params(RECIPE, {"model.path": str(model_dir), "training.max_length": length,

@@ -34,9 +34,9 @@ def main() -> None:
 
     import torch
 
-    from slkit.models import load_tokenizer
-    from slkit.params import load_params
-    from slkit.training import train_adapter
+    from slkit.models.loading import load_tokenizer
+    from slkit.running.params import load_params
+    from slkit.training.adapters import train_adapter
 
     on_gpu = torch.cuda.is_available()
     shape = "tiny-llama" if args.tiny else args.shape

@@ -1,5 +1,5 @@
 import sys
 
-from slkit.cli import main
+from slkit.running.cli import main
 
 sys.exit(main())

@@ -20,14 +20,14 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_params():
-    from slkit.params import load_params
+    from slkit.running.params import load_params
 
     return load_params(REPO / "params" / "smoke.yaml")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(smoke_params):
-    from slkit.models import resolve_model_path
+    from slkit.models.loading import resolve_model_path
 
     return resolve_model_path(smoke_params.model.path)
 
@@ -78,13 +78,13 @@ class FakeGPU:
 
 @pytest.fixture
 def fake_vllm(monkeypatch, tmp_path):
-    """A `vllm` module (LLM, SamplingParams, LoRARequest) over a FakeGPU, for slkit.vllm_engine on a CPU: its
+    """A `vllm` module (LLM, SamplingParams, LoRARequest) over a FakeGPU, for slkit.engines.vllm on a CPU: its
     LLM answers each request with 40 words drawn from the request's seed. Returns the FakeGPU."""
     import random
     import sys
     import types
 
-    from slkit import vllm_engine
+    from slkit.engines import vllm as vllm_engine
 
     gpu = FakeGPU()
 

@@ -5,9 +5,11 @@ import sys
 import pytest
 
 from conftest import REPO
-from slkit.params import ParamsError
-from slkit.pipeline import prepare_run
-from slkit.records import RecordFileError
+from slkit.running.params import ParamsError
+from slkit.running.pipeline import prepare_run
+from slkit.running.records import RecordFileError
+from slkit.running.layout import lock_path
+from slkit.stages.training import training_stage
 
 SMOKE = REPO / "params" / "smoke.yaml"
 
@@ -17,30 +19,30 @@ def _prepare(tmp_path, **overrides):
 
 
 def test_seed_file_with_a_broken_line(tmp_path):
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text('{"query": "Write a long history of tea."}\n{"query": "Write about rivers.",\n')
-    with pytest.raises(RecordFileError, match=r"seeds.jsonl:2: not valid JSON"):
-        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+    exemplars = tmp_path / "exemplars.jsonl"
+    exemplars.write_text('{"query": "Write a long history of tea."}\n{"query": "Write about rivers.",\n')
+    with pytest.raises(RecordFileError, match=r"exemplars.jsonl:2: not valid JSON"):
+        _prepare(tmp_path, **{"queries.exemplar_files": [str(exemplars)]})
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
 def test_seed_record_without_query(tmp_path):
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text('{"prompt": "Write a long history of tea."}\n')
-    with pytest.raises(RecordFileError, match=r"seeds.jsonl:1: missing field\(s\) query"):
-        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+    exemplars = tmp_path / "exemplars.jsonl"
+    exemplars.write_text('{"prompt": "Write a long history of tea."}\n')
+    with pytest.raises(RecordFileError, match=r"exemplars.jsonl:1: missing field\(s\) query"):
+        _prepare(tmp_path, **{"queries.exemplar_files": [str(exemplars)]})
 
 
-def test_empty_seed_pool(tmp_path):
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("\n")
-    with pytest.raises(RecordFileError, match="the seed pool is empty"):
-        _prepare(tmp_path, **{"queries.seed_files": [str(seeds)]})
+def test_empty_exemplar_pool(tmp_path):
+    exemplars = tmp_path / "exemplars.jsonl"
+    exemplars.write_text("\n")
+    with pytest.raises(RecordFileError, match="the exemplar pool is empty"):
+        _prepare(tmp_path, **{"queries.exemplar_files": [str(exemplars)]})
 
 
 def test_missing_seed_file(tmp_path):
-    with pytest.raises(ParamsError, match=r"queries.seed_files.0: file .*nope.jsonl does not exist"):
-        _prepare(tmp_path, **{"queries.seed_files": [str(tmp_path / "nope.jsonl")]})
+    with pytest.raises(ParamsError, match=r"queries.exemplar_files.0: file .*nope.jsonl does not exist"):
+        _prepare(tmp_path, **{"queries.exemplar_files": [str(tmp_path / "nope.jsonl")]})
 
 
 def test_benchmark_with_a_broken_line(tmp_path):
@@ -74,12 +76,12 @@ def test_resume_with_resource_keys_is_allowed_and_logged(tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("not json\n")
+    exemplars = tmp_path / "exemplars.jsonl"
+    exemplars.write_text("not json\n")
     result = subprocess.run([sys.executable, "-m", "slkit", "run", str(SMOKE), "--set", f"output_dir={tmp_path}",
-                             "--set", f"queries.seed_files=[{seeds}]"], capture_output=True, text=True)
+                             "--set", f"queries.exemplar_files=[{exemplars}]"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {seeds}:1: not valid JSON (Expecting value)"
+    assert result.stderr.strip() == f"error: {exemplars}:1: not valid JSON (Expecting value)"
 
 
 def test_run_name_that_leaves_output_dir_is_refused_before_anything_is_written(tmp_path):
@@ -96,17 +98,16 @@ def test_run_name_that_leaves_output_dir_is_refused_before_anything_is_written(t
 def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
     import torch
 
-    from slkit import stages
 
     _, run_dir = _prepare(tmp_path)
 
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("slkit.training.train_adapter", boom)
+    monkeypatch.setattr("slkit.stages.training.train_adapter", boom)
     (run_dir / "iter_1").mkdir()
     (run_dir / "iter_1" / "extensions.jsonl").write_text(
         '{"id": "a", "query": "q", "language": "en", "draft": "d.", "extended": "dd.", "words": 2}\n')
     with pytest.raises(MemoryError, match=r"lower training.max_length \(now 256\).*activation_offload.*resume"):
-        stages.train_stage(run_dir, 1)
-    assert not stages.lock_path(run_dir, 1, "train").exists()
+        training_stage(run_dir, 1)
+    assert not lock_path(run_dir, 1, "training").exists()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slkit.params import load_params
-from slkit.training import accelerate_config_path, train_adapter
+from slkit.running.params import load_params
+from slkit.training.adapters import accelerate_config_path, train_adapter
 
 from conftest import REPO
 

@@ -12,9 +12,12 @@ import httpx
 import pytest
 
 from conftest import free_port
-from slkit.endpoint_engine import EndpointEngine, adapter_name, request_body
-from slkit.engines import Request, TransformersEngine
-from slkit.params import SamplingParams
+from slkit.engines.endpoint import EndpointEngine, adapter_name, request_body
+from slkit.engines.base import Request
+from slkit.engines.transformers import TransformersEngine
+from slkit.running.params import SamplingParams
+from slkit.running.layout import iter_dir
+from slkit.stages.evaluation import evaluation_stage
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -60,7 +63,7 @@ def served_model(tiny_model_path, tmp_path_factory):
 
 
 def _params(smoke_params, model_dir, **endpoint):
-    from slkit.params import params_from_dict
+    from slkit.running.params import params_from_dict
 
     data = smoke_params.to_dict()
     data["model"]["path"] = str(model_dir)
@@ -126,7 +129,7 @@ def test_a_refused_request_is_not_retried_on_other_servers(served_model, smoke_p
 def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_model, smoke_params, tmp_path):
     """Seed -> generate -> extend -> train -> evaluate (and its judge) through the endpoint engine, with an
     API key set: no file of the run (records, metrics, executed notebooks, logs, params) holds the key."""
-    from slkit.pipeline import run_pipeline
+    from slkit.running.pipeline import run_pipeline
 
     model_dir, urls = served_model
     secret = "sk-slkit-test-9f8e7d6c5b4a"
@@ -140,14 +143,14 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
         data["evaluation"]["judge"].update(enabled=True, model={"path": str(model_dir)}, engine={
             "backend": "openai", "endpoint": {"base_urls": urls, "api": "chat", "api_key_env": "SLKIT_TEST_KEY",
                                               "adapters": "none", "vllm_sampling": False, "max_retries": 0}})
-        from slkit.params import dump_params, params_from_dict
+        from slkit.running.params import dump_params, params_from_dict
 
         dump_params(params_from_dict(data), tmp_path / "endpoint.yaml")
         run_dir = run_pipeline(tmp_path / "endpoint.yaml", show_progress=False)
     finally:
         del os.environ["SLKIT_TEST_KEY"]
     records = [json.loads(line) for line in (run_dir / "iter_1" / "extensions.jsonl").read_text().splitlines()]
-    metrics = json.loads((run_dir / "iter_1" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "iter_1" / "evaluation.json").read_text())
     assert records and metrics["judge"]["judged"] + metrics["judge"]["failed"] == 8
     assert "SLKIT_TEST_KEY" in (run_dir / "params.yaml").read_text()  # the variable's name, not its value
     files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -159,9 +162,8 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     """The only server dies while the evaluate stage's judge is asking it (the stage's benchmark outputs are
     written): the stage fails with one error naming the server, after the client's retries. With a server
     back on the same address the rerun judges every output once and keeps the benchmark outputs as written."""
-    from slkit import stages
-    from slkit.params import dump_params, params_from_dict
-    from slkit.records import read_jsonl
+    from slkit.running.params import dump_params, params_from_dict
+    from slkit.running.records import read_jsonl
 
     model_dir, _ = served_model
     port = free_port()
@@ -170,7 +172,7 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     data["evaluation"]["max_new_tokens"] = 8
     data["evaluation"]["judge"].update(enabled=True, max_tries=1, max_new_tokens=16)  # on the run's engine
     run_dir = tmp_path / "run"
-    out = stages.iter_dir(run_dir, 1)
+    out = iter_dir(run_dir, 1)
     out.mkdir(parents=True)
     dump_params(params_from_dict(data), run_dir / "params.yaml")
 
@@ -191,14 +193,14 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     monkeypatch.setattr(EndpointEngine, "generate", generate)
     monkeypatch.setattr(EndpointEngine, "_complete", complete)
     with pytest.raises(RuntimeError, match=rf"every server failed for one request.*\n  {url}/?: APIConnectionError"):
-        stages.evaluate_stage(run_dir, 1)
-    assert calls == [16, 8] and not (out / "evaluate.done.json").exists()
+        evaluation_stage(run_dir, 1)
+    assert calls == [16, 8] and not (out / "evaluation.done.json").exists()
     outputs = (out / "benchmark_outputs.jsonl").read_bytes()
 
     calls.clear()
     server, _ = _start_server(model_dir, tmp_path / "server-again.log", port)
     try:
-        metrics = stages.evaluate_stage(run_dir, 1)
+        metrics = evaluation_stage(run_dir, 1)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -206,7 +208,7 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     assert (out / "benchmark_outputs.jsonl").read_bytes() == outputs
     assert sorted((r["index"], r["sample"]) for r in read_jsonl(out / "judgements.jsonl")) == [(i, 0) for i in range(8)]
     assert metrics["judge"]["judged"] + metrics["judge"]["failed"] == 8
-    assert (out / "evaluate.done.json").exists()
+    assert (out / "evaluation.done.json").exists()
 
 
 def test_request_body_standard_and_vllm_fields():

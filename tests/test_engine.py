@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from slkit.engines import Request, TransformersEngine, cut_at_stop, trim_unfinished
+from slkit.engines.base import Request, cut_at_stop, trim_unfinished
+from slkit.engines.transformers import TransformersEngine
 
 
 def test_stop_strings_and_trimming():
@@ -41,7 +42,7 @@ def test_sampling_is_reproducible_by_seed(engine, smoke_params):
 def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_model_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from slkit.models import load_model
+    from slkit.models.loading import load_model
 
     model = get_peft_model(load_model(smoke_params.model), LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
@@ -64,7 +65,7 @@ def test_role_adapter_is_used_and_base_when_role_has_none(smoke_params, tiny_mod
     (False, False, "cpu", "float32"), (True, False, "cpu", "bfloat16"), (False, True, "cpu", "bfloat16"),
     (False, False, "cuda:0", "bfloat16")])
 def test_auto_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch, avx512_bf16, amx, device, expected):
-    from slkit.models import compute_dtype
+    from slkit.models.loading import compute_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -76,7 +77,7 @@ def test_cpu_int8_engine_quantises_base_layers_keeps_lora_and_skipped_layers_and
         smoke_params, tiny_model_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from slkit.models import load_model
+    from slkit.models.loading import load_model
 
     model = get_peft_model(load_model(smoke_params.model), LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
@@ -121,7 +122,7 @@ def test_cpu_int8_engine_quantises_base_layers_keeps_lora_and_skipped_layers_and
 def test_top_k_sampler_draws_from_the_distribution_of_transformers_warpers(temperature, top_k, top_p):
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from slkit.engines import TopKSampler, top_k_top_p_probs
+    from slkit.engines.transformers import TopKSampler, top_k_top_p_probs
 
     torch.manual_seed(0)
     scores = torch.randn(4, 300) * 3

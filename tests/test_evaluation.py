@@ -3,9 +3,9 @@ import pytest
 from conftest import LONGEN
 import json
 
-from slkit.evaluation import (length_bin, length_stability, load_benchmark, load_longen, longbench_write_score,
-                              longen_interval, longen_score, stratified_subset, summarize_scores)
-from slkit.records import RecordFileError
+from slkit.evaluation.benchmarks import (length_bin, length_stability, load_benchmark, load_longen, longbench_write_score, longen_interval, longen_score, stratified_subset, summarize_scores)
+from slkit.running.records import RecordFileError
+from slkit.stages.evaluation import score_benchmark
 
 
 @pytest.mark.parametrize("kind,constraint,interval", [
@@ -152,7 +152,7 @@ CHINESE_OUTPUT = "我们使用Python编程。这是第二句，很好！"
 
 
 def test_longwriter_and_slkit_counters_differ_on_chinese():
-    from slkit.textstats import count_words, count_words_longwriter
+    from slkit.method.textstats import count_words, count_words_longwriter
 
     assert count_words(CHINESE_OUTPUT) == 17  # 13 Han + 3 CJK punctuation marks + "Python"
     assert count_words_longwriter(CHINESE_OUTPUT) == 13  # Han characters only
@@ -166,13 +166,12 @@ def test_longwriter_and_slkit_counters_differ_on_chinese():
 ])
 def test_benchmark_outputs_are_scored_with_their_formats_counter(tmp_path, monkeypatch, smoke_params, scripted_engine,
                                                                  fmt, row, words):
-    from slkit import stages
 
     bench = _write(tmp_path / "bench.jsonl", [row])
     params = smoke_params.model_copy(update={"evaluation": smoke_params.evaluation.model_copy(
         update={"benchmark": bench, "benchmark_format": fmt, "subset_size": 1, "samples_per_query": 1})})
-    monkeypatch.setattr(stages, "load_engine", lambda *args: scripted_engine(lambda request: CHINESE_OUTPUT))
-    summary = stages.score_benchmark(params, {}, tmp_path, "evaluate")
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda *args: scripted_engine(lambda request: CHINESE_OUTPUT))
+    summary = score_benchmark(params, {}, tmp_path, "evaluation")
     record = json.loads((tmp_path / "benchmark_outputs.jsonl").read_text())
     assert (record["words_slkit"], record["words_longwriter"]) == (17, 13)
     assert record["words"] == words and record["counter"] == {"longen": "slkit", "longbench_write": "longwriter"}[fmt]
@@ -183,10 +182,10 @@ def test_benchmark_outputs_are_scored_with_their_formats_counter(tmp_path, monke
 
 
 def test_the_builtin_benchmark_is_package_data_in_longen_format():
-    from slkit.evaluation import locate_benchmark
+    from slkit.evaluation.benchmarks import locate_benchmark
 
     path = locate_benchmark("builtin:lengths-mini")
-    assert path.endswith("slkit/benchmarks/lengths-mini.jsonl")
+    assert path.endswith("slkit/evaluation/builtin/lengths-mini.jsonl")
     fmt, items = load_benchmark("builtin:lengths-mini")
     assert fmt == "longen" and len(items) == 48
     groups = {(i["language"], i["type"]) for i in items}

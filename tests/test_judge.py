@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from slkit.judge import BASE_MODEL_PREFILL, DIMENSIONS, parse_judgement, judge_responses, summarize_judgements
-from slkit.params import JudgeParams
-from slkit.records import RecordWriter
+from slkit.evaluation.judge import (BASE_MODEL_PREFILL, DIMENSIONS, parse_judgement, judge_responses, summarize_judgements)
+from slkit.running.params import JudgeParams
+from slkit.running.records import RecordWriter
 
 GOOD = {d: i + 3 for i, d in enumerate(DIMENSIONS)}  # 3..9
 
@@ -87,7 +87,7 @@ def test_a_resumed_judge_skips_what_it_judged(tmp_path, scripted_engine):
 
 def test_a_copied_form_is_not_a_judgement():
     """The prompt's form holds no numbers, so a model that copies it is counted as failed."""
-    from slkit.judge import JUDGE_PROMPT
+    from slkit.evaluation.judge import JUDGE_PROMPT
 
     form = next(line for line in JUDGE_PROMPT.splitlines() if line.startswith("{"))
     assert parse_judgement(form.replace("{{", "{").replace("}}", "}")) is None

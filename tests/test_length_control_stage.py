@@ -6,10 +6,11 @@ import random
 import pytest
 
 from conftest import REPO
-from slkit import stages
-from slkit.params import dump_params, load_params
-from slkit.records import read_json, read_jsonl
-from slkit.textstats import count_words
+from slkit.running.layout import adapter_dir, iter_dir, stage_done
+from slkit.stages.length_control import length_control_stage
+from slkit.running.params import dump_params, load_params
+from slkit.running.records import read_json, read_jsonl
+from slkit.method.textstats import count_words
 from test_length_control import longen_accepts
 
 VOCAB = ("river mountain garden lantern harbor meadow orchard valley canyon forest island desert glacier village "
@@ -28,7 +29,7 @@ def _jsonl(path, rows):
 
 def _iteration(run_dir, k):
     """iter_<k>/ as the loop leaves it: queries, drafts, extensions, a Generator adapter, metrics."""
-    d = stages.iter_dir(run_dir, k)
+    d = iter_dir(run_dir, k)
     queries = [{"id": f"it{k}-q0", "query": f"Describe the history of harbor towns, part {k}.", "language": "en"},
                {"id": f"it{k}-q1", "query": "Write 500 words about mountain villages.", "language": "en"}]
     _jsonl(d / "queries.jsonl", queries)
@@ -40,7 +41,7 @@ def _iteration(run_dir, k):
                                      "words": 70} for i, r in enumerate(drafts[:2])])
     (d / "adapters" / "generator").mkdir(parents=True)
     (d / "adapters" / "generator" / "adapter_config.json").write_text("{}")
-    (d / "metrics.json").write_text(json.dumps({"iteration": k}))
+    (d / "evaluation.json").write_text(json.dumps({"iteration": k}))
 
 
 class Fakes:
@@ -73,8 +74,8 @@ class Fakes:
             self.trained.append(summary)
             return summary
 
-        monkeypatch.setattr(stages, "load_engine", load_engine)
-        monkeypatch.setattr("slkit.training.train_adapter", train_adapter)
+        monkeypatch.setattr("slkit.stages.common.load_engine", load_engine)
+        monkeypatch.setattr("slkit.stages.length_control.train_adapter", train_adapter)
 
 
 @pytest.fixture
@@ -90,12 +91,12 @@ def run_dir(tmp_path):
 
 
 def _adapter(run, k):
-    return str(stages.adapter_dir(run, k, "generator"))
+    return str(adapter_dir(run, k, "generator"))
 
 
 def test_final_stage_takes_drafts_extensions_and_a_collection_pass(run_dir, monkeypatch, scripted_engine):
     fakes = Fakes(monkeypatch, scripted_engine)
-    summary = stages.length_control_stage(run_dir, 1)
+    summary = length_control_stage(run_dir, 1)
     out = run_dir / "length_control"
     # The collection: 2 new queries and their drafts, by the last iteration's Generator, written resumably.
     queries = read_jsonl(out / "queries.jsonl")
@@ -127,7 +128,7 @@ def test_collect_queries_zero_turns_the_collection_off(run_dir, monkeypatch, scr
     params = load_params(run_dir / "params.yaml", {"length_control.collect_queries": 0})
     dump_params(params, run_dir / "params.yaml")
     fakes = Fakes(monkeypatch, scripted_engine)
-    summary = stages.length_control_stage(run_dir, 1)
+    summary = length_control_stage(run_dir, 1)
     assert summary["collection"] == {} and fakes.adapters == []
     assert not (run_dir / "length_control" / "queries.jsonl").exists()
     assert summary["pairs"] == 2
@@ -141,7 +142,7 @@ def test_the_collection_resumes_from_its_partial_records(run_dir, monkeypatch, s
             "words": 7, "tries": 1}
     _jsonl(out / "queries.jsonl.partial", [kept])
     Fakes(monkeypatch, scripted_engine)
-    stages.length_control_stage(run_dir, 1)
+    length_control_stage(run_dir, 1)
     queries = {q["id"]: q for q in read_jsonl(out / "queries.jsonl")}
     assert set(queries) == {"collect-q0", "collect-q1"} and queries["collect-q0"] == kept
 
@@ -149,35 +150,35 @@ def test_the_collection_resumes_from_its_partial_records(run_dir, monkeypatch, s
 @pytest.mark.parametrize("killed", [False, True])
 def test_raising_macro_iterations_reruns_the_final_stage(run_dir, monkeypatch, scripted_engine, killed):
     fakes = Fakes(monkeypatch, scripted_engine)
-    stages.length_control_stage(run_dir, 1)
+    length_control_stage(run_dir, 1)
     out = run_dir / "length_control"
     (out / "05_length_control.ipynb").write_text("{}")  # the executed notebook papermill is writing
     if killed:  # the stage after iteration 1 died before its done-marker: its files must not be reused either
         (out / "length_control.done.json").unlink()
     _iteration(run_dir, 2)
-    assert not stages.stage_done(run_dir, 2, "length_control")
+    assert not stage_done(run_dir, 2, "length_control")
     fakes.adapters.clear()
-    summary = stages.length_control_stage(run_dir, 2)
+    summary = length_control_stage(run_dir, 2)
     assert fakes.adapters == [{"generator": _adapter(run_dir, 2)}]  # collected again with iteration 2's Generator
     assert summary["training"]["init_adapter"] == _adapter(run_dir, 2)  # trained again, from iteration 2's adapter
     assert {r["source"] for r in read_jsonl(out / "constrained.jsonl")} >= {"iter_1/drafts", "iter_2/extensions"}
     assert read_json(out / "length_control.done.json")["iteration"] == 2
     assert (out / "05_length_control.ipynb").exists()
-    assert stages.stage_done(run_dir, 2, "length_control") and not stages.stage_done(run_dir, 1, "length_control")
+    assert stage_done(run_dir, 2, "length_control") and not stage_done(run_dir, 1, "length_control")
     fakes.adapters.clear()
-    assert stages.length_control_stage(run_dir, 2) == summary and fakes.adapters == []  # done: skipped
+    assert length_control_stage(run_dir, 2) == summary and fakes.adapters == []  # done: skipped
 
 
 def test_the_final_stage_of_a_later_iteration_is_never_thrown_away(run_dir, monkeypatch, scripted_engine):
     """Running it by hand with an earlier iteration (the notebook's default is 1) is refused, files kept."""
     Fakes(monkeypatch, scripted_engine)
     _iteration(run_dir, 2)
-    stages.length_control_stage(run_dir, 2)
+    length_control_stage(run_dir, 2)
     out = run_dir / "length_control"
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(ValueError, match="built after iteration 2; run the final stage with iteration 2"):
-        stages.length_control_stage(run_dir, 1)
-    assert sorted(p.name for p in out.iterdir()) == before and stages.stage_done(run_dir, 2, "length_control")
+        length_control_stage(run_dir, 1)
+    assert sorted(p.name for p in out.iterdir()) == before and stage_done(run_dir, 2, "length_control")
 
 
 BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
@@ -195,7 +196,7 @@ def test_every_generation_before_training_shares_one_engine_closed_before_traini
     open); the scoring engine after training holds the new adapter and is built without sleep mode."""
     _set(run_dir, **{"length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK)})
     fakes = Fakes(monkeypatch, scripted_engine)
-    summary = stages.length_control_stage(run_dir, 1)
+    summary = length_control_stage(run_dir, 1)
     final = str(run_dir / "length_control" / "adapters" / "generator")
     assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}, {"generator": final}]
     assert fakes.sleep_modes == [True, False] and len(fakes.trained) == 1 and not fakes.open
@@ -220,8 +221,8 @@ def test_on_vllm_training_and_scoring_fit_in_the_memory_the_first_engine_gave_ba
         (output_dir / "slkit-train.json").write_text(json.dumps({"samples": len(read_jsonl(examples_path))}))
         return {"samples": len(read_jsonl(examples_path))}
 
-    monkeypatch.setattr("slkit.training.train_adapter", train_adapter)
-    summary = stages.length_control_stage(run_dir, 1)
+    monkeypatch.setattr("slkit.stages.length_control.train_adapter", train_adapter)
+    summary = length_control_stage(run_dir, 1)
     assert free_while_training == [fake_vllm.total]
     assert [llm.kwargs["enable_sleep_mode"] for llm in fake_vllm.llms] == [True, False]
     assert summary["collection"]["drafts"] > 0 and summary["length_after"]["n"] > 0

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slkit.cli import main
+from slkit.running.cli import main
 
 METHOD = REPO.parent / "shared" / "METHOD.md"
 
@@ -22,12 +22,12 @@ SETTINGS = [
     ("queries, 5,000 by default, answered by the final Generator", {"length_control.collect_queries": 5000}),
     ("2 samples per query, each retried up to 20 times", {"drafts.samples_per_query": 2, "drafts.max_tries": 20}),
     ("applies the length-biased resampling of step 3 to the drafts too", {"drafts.resample": True}),
-    ("up to 3 micro-iterations per draft", {"extension.micro_iterations": 3}),
-    ("Keep only the first n*2//3", {"extension.keep_fraction": 2 / 3}),
-    ("words(best) > 1.2 x words(draft)", {"extension.min_ratio": 1.2}),
-    ("the whole extension, up to 20 times", {"extension.max_tries": 20}),
+    ("up to 3 micro-iterations per draft", {"extensions.micro_iterations": 3}),
+    ("Keep only the first n*2//3", {"extensions.keep_fraction": 2 / 3}),
+    ("words(best) > 1.2 x words(draft)", {"extensions.min_ratio": 1.2}),
+    ("the whole extension, up to 20 times", {"extensions.max_tries": 20}),
     ("TWO independent extension jobs per draft (each with its own 20 tries)",
-     {"extension.samples_per_draft": 2, "extension.max_tries": 20}),
+     {"extensions.samples_per_draft": 2, "extensions.max_tries": 20}),
     ("keep an item if U(0,1) > 2 r^3", {"resampling.enabled": True, "resampling.coefficient": 2.0,
                                         "resampling.exponent": 3.0}),
     ("each line kept with p=0.8", {"training.line_keep_prob": 0.8}),
@@ -58,20 +58,20 @@ NOT_SETTINGS = [
     (r"~1,000 words at most|from ~1,000 to ~8,000 words|Qwen2-7B-Instruct|GPT-4o", "the paper's claims and models"),
     (r"(?:^|\s)\d\. (?=[A-Z])", "the numbering of METHOD.md's steps"),
     (r"step \d|stage[- ][12]", "names of steps and stages"),
-    (r"\(reference: 10 per language\)", "the seed pool is data (slkit/seeds), not a setting"),
-    (r"Instruction \d", "the labels of the self-instruct prompt (slkit/prompts.py)"),
-    (r"over 2,000 words", "part of the judge prompt's question (slkit/prompts.py)"),
-    (r"if at most 2, use lines", "the paragraph rule of slkit/textstats.split_paragraphs"),
+    (r"\(reference: 10 per language\)", "the exemplar pool is data (slkit/method/exemplars), not a setting"),
+    (r"Instruction \d", "the labels of the self-instruct prompt (slkit/method/prompts.py)"),
+    (r"over 2,000 words", "part of the judge prompt's question (slkit/method/prompts.py)"),
+    (r"if at most 2, use lines", "the paragraph rule of slkit/method/textstats.split_paragraphs"),
     (r"r = 1 - rank/N|r near 1 for the shortest|About 60% survive; the shortest ~20% always go",
-     "the resampling formula and its consequences (tests/test_trainsets.py)"),
+     "the resampling formula and its consequences (tests/test_training_sets.py)"),
     (r"~20% of its lines", "the complement of training.line_keep_prob"),
     (r"U\+[0-9A-F]{4}-[0-9A-F]{4}|13-14% more words", "the word counter's character classes and a measured fact"),
     (r"240 queries.*?x 10\)", "LonGen's size and shape; evaluation.subset_size: null scores all of it"),
     (r"\[0\.8T, 1\.2T\]|\[T, 1\.5T\]|\[0\.5T, T\]|1 inside; max\(2L/a - 1, 0\) below; max\(3 - 2L/b, 0\)",
-     "LonGen's scoring rule (slkit/evaluation.py, tests/test_evaluation.py)"),
+     "LonGen's scoring rule (slkit/evaluation/benchmarks.py, tests/test_evaluation.py)"),
     (r"120 prompts.*?100 to 20,000|S_l = 100 \* max\(0, 1 - \(y/x - 1\)/3\) if y > x else 100 \* max\(0, 1 - \(x/y - 1\)/2\)",
-     "LongBench-Write's size and scoring rule (slkit/evaluation.py)"),
-    (r"scores each response 1-10", "the judge's scale (slkit/judge.py)"),
+     "LongBench-Write's size and scoring rule (slkit/evaluation/benchmarks.py)"),
+    (r"scores each response 1-10", "the judge's scale (slkit/evaluation/judge.py)"),
 ]
 
 NUMBER = re.compile(r"\d")

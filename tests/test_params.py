@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from slkit.params import ParamsError, load_params
+from slkit.running.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,9 +26,9 @@ def test_defaults_are_the_reference_values(tmp_path):
     assert (p.queries.per_language, p.queries.examples_per_prompt, p.queries.max_tries) == (5000, 2, 10)
     assert (p.queries.min_words, p.queries.max_words) == (3, 500)
     assert (p.drafts.samples_per_query, p.drafts.max_tries, p.drafts.resample) == (2, 20, True)
-    assert (p.extension.micro_iterations, p.extension.min_ratio, p.extension.max_tries) == (3, 1.2, 20)
-    assert p.extension.samples_per_draft == 2
-    assert p.extension.keep_fraction == pytest.approx(2 / 3)
+    assert (p.extensions.micro_iterations, p.extensions.min_ratio, p.extensions.max_tries) == (3, 1.2, 20)
+    assert p.extensions.samples_per_draft == 2
+    assert p.extensions.keep_fraction == pytest.approx(2 / 3)
     assert (p.resampling.enabled, p.resampling.coefficient, p.resampling.exponent) == (True, 2.0, 3.0)
     assert p.training.line_keep_prob == 0.8
     # LoRA on all linear layers with LLaMA-Factory's defaults of the time

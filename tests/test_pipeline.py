@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from slkit.params import ParamsError
-from slkit.pipeline import prepare_run, run_pipeline
-from slkit.stages import STAGES
+from slkit.running.params import ParamsError
+from slkit.running.pipeline import prepare_run, run_pipeline
+from slkit.running.registry import ITERATION_STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,12 @@ def test_run_writes_every_file_of_both_iterations(smoke_run):
     assert (smoke_run / "params.yaml").exists()
     for k in (1, 2):
         d = smoke_run / f"iter_{k}"
-        for name in ("00_seed", "01_generate", "02_extend", "03_train", "04_evaluate"):
+        for name in ("00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation"):
             nb = json.loads((d / f"{name}.ipynb").read_text())
             assert nb["metadata"]["papermill"]["parameters"] == {"run_dir": str(smoke_run), "iteration": k}
-        for stage in STAGES:
+        for stage in ITERATION_STAGES:
             assert (d / f"{stage}.done.json").exists()
-        for name in ("queries", "drafts", "extensions", "resampled", "generator_sft", "extender_sft", "benchmark_outputs",
+        for name in ("queries", "drafts", "extensions", "resampled_extensions", "generator_sft", "extender_sft", "benchmark_outputs",
                      "judgements"):
             rows = load_dataset("json", data_files=str(d / f"{name}.jsonl"), split="train")
             assert len(rows) > 0, name
@@ -45,8 +45,8 @@ def test_run_writes_every_file_of_both_iterations(smoke_run):
 
 
 def test_metrics_and_iteration_chaining(smoke_run):
-    m1 = json.loads((smoke_run / "iter_1" / "metrics.json").read_text())
-    m2 = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())
+    m1 = json.loads((smoke_run / "iter_1" / "evaluation.json").read_text())
+    m2 = json.loads((smoke_run / "iter_2" / "evaluation.json").read_text())
     for m in (m1, m2):
         lf = m["length_following"]
         assert lf["format"] == "longen" and lf["n"] == 16  # 8 queries x 2 samples
@@ -58,7 +58,7 @@ def test_metrics_and_iteration_chaining(smoke_run):
         assert m["judge"]["judged"] + m["judge"]["failed"] == 8 and m["judge"]["failure_rate"] == 1.0
         assert m["counts"]["queries"] == 4 and m["counts"]["drafts"] == 8
         assert m["words"]["extensions"] > m["words"]["drafts"]
-    train2 = json.loads((smoke_run / "iter_2" / "train.done.json").read_text())["summary"]
+    train2 = json.loads((smoke_run / "iter_2" / "training.done.json").read_text())["summary"]
     assert train2["generator"]["init_adapter"] == str(smoke_run / "iter_1" / "adapters" / "generator")
     # iteration 2's queries are new: none repeats iteration 1's
     q1 = {json.loads(line)["query"] for line in (smoke_run / "iter_1" / "queries.jsonl").open()}
@@ -68,13 +68,13 @@ def test_metrics_and_iteration_chaining(smoke_run):
 
 def test_the_base_model_is_evaluated_first_with_the_same_subset_and_seeds(smoke_run):
     """runs/<run>/baseline/: the untrained model on the same queries and samples, shown as iteration 0."""
-    from slkit.reports import benchmark_table, iterations, summary_table
+    from slkit.evaluation.reports import benchmark_table, iterations, summary_table
 
     base = smoke_run / "baseline"
-    nb = json.loads((base / "04_evaluate.ipynb").read_text())
+    nb = json.loads((base / "04_evaluation.ipynb").read_text())
     assert nb["metadata"]["papermill"]["parameters"]["iteration"] == 0
-    assert not (base / "adapters").exists() and (base / "evaluate.done.json").exists()
-    m0 = json.loads((base / "metrics.json").read_text())
+    assert not (base / "adapters").exists() and (base / "evaluation.done.json").exists()
+    m0 = json.loads((base / "evaluation.json").read_text())
     assert m0["iteration"] == 0 and m0["length_following"]["n"] == 16
     slots = lambda d: [(r["index"], r["sample"], r["query"]) for r in map(json.loads, (d / "benchmark_outputs.jsonl").open())]
     assert sorted(slots(base)) == sorted(slots(smoke_run / "iter_1"))  # same queries, same samples
@@ -103,7 +103,7 @@ def test_cli_reports_bad_params_in_one_line(tmp_path):
 
 
 def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
-    from slkit.textstats import count_words
+    from slkit.method.textstats import count_words
     from test_length_control import longen_accepts
 
     out = smoke_run / "length_control"
@@ -122,8 +122,8 @@ def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
         assert all(10 <= n <= 400 and n % 10 == 0 for n in (c["low"], c["high"]) if n is not None), r
         assert r["original_query"].rstrip("。.") in r["query"]
     assert json.loads((out / "length_control.done.json").read_text())["iteration"] == 2
-    metrics = json.loads((out / "metrics.json").read_text())
-    before = json.loads((smoke_run / "iter_2" / "metrics.json").read_text())["length_following"]
+    metrics = json.loads((out / "length_control.json").read_text())
+    before = json.loads((smoke_run / "iter_2" / "evaluation.json").read_text())["length_following"]
     assert metrics["length_before"] == before
     assert 0 <= metrics["length_after"]["overall"] <= 1
     assert metrics["training"]["init_adapter"] == str(smoke_run / "iter_2" / "adapters" / "generator")

@@ -1,6 +1,6 @@
-from slkit.params import QualityParams
-from slkit.quality import ends_cleanly, quality_failure
-from slkit.textstats import ngram_units
+from slkit.running.params import QualityParams
+from slkit.method.quality import ends_cleanly, quality_failure
+from slkit.method.textstats import ngram_units
 
 
 def test_clean_endings():
@@ -82,7 +82,7 @@ def test_rules_can_be_relaxed():
 
 
 def test_a_refusal_is_too_short_when_min_words_is_set():
-    from slkit.params import QualityParams
+    from slkit.running.params import QualityParams
 
     refusal = "I'm sorry, but I can't assist with that request."
     assert quality_failure(refusal, "en") is None  # the reference has no such rule (min_words 0)

@@ -1,7 +1,7 @@
-from slkit.params import params_from_dict
-from slkit.prompts import parse_judge, parse_self_instruct, self_instruct_prompt
-from slkit.queries import NearDuplicateIndex, synthesize_queries
-from slkit.records import RecordWriter
+from slkit.running.params import params_from_dict
+from slkit.method.prompts import parse_judge, parse_self_instruct, self_instruct_prompt
+from slkit.method.queries import NearDuplicateIndex, synthesize_queries
+from slkit.running.records import RecordWriter
 
 
 def test_self_instruct_prompt_and_parse():

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from slkit.records import RecordFileError, RecordWriteError, RecordWriter, read_jsonl
+from slkit.running.layout import iter_dir
+from slkit.running.records import RecordFileError, RecordWriteError, RecordWriter, read_jsonl
+from slkit.stages.drafts import drafts_stage
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
@@ -81,7 +83,7 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_rerun_resumes(tmp_path
 
 
 def test_a_full_disk_while_a_whole_file_is_written_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
-    from slkit import records
+    from slkit.running import records
 
     out = tmp_path / "resampled.jsonl"
     records.write_jsonl_atomic(out, [{"id": 1}])
@@ -110,10 +112,12 @@ def test_a_finished_file_of_an_unfinished_stage_is_resumed_not_redone(tmp_path):
 _FILL_A_TMPFS = '''
 import json, subprocess, sys
 from pathlib import Path
-from slkit import stages
+from slkit.running.layout import iter_dir
+from slkit.stages import common
+from slkit.stages.drafts import drafts_stage
 
 run_dir, queries = Path(sys.argv[1]), sys.argv[2]
-out = stages.iter_dir(run_dir, 1)
+out = iter_dir(run_dir, 1)
 out.mkdir()
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], check=True)
 (out / "queries.jsonl").write_text(queries)
@@ -126,15 +130,15 @@ class Engine:
 
 def draft(seed): return " ".join(f"w{seed}x{i}" for i in range(300)) + "."
 
-stages.load_engine = lambda params, adapters: Engine()
+common.load_engine = lambda params, adapters: Engine()
 try:
-    stages.generate_stage(run_dir, 1)
+    drafts_stage(run_dir, 1)
     error = None
 except OSError as err:
     error = str(err)
 kept = (out / "drafts.jsonl.partial").read_text()
 subprocess.run(["mount", "-o", "remount,size=1m", str(out)], check=True)  # space freed
-stages.generate_stage(run_dir, 1)
+drafts_stage(run_dir, 1)
 print(json.dumps({"error": error, "kept": kept, "drafts": (out / "drafts.jsonl").read_text()}))
 '''
 
@@ -154,8 +158,7 @@ def test_a_stage_on_a_really_full_disk_stops_naming_the_file_and_resumes(tmp_pat
     import subprocess
     import sys
 
-    from slkit import stages
-    from slkit.params import dump_params
+    from slkit.running.params import dump_params
 
     queries = "".join(json.dumps({"id": f"q{i}", "query": f"Write about {i}.", "language": "en"}) + "\n"
                       for i in range(12))
@@ -167,18 +170,18 @@ def test_a_stage_on_a_really_full_disk_stops_naming_the_file_and_resumes(tmp_pat
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["error"].startswith(f"{stages.iter_dir(dirs['full'], 1)}/drafts.jsonl.partial: cannot write "
+    assert result["error"].startswith(f"{iter_dir(dirs['full'], 1)}/drafts.jsonl.partial: cannot write "
                                       "(No space left on device)")
     kept = [json.loads(line) for line in result["kept"].splitlines()]
     assert 0 < len(kept) < 24 and result["kept"].endswith("\n")
 
     # the same stage, uninterrupted, on a disk with room
-    (stages.iter_dir(dirs["clean"], 1)).mkdir()
-    (stages.iter_dir(dirs["clean"], 1) / "queries.jsonl").write_text(queries)
-    monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(
+    (iter_dir(dirs["clean"], 1)).mkdir()
+    (iter_dir(dirs["clean"], 1) / "queries.jsonl").write_text(queries)
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters: scripted_engine(
         lambda r: " ".join(f"w{r.seed}x{i}" for i in range(300)) + "."))
-    stages.generate_stage(dirs["clean"], 1)
-    expected = sorted(read_jsonl(stages.iter_dir(dirs["clean"], 1) / "drafts.jsonl"), key=lambda r: r["id"])
+    drafts_stage(dirs["clean"], 1)
+    expected = sorted(read_jsonl(iter_dir(dirs["clean"], 1) / "drafts.jsonl"), key=lambda r: r["id"])
     got = [json.loads(line) for line in result["drafts"].splitlines()]
     assert got[:len(kept)] == kept  # kept as they were
     assert sorted(got, key=lambda r: r["id"]) == expected  # nothing lost, nothing twice

@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def test_six_ordered_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["00_seed", "01_generate", "02_extend", "03_train", "04_evaluate",
+    assert [p.stem for p in NOTEBOOKS] == ["00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation",
                                           "05_length_control"]
 
 
@@ -48,11 +48,11 @@ def test_environment_yml_matches_pyproject():
 
 def test_no_recipe_default_or_user_command_names_the_shared_folder():
     """Users have no ../shared: recipes, param defaults, the Makefile and the README must not need it."""
-    from slkit.params import EvaluationParams, QueryParams
+    from slkit.running.params import EvaluationParams, QueryParams
 
     files = sorted((REPO / "params").glob("*.yaml")) + [REPO / "Makefile", REPO / "README.md", REPO / "environment.yml"]
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if "shared/" in line and not (path.name == "README.md" and "test" in line):
                 raise AssertionError(f"{path.name}:{number} names the shared folder: {line.strip()}")
-    assert "shared" not in str(EvaluationParams().benchmark) and not QueryParams().seed_files
+    assert "shared" not in str(EvaluationParams().benchmark) and not QueryParams().exemplar_files

@@ -80,8 +80,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_model_path):
     moments = [
         ("during drafts", _partial_has(run_dir, 1, "drafts", 3)),
         ("during extension", _partial_has(run_dir, 1, "extensions", 2)),
-        ("during training", _progress(run_dir, 1, "train", 1)),
-        ("between stages", _done(run_dir, 1, "evaluate")),
+        ("during training", _progress(run_dir, 1, "training", 1)),
+        ("between stages", _done(run_dir, 1, "evaluation")),
         ("during queries of iteration 2", _partial_has(run_dir, 2, "queries", 1)),
     ]
     killed = []

@@ -1,4 +1,4 @@
-"""One run directory, one run: the run lock (slkit/runlock.py) and kernels no other local user can reach.
+"""One run directory, one run: the run lock (slkit/running/runlock.py) and kernels no other local user can reach.
 
 A second holder is refused and changes nothing, the lock of a killed run is taken over, a stage run
 by hand on a held directory is refused (and the holder's own kernels pass), and papermill's kernels
@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from slkit import stages
-from slkit.params import dump_params
-from slkit.runlock import TOKEN_ENV, RunLock, RunLockedError
+from slkit.running.layout import iter_dir
+from slkit.running.registry import ITERATION_STAGES
+from slkit.stages.drafts import drafts_stage
+from slkit.running.params import dump_params
+from slkit.running.runlock import TOKEN_ENV, RunLock, RunLockedError
 
-HOLD = "import sys, time\nfrom slkit.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
+HOLD = "import sys, time\nfrom slkit.running.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(600)\n"
 
 
@@ -73,7 +75,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, holder,
 def test_without_flock_the_record_decides(tmp_path, holder, monkeypatch, capsys):
     """Windows and some network filesystems have no flock: a live holder on this host still refuses the
     run, a dead one's record is taken over."""
-    from slkit import runlock
+    from slkit.running import runlock
 
     run_dir = tmp_path / "run"
     first = holder(run_dir)
@@ -88,9 +90,9 @@ def test_without_flock_the_record_decides(tmp_path, holder, monkeypatch, capsys)
 
 
 def _drafts_run(run_dir, smoke_params):
-    stages.iter_dir(run_dir, 1).mkdir(parents=True)
+    iter_dir(run_dir, 1).mkdir(parents=True)
     dump_params(smoke_params, run_dir / "params.yaml")
-    (stages.iter_dir(run_dir, 1) / "queries.jsonl").write_text(
+    (iter_dir(run_dir, 1) / "queries.jsonl").write_text(
         json.dumps({"id": "q0", "query": "Write about tea.", "language": "en"}) + "\n")
 
 
@@ -100,13 +102,13 @@ def test_a_stage_run_by_hand_on_a_held_run_dir_is_refused(tmp_path, holder, smok
     _drafts_run(run_dir, smoke_params)
     first = holder(run_dir)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(lambda r: "A short answer."))
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters: scripted_engine(lambda r: "A short answer."))
     with pytest.raises(RunLockedError, match=_holder_pattern(first.pid)):
-        stages.generate_stage(run_dir, 1)
-    assert sorted(p.name for p in stages.iter_dir(run_dir, 1).iterdir()) == ["queries.jsonl"]  # nothing written
+        drafts_stage(run_dir, 1)
+    assert sorted(p.name for p in iter_dir(run_dir, 1).iterdir()) == ["queries.jsonl"]  # nothing written
     # a kernel started by the holding run inherits its token and passes
     monkeypatch.setenv(TOKEN_ENV, json.loads((run_dir / "run.lock").read_text())["token"])
-    assert stages.generate_stage(run_dir, 1)["drafts"] == 2
+    assert drafts_stage(run_dir, 1)["drafts"] == 2
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == first.pid  # still the holder's
 
 
@@ -123,16 +125,16 @@ def test_a_stage_run_by_hand_holds_the_run_dir_while_it_runs(tmp_path, smoke_par
             refusals.append(str(err))
         return "A short answer."
 
-    monkeypatch.setattr(stages, "load_engine", lambda params, adapters: scripted_engine(answer))
-    stages.generate_stage(run_dir, 1)
-    assert refusals and "the generate stage run from a notebook" in refusals[0]
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters: scripted_engine(answer))
+    drafts_stage(run_dir, 1)
+    assert refusals and "the drafts stage run from a notebook" in refusals[0]
     RunLock(run_dir).acquire().release()  # free again once the stage ended
 
 
 def test_kernels_talk_over_unix_sockets_in_a_private_directory(tmp_path, capfd):
     import nbformat
 
-    from slkit.pipeline import ensure_kernel, run_notebook
+    from slkit.running.pipeline import ensure_kernel, run_notebook
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("run_dir = ''", metadata={"tags": ["parameters"]}),
@@ -162,9 +164,9 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
                "--set", f"output_dir={out}", "--set", "macro_iterations=1", "--set", "length_control.enabled=false"]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    run_dir, stage_lock = out / "smoke", out / "smoke" / "iter_1" / "seed.lock"
+    run_dir, stage_lock = out / "smoke", out / "smoke" / "iter_1" / "queries.lock"
     deadline = time.time() + 300
-    while not stage_lock.exists():  # the first run's kernel is running the seed stage
+    while not stage_lock.exists():  # the first run's kernel is running the queries stage
         assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
     kernel = int(stage_lock.read_text().split()[0])  # "PID BOOT_ID"
@@ -181,7 +183,7 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
     assert not (run_dir / "params_changes.log").exists()
 
     assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    for stage in stages.STAGES:
+    for stage in ITERATION_STAGES:
         assert (run_dir / "iter_1" / f"{stage}.done.json").exists()
     assert "without encryption" not in (tmp_path / "first.log").read_text()
 
@@ -196,12 +198,12 @@ def test_a_stage_lock_from_another_machine_stops_no_process_here(tmp_path):
     """A run directory carried to another machine (tools/device) holds <stage>.lock files naming PIDs of
     the machine it came from; here the same number can be any process, the resumed `slkit run` itself
     included. Only a lock written on this boot may stop the process it names."""
-    from slkit.pipeline import stop_orphaned_stage
-    from slkit.runlock import boot_id
+    from slkit.running.pipeline import stop_orphaned_stage
+    from slkit.running.runlock import boot_id
 
     kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "slkit-kernel-stand-in"])
     try:
-        lock = tmp_path / "extend.lock"
+        lock = tmp_path / "extensions.lock"
         lock.write_text(f"{kernel.pid} 00000000-another-machine")
         stop_orphaned_stage(lock)
         assert kernel.poll() is None  # left alone

@@ -1,5 +1,6 @@
 """The stages' wiring with a scripted engine (no model): which adapters each stage generates with,
 the drafts' resampling before extension, and the benchmark subset."""
+import importlib
 import json
 import random
 from collections import defaultdict
@@ -7,9 +8,12 @@ from collections import defaultdict
 import pytest
 
 from conftest import REPO, ScriptedEngine
-from slkit import stages
-from slkit.pipeline import prepare_run
-from slkit.records import read_jsonl, write_jsonl_atomic
+from slkit.running.layout import BASELINE, adapter_dir, iter_dir, load_run_params
+from slkit.running.registry import ITERATION_STAGES
+from slkit.stages.evaluation import evaluation_stage, score_benchmark
+from slkit.stages.extensions import extensions_stage
+from slkit.running.pipeline import prepare_run
+from slkit.running.records import read_jsonl, write_jsonl_atomic
 
 BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
 
@@ -49,7 +53,7 @@ class RecordingEngine(ScriptedEngine):
 def scripted_run(tmp_path, monkeypatch):
     """A smoke run directory whose stages generate with a RecordingEngine and train fake adapters."""
     log, where = [], [None, None]
-    monkeypatch.setattr(stages, "load_engine", lambda params, adapters=None: RecordingEngine(adapters or {}, log, where))
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: RecordingEngine(adapters or {}, log, where))
 
     def fake_train(params, examples_path, output_dir, init_adapter=None):
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +62,8 @@ def scripted_run(tmp_path, monkeypatch):
         (output_dir / "slkit-train.json").write_text(json.dumps(summary))
         return summary
 
-    monkeypatch.setattr("slkit.training.train_adapter", fake_train)
-    monkeypatch.setattr("slkit.reports.write_iteration_figures", lambda *a: [])
+    monkeypatch.setattr("slkit.stages.training.train_adapter", fake_train)
+    monkeypatch.setattr("slkit.stages.evaluation.write_iteration_figures", lambda *a: [])
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {
         "output_dir": str(tmp_path), "macro_iterations": 3, "evaluation.benchmark": str(BENCHMARK),
         "evaluation.judge.enabled": False})
@@ -69,27 +73,27 @@ def scripted_run(tmp_path, monkeypatch):
 def test_iteration_k_generates_with_iteration_k_minus_1_adapters(scripted_run):
     run_dir, log, where = scripted_run
     for k in (1, 2, 3):
-        for stage in stages.STAGES:
+        for stage in ITERATION_STAGES:
             where[:] = [k, stage]
-            getattr(stages, f"{stage}_stage")(run_dir, k)
+            getattr(importlib.import_module(f"slkit.stages.{stage}"), f"{stage}_stage")(run_dir, k)
     used = defaultdict(set)
     for k, stage, role, adapter in log:
         used[k, stage, role].add(adapter)
     assert {(stage, role) for _, stage, role in used} == {
-        ("seed", None), ("generate", "generator"), ("extend", "extender"), ("evaluate", "generator")}
+        ("queries", None), ("drafts", "generator"), ("extensions", "extender"), ("evaluation", "generator")}
 
     def adapter(k, role):
-        return str(stages.adapter_dir(run_dir, k, role)) if k else None
+        return str(adapter_dir(run_dir, k, role)) if k else None
 
     for k in (1, 2, 3):
         # self-instruct always runs on the base model (as in the reference)
-        assert used[k, "seed", None] == {None}
+        assert used[k, "queries", None] == {None}
         # drafts and extensions: the previous iteration's adapters, the base model in iteration 1
-        assert used[k, "generate", "generator"] == {adapter(k - 1, "generator")}
-        assert used[k, "extend", "extender"] == {adapter(k - 1, "extender")}
+        assert used[k, "drafts", "generator"] == {adapter(k - 1, "generator")}
+        assert used[k, "extensions", "extender"] == {adapter(k - 1, "extender")}
         # the evaluation scores the Generator this iteration trained
-        assert used[k, "evaluate", "generator"] == {adapter(k, "generator")}
-        train = json.loads((stages.iter_dir(run_dir, k) / "train.done.json").read_text())["summary"]
+        assert used[k, "evaluation", "generator"] == {adapter(k, "generator")}
+        train = json.loads((iter_dir(run_dir, k) / "training.done.json").read_text())["summary"]
         assert train["generator"]["init_adapter"] == adapter(k - 1, "generator")
         assert train["extender"]["init_adapter"] == adapter(k - 1, "extender")
 
@@ -104,16 +108,16 @@ def _drafts():
 
 
 def _write_drafts(run_dir, drafts):
-    stages.iter_dir(run_dir, 1).mkdir(parents=True)
-    write_jsonl_atomic(stages.iter_dir(run_dir, 1) / "drafts.jsonl", drafts)
+    iter_dir(run_dir, 1).mkdir(parents=True)
+    write_jsonl_atomic(iter_dir(run_dir, 1) / "drafts.jsonl", drafts)
 
 
 def test_drafts_are_resampled_by_length_before_extension_reproducibly(scripted_run):
     run_dir, log, where = scripted_run
     drafts = _drafts()
     _write_drafts(run_dir, drafts)
-    summary = stages.extend_stage(run_dir, 1)
-    kept = read_jsonl(stages.iter_dir(run_dir, 1) / "resampled_drafts.jsonl")
+    summary = extensions_stage(run_dir, 1)
+    kept = read_jsonl(iter_dir(run_dir, 1) / "resampled_drafts.jsonl")
     kept_ids = [d["id"] for d in kept]
     assert kept_ids == sorted(kept_ids) and set(kept_ids) < {d["id"] for d in drafts}
     for lang, base in (("en", 10), ("zh", 100)):
@@ -121,8 +125,8 @@ def test_drafts_are_resampled_by_length_before_extension_reproducibly(scripted_r
         # ranked within the language: the shortest 20% (r > 0.8) always go, longer ones mostly stay
         assert 0 < len(words) < 20 and min(words) >= base + 4
     assert summary["drafts"] == 40 and summary["resampled_drafts"] == len(kept)
-    assert summary["jobs"] == 2 * len(kept)  # extension.samples_per_draft jobs per kept draft
-    extensions = read_jsonl(stages.iter_dir(run_dir, 1) / "extensions.jsonl")
+    assert summary["jobs"] == 2 * len(kept)  # extensions.samples_per_draft jobs per kept draft
+    extensions = read_jsonl(iter_dir(run_dir, 1) / "extensions.jsonl")
     assert {e["draft_id"] for e in extensions} == set(kept_ids) and len(extensions) == summary["jobs"]
 
     # the same drafts in another file order (a resumed generate stage) give the same resampled drafts
@@ -130,33 +134,33 @@ def test_drafts_are_resampled_by_length_before_extension_reproducibly(scripted_r
     other.mkdir()
     (other / "params.yaml").write_text((run_dir / "params.yaml").read_text())
     _write_drafts(other, list(reversed(drafts)))
-    stages.extend_stage(other, 1)
-    assert [d["id"] for d in read_jsonl(stages.iter_dir(other, 1) / "resampled_drafts.jsonl")] == kept_ids
+    extensions_stage(other, 1)
+    assert [d["id"] for d in read_jsonl(iter_dir(other, 1) / "resampled_drafts.jsonl")] == kept_ids
 
 
 def test_benchmark_subset_size_null_scores_the_whole_benchmark(scripted_run):
     run_dir, log, where = scripted_run
-    params = stages.load_run_params(run_dir)
+    params = load_run_params(run_dir)
     for size, n in ((None, len(read_jsonl(BENCHMARK))), (4, 4)):
         out = run_dir / f"eval-{size}"
         out.mkdir()
         p = params.model_copy(update={"evaluation": params.evaluation.model_copy(
             update={"subset_size": size, "samples_per_query": 1})})
-        assert stages.score_benchmark(p, {}, out, "evaluate")["n"] == n
+        assert score_benchmark(p, {}, out, "evaluation")["n"] == n
 
 
 def test_max_required_words_leaves_longer_targets_out_of_the_subset(scripted_run):
-    from slkit.evaluation import load_benchmark
+    from slkit.evaluation.benchmarks import load_benchmark
 
     run_dir, log, where = scripted_run
-    params = stages.load_run_params(run_dir)
+    params = load_run_params(run_dir)
     _, items = load_benchmark(str(BENCHMARK))
     limit = sorted(item["required"] for item in items)[len(items) // 2]
     out = run_dir / "eval-short"
     out.mkdir()
     p = params.model_copy(update={"evaluation": params.evaluation.model_copy(
         update={"subset_size": None, "samples_per_query": 1, "max_required_words": limit})})
-    scores = stages.score_benchmark(p, {}, out, "evaluate")
+    scores = score_benchmark(p, {}, out, "evaluation")
     answered = read_jsonl(out / "benchmark_outputs.jsonl")
     assert 0 < scores["n"] == sum(item["required"] <= limit for item in items) < len(items)
     assert max(r["required"] for r in answered) <= limit
@@ -170,16 +174,16 @@ def test_the_evaluate_stage_starts_one_engine_for_the_benchmark_and_its_own_judg
 
     def load(params, adapters=None):
         loaded.append((params.model.path, dict(adapters or {})))
-        return RecordingEngine(adapters or {}, [], [0, "evaluate"])
+        return RecordingEngine(adapters or {}, [], [0, "evaluation"])
 
-    monkeypatch.setattr(stages, "load_engine", load)
-    monkeypatch.setattr("slkit.reports.write_iteration_figures", lambda *a: [])
+    monkeypatch.setattr("slkit.stages.common.load_engine", load)
+    monkeypatch.setattr("slkit.stages.evaluation.write_iteration_figures", lambda *a: [])
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {
         "output_dir": str(tmp_path), "evaluation.benchmark": str(BENCHMARK), "evaluation.judge.enabled": True,
         "evaluation.judge.max_tries": 1})
-    metrics = stages.evaluate_stage(run_dir, stages.BASELINE)
+    metrics = evaluation_stage(run_dir, BASELINE)
     assert metrics["judge"] and len(loaded) == 1
-    assert len(read_jsonl(stages.iter_dir(run_dir, stages.BASELINE) / "judgements.jsonl")) > 0
+    assert len(read_jsonl(iter_dir(run_dir, BASELINE) / "judgements.jsonl")) > 0
 
     loaded.clear()
     judge_model = str(tmp_path / "judge-model")
@@ -189,5 +193,5 @@ def test_the_evaluate_stage_starts_one_engine_for_the_benchmark_and_its_own_judg
         "output_dir": str(tmp_path), "run_name": "own-judge", "evaluation.benchmark": str(BENCHMARK),
         "evaluation.judge.enabled": True, "evaluation.judge.max_tries": 1,
         "evaluation.judge.model": {"path": judge_model}})
-    stages.evaluate_stage(run_dir, stages.BASELINE)
+    evaluation_stage(run_dir, BASELINE)
     assert [path for path, _ in loaded] == ["builtin:tiny-random-llama", judge_model]

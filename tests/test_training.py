@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slkit.training import IGNORE, chunked_causal_lm_loss, tokenize_example, train_adapter
+from slkit.training.adapters import IGNORE, tokenize_example, train_adapter
+from slkit.training.long_context import chunked_causal_lm_loss
 
 
 def test_chunked_loss_equals_full_cross_entropy_with_same_gradients():
@@ -31,7 +32,7 @@ def test_chunked_loss_divides_by_num_items_for_accumulation():
 
 
 def test_tokenize_masks_prompt_and_cuts(smoke_params, tiny_model_path):
-    from slkit.models import load_tokenizer
+    from slkit.models.loading import load_tokenizer
 
     tok = load_tokenizer(smoke_params.model)
     ex = tokenize_example(tok, "Write about rivers.", "Rivers flow.", max_length=512)
@@ -69,7 +70,7 @@ def test_qlora_4bit_path_trains(smoke_params, tiny_model_path, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "Say it.", "completion": "alpha beta gamma."}) + "\n")
     params = smoke_params.model_copy(update={"model": smoke_params.model.model_copy(update={"load_in_4bit": True, "dtype": "bfloat16"})})
-    from slkit.training import build_lora_model
+    from slkit.training.adapters import build_lora_model
 
     model = build_lora_model(params, None)
     assert any("Linear4bit" in type(m).__name__ for m in model.modules())
@@ -92,8 +93,8 @@ def test_activation_offload_gives_the_same_training(smoke_params, tiny_model_pat
 
 
 def test_tiled_mlp_is_exact_and_covers_every_layer(smoke_params, tiny_model_path):
-    from slkit.models import load_model
-    from slkit.training import tile_mlps
+    from slkit.models.loading import load_model
+    from slkit.training.long_context import tile_mlps
 
     base = load_model(smoke_params.model)
     tiled = load_model(smoke_params.model)
@@ -124,7 +125,7 @@ def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_
 
     from safetensors.torch import load_file
 
-    from slkit.params import dump_params
+    from slkit.running.params import dump_params
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"word {i} " * 30}) + "\n"
@@ -133,7 +134,7 @@ def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_
         update={"save_steps": 3, "epochs": 1.0, "learning_rate": 5e-3, "lr_scheduler": "linear"})})
     dump_params(params, tmp_path / "params.yaml")
     out = tmp_path / "killed" / "generator"
-    script = ("import sys; from slkit.params import load_params; from slkit.training import train_adapter; "
+    script = ("import sys; from slkit.running.params import load_params; from slkit.training.adapters import train_adapter; "
               "print(train_adapter(load_params(sys.argv[1]), sys.argv[2], sys.argv[3])['steps'])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "params.yaml"), str(data), str(out)])
     checkpoints = out.parent / ".generator-checkpoints"

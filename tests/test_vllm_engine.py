@@ -2,9 +2,9 @@
 The engine itself runs in tests/test_vllm_gpu.py on a GPU with vLLM installed."""
 import pytest
 
-from slkit.engines import Request
-from slkit.params import SamplingParams, load_params
-from slkit.vllm_engine import engine_kwargs, lora_ids, sampling_kwargs, supported_lora_rank
+from slkit.engines.base import Request
+from slkit.running.params import SamplingParams, load_params
+from slkit.engines.vllm import engine_kwargs, lora_ids, sampling_kwargs, supported_lora_rank
 
 from conftest import REPO
 
@@ -73,7 +73,7 @@ def test_the_engine_logs_its_start_and_decoding_time_to_the_run(tmp_path, fake_v
     (decoding seconds, requests, tokens), so a run shows how much of it engine starts take (issue 14)."""
     import json
 
-    from slkit.vllm_engine import VLLMEngine
+    from slkit.engines.vllm import VLLMEngine
 
     params = _growth_params(tmp_path)
     engine = VLLMEngine(params, {})
@@ -90,7 +90,7 @@ def test_an_engine_with_sleep_mode_gives_its_gpu_memory_back_when_closed(tmp_pat
     140 GiB free), so the length-control stage could neither train nor score after its first engine. Built
     with sleep mode, close() puts the engine to sleep (level 2: nothing is kept for a wake-up) and the
     memory is free again in the same process."""
-    from slkit.vllm_engine import VLLMEngine
+    from slkit.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(_growth_params(tmp_path, **{"engine.vllm.enable_sleep_mode": True}), {})
     llm = engine.llm

@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from conftest import free_port  # noqa: E402
-from slkit.engines import Request  # noqa: E402
-from slkit.params import SamplingParams, load_params  # noqa: E402
+from slkit.engines.base import Request  # noqa: E402
+from slkit.running.layout import adapter_dir  # noqa: E402
+from slkit.running.params import SamplingParams, load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0, stop=[])
@@ -31,7 +32,7 @@ def small_model(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slkit.models import train_small_tokenizer
+    from slkit.models.loading import train_small_tokenizer
 
     root = tmp_path_factory.mktemp("vllm")
     model_dir = root / "small-llama"
@@ -64,7 +65,7 @@ def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
 
 
 def test_roles_share_one_batch_and_greedy_is_repeatable(small_model):
-    from slkit.vllm_engine import VLLMEngine
+    from slkit.engines.vllm import VLLMEngine
 
     model_dir, adapters = small_model
     engine = VLLMEngine(_params(model_dir), adapters)
@@ -83,15 +84,15 @@ def test_roles_share_one_batch_and_greedy_is_repeatable(small_model):
 def test_stages_run_on_vllm_each_in_its_own_process(small_model, tmp_path):
     """seed -> generate -> extend (vLLM) -> train (transformers, GPU) -> iteration 2 generate with the
     trained Generator adapter (vLLM LoRA), each stage a fresh process as under papermill."""
-    from slkit.pipeline import prepare_run
-    from slkit.params import dump_params
+    from slkit.running.pipeline import prepare_run
+    from slkit.running.params import dump_params
 
     model_dir, _ = small_model
     params = _params(model_dir, output_dir=str(tmp_path / "runs"), run_name="vllm-stages")
     dump_params(params, tmp_path / "vllm.yaml")
     _, run_dir = prepare_run(tmp_path / "vllm.yaml")
-    for iteration, stage in [(1, "seed"), (1, "generate"), (1, "extend"), (1, "train"), (2, "seed"), (2, "generate")]:
-        _in_fresh_process(f"from slkit import stages; stages.{stage}_stage({str(run_dir)!r}, {iteration})")
+    for iteration, stage in [(1, "queries"), (1, "drafts"), (1, "extensions"), (1, "training"), (2, "queries"), (2, "drafts")]:
+        _in_fresh_process(f"from slkit.stages.{stage} import {stage}_stage; {stage}_stage({str(run_dir)!r}, {iteration})")
     for name in ["iter_1/queries.jsonl", "iter_1/drafts.jsonl", "iter_1/extensions.jsonl", "iter_2/drafts.jsonl"]:
         lines = (run_dir / name).read_text().splitlines()
         assert lines and all(json.loads(line) for line in lines), name
@@ -109,17 +110,17 @@ def test_a_closed_engine_with_sleep_mode_leaves_room_for_the_next_in_its_process
     """Two engines of 85% of the GPU, one after the other in one process, the first built with sleep mode:
     without it the second found 20 of 140 GiB free on the H200. The second serves the same adapter alike.
     With CUDA graphs too (the GPU recipes' setting): their memory is outside what sleep frees."""
-    from slkit.params import dump_params
+    from slkit.running.params import dump_params
 
     model_dir, adapters = small_model
     dump_params(_params(model_dir, **{"output_dir": str(tmp_path), "engine.vllm.gpu_memory_utilization": 0.85,
                                       "engine.vllm.enforce_eager": eager}), tmp_path / "p.yaml")
     done = _in_fresh_process(f"""
 import json, torch
-from slkit.engines import Request
-from slkit.params import SamplingParams, load_params
-from slkit.stages import with_sleep_mode
-from slkit.vllm_engine import VLLMEngine
+from slkit.engines.base import Request
+from slkit.running.params import SamplingParams, load_params
+from slkit.stages.common import with_sleep_mode
+from slkit.engines.vllm import VLLMEngine
 params = load_params({str(tmp_path / "p.yaml")!r})
 greedy, adapters = SamplingParams(temperature=0, stop=[]), {{"generator": {adapters["generator"]!r}}}
 first = VLLMEngine(with_sleep_mode(params, True), adapters)
@@ -144,9 +145,8 @@ def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(s
 
     from test_length_control_stage import _iteration
 
-    from slkit import stages
-    from slkit.params import dump_params
-    from slkit.pipeline import prepare_run
+    from slkit.running.params import dump_params
+    from slkit.running.pipeline import prepare_run
 
     model_dir, adapters = small_model
     params = _params(model_dir, **{
@@ -156,19 +156,19 @@ def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(s
     dump_params(params, tmp_path / "vllm.yaml")
     _, run_dir = prepare_run(tmp_path / "vllm.yaml")
     _iteration(run_dir, 1)  # iteration 1's files, with the small model's Generator adapter
-    shutil.rmtree(stages.adapter_dir(run_dir, 1, "generator"))
-    shutil.copytree(adapters["generator"], stages.adapter_dir(run_dir, 1, "generator"))
-    done = _in_fresh_process(f"from slkit import stages; stages.length_control_stage({str(run_dir)!r}, 1)")
+    shutil.rmtree(adapter_dir(run_dir, 1, "generator"))
+    shutil.copytree(adapters["generator"], adapter_dir(run_dir, 1, "generator"))
+    done = _in_fresh_process(f"from slkit.stages.length_control import length_control_stage; length_control_stage({str(run_dir)!r}, 1)")
     timings = [json.loads(line) for line in (run_dir / "engine_timings.jsonl").read_text().splitlines()]
     print(*timings, *_memory_lines(done.stderr), sep="\n")
     closed = [t for t in timings if t["event"] == "closed"]
     assert len(closed) == 2 and closed[0]["gpu_free_gib"] >= 0.85 * closed[0]["gpu_total_gib"]
-    metrics = json.loads((run_dir / "length_control" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "length_control" / "length_control.json").read_text())
     assert closed[0]["requests"] > 0 and metrics["training"]["trained"] and metrics["length_after"]["n"] > 0
 
 
 def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
-    from slkit.endpoint_engine import EndpointEngine
+    from slkit.engines.endpoint import EndpointEngine
 
     model_dir, adapters = small_model
     port = free_port()

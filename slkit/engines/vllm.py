@@ -1,0 +1,183 @@
+"""The vLLM backend (engine.backend: vllm): offline `vllm.LLM` with per-role LoRA adapters.
+
+One engine holds the base model once and serves every role: each request carries the LoRARequest
+of its role (Generator, Extender) or none (base model), so a batch mixes roles freely. Every field
+of vLLM's SamplingParams that matters is set from the recipe (vLLM's own max_tokens default is 16).
+Prompts are token ids made by slkit's tokenizer, so a pre-filled answer is a raw completion and the
+BOS rule is the transformers engine's. A stage is one notebook process: vLLM's GPU memory goes back
+when the process ends, before the train notebook starts. A closed engine keeps it until then, unless it
+was built with engine.vllm.enable_sleep_mode: close() then puts it to sleep, which frees its weights and
+KV cache in the process (the length-control stage trains and starts its scoring engine after one).
+
+vLLM installs on Linux with a CUDA GPU only (`pip install slkit[gpu]`); the request building below
+is plain Python so it is tested on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from slkit.engines.base import LocalPrompts, Request, postprocess, stop_token_ids
+from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
+from slkit.running.params import Params, SamplingParams
+from slkit.models.chat import with_bos
+
+# Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
+CALL_SIZE = 1024
+
+
+def lora_ids(adapters: dict[str, str | None] | None) -> dict[str, tuple[str, int, str]]:
+    """(name, id, path) per role that has an adapter; ids start at 1 and follow the role order."""
+    present = [(role, path) for role, path in (adapters or {}).items() if path]
+    return {role: (role, i, str(path)) for i, (role, path) in enumerate(present, start=1)}
+
+
+def sampling_kwargs(sampling: SamplingParams, request: Request, stop_ids: list[int]) -> dict[str, Any]:
+    """Keyword arguments of vllm.SamplingParams for one request: every field explicit."""
+    greedy = sampling.temperature == 0
+    return dict(
+        n=1,
+        max_tokens=request.max_new_tokens,
+        min_tokens=min(sampling.min_new_tokens, request.max_new_tokens),
+        temperature=0.0 if greedy else sampling.temperature,
+        top_p=1.0 if greedy else sampling.top_p,
+        top_k=0 if greedy or sampling.top_k == 0 else sampling.top_k,  # 0: no top-k cut
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        seed=request.seed,
+        stop=[s for s in sampling.stop if s],
+        stop_token_ids=stop_ids,
+        ignore_eos=False,
+        skip_special_tokens=True,
+    )
+
+
+def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dict[str, Any]:
+    """Keyword arguments of vllm.LLM for a recipe (LoRA off when no role has an adapter yet: iteration 1).
+    The LoRA rank served is engine.vllm.max_lora_rank, or the rank the adapters are trained with."""
+    vp = params.engine.vllm
+    kwargs: dict[str, Any] = dict(
+        model=model_dir,
+        tokenizer=model_dir,
+        dtype=compute_dtype(params.model.dtype, "cuda"),
+        seed=params.seed,
+        trust_remote_code=params.model.trust_remote_code,
+        gpu_memory_utilization=vp.gpu_memory_utilization,
+        max_num_seqs=vp.max_num_seqs,
+        enforce_eager=vp.enforce_eager,
+        tensor_parallel_size=vp.tensor_parallel_size,
+        enable_prefix_caching=vp.enable_prefix_caching,
+        # Weights and KV cache in vLLM's cumem pool, which sleep() unmaps; CUDA graphs and the in-process
+        # engine core work with it (vLLM 0.25.1). The pool takes one engine per process.
+        enable_sleep_mode=vp.enable_sleep_mode,
+    )
+    if with_lora:
+        kwargs.update(enable_lora=True, max_loras=vp.max_loras,
+                      max_lora_rank=supported_lora_rank(vp.max_lora_rank or params.training.lora_r))
+    if vp.max_model_len:
+        kwargs["max_model_len"] = vp.max_model_len
+    if params.model.load_in_4bit:
+        kwargs["quantization"] = "bitsandbytes"
+    return kwargs
+
+
+def supported_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds `rank` (it takes 8, 16, 32, 64, 128, 256, 320, 512)."""
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"training.lora_r: vLLM serves LoRA ranks up to 512, got {rank}")
+
+
+class VLLMEngine(LocalPrompts):
+    def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
+        # The engine core runs in this (stage) process: a separate core process hung under pytest on
+        # our H100, and a stage is a process of its own already. Set the variable to 1 to override.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        self.params = params
+        self.tokenizer = load_tokenizer(params.model)
+        model_dir = resolve_model_path(params.model.path)
+        self.loras = {role: LoRARequest(*spec) for role, spec in lora_ids(adapters).items()}
+        started = time.monotonic()
+        self.llm = LLM(**engine_kwargs(params, model_dir, with_lora=bool(self.loras)))
+        self.start_seconds = time.monotonic() - started  # load, torch.compile, CUDA graphs: paid once per stage
+        self.generated_tokens = 0  # new tokens produced so far (tokens/s of a stage, benchmarks)
+        self.generate_seconds = 0.0
+        self.requests = 0
+        self.eos_ids = stop_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), self.tokenizer)
+        self._log_timing("ready", start_s=round(self.start_seconds, 1))
+
+    def generate(self, requests: list[Request], sampling: SamplingParams,
+                 on_done: Callable[[int], None] | None = None) -> list[str]:
+        from vllm import SamplingParams as VSamplingParams
+
+        outputs: list[str] = []
+        started = time.monotonic()
+        for start in range(0, len(requests), CALL_SIZE):
+            chunk = requests[start:start + CALL_SIZE]
+            prompts = [{"prompt_token_ids": self.tokenizer(with_bos(self.tokenizer, r.text),
+                                                           add_special_tokens=False)["input_ids"]} for r in chunk]
+            results = self.llm.generate(
+                prompts,
+                sampling_params=[VSamplingParams(**sampling_kwargs(sampling, r, self.eos_ids)) for r in chunk],
+                lora_request=[self.loras.get(r.role) for r in chunk],
+                use_tqdm=False)
+            outputs += [postprocess(res.outputs[0].text, sampling) for res in results]
+            self.generated_tokens += sum(len(res.outputs[0].token_ids) for res in results)
+            if on_done:
+                on_done(len(chunk))
+        self.generate_seconds += time.monotonic() - started
+        self.requests += len(requests)
+        return outputs
+
+    def _log_timing(self, event: str, **fields: Any) -> None:
+        """One line of runs/<run>/engine_timings.jsonl: how much of a run engine starts take, against decoding."""
+        line = {"event": event, "at": round(time.time(), 1), "pid": os.getpid(), **fields}
+        try:
+            with open(self.params.run_dir / "engine_timings.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(line) + "\n")
+        except OSError:
+            pass  # a measurement only: never fail a stage over it
+
+    def close(self) -> None:
+        """Free what can be freed. `del` alone gives back nothing before the process ends (on the H200 a second
+        engine found 20 of 140 GiB free): something in vLLM keeps the first one's tensors referenced. Sleep
+        unmaps the memory under them whatever refers to them."""
+        import gc
+
+        import torch
+
+        started = time.monotonic()
+        if self.params.engine.vllm.enable_sleep_mode:
+            # Level 2 discards weights and KV cache; level 1 would first copy the weights to CPU memory, for a
+            # wake_up this engine never gets.
+            self.llm.sleep(level=2)
+        sleep_seconds = time.monotonic() - started
+        # If vLLM frees a slept engine's tensors here, its allocator may print "CUDA Error" for memory the sleep
+        # already released (vLLM issue 36651); the memory itself is gone either way.
+        del self.llm
+        gc.collect()
+        memory = {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info()
+            memory = {"gpu_free_gib": round(free / 2**30, 1), "gpu_total_gib": round(total / 2**30, 1)}
+        self._log_timing("closed", start_s=round(self.start_seconds, 1), generate_s=round(self.generate_seconds, 1),
+                         requests=self.requests, generated_tokens=self.generated_tokens,
+                         sleep_s=round(sleep_seconds, 1), **memory)
+
+
+def _generation_config(model_dir: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # a model saved without generation_config.json
+        return GenerationConfig()

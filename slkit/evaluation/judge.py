@@ -1,0 +1,113 @@
+"""The quality judge: an LLM scores each response 1-10 on seven dimensions, as JSON, ignoring length.
+
+Any slkit engine runs it (evaluation.judge.engine): the run's base model by default, another local
+model, or an OpenAI-compatible endpoint whose key is read from an environment variable. A reply
+that is not the JSON asked for is retried (greedy first, then sampled); after judge.max_tries it
+is recorded as failed with its last reply, and failures are counted in the summary.
+"""
+from __future__ import annotations
+
+import json
+import re
+from statistics import mean
+from typing import Callable
+
+from slkit.engines.base import Engine, Request, stable_seed
+from slkit.running.params import JudgeParams, SamplingParams
+from slkit.running.records import RecordWriter
+
+DIMENSIONS = ("relevance", "coherence", "accuracy", "consistency", "clarity", "creativity", "engagement")
+
+JUDGE_PROMPT = """You are grading one response to a writing request. Give it a score from 1 (very poor) to 10 \
+(excellent) on each of these seven dimensions:
+- relevance: it does what the request asks;
+- coherence: its parts connect and its structure is easy to follow;
+- accuracy: what it states as fact is correct;
+- consistency: it does not contradict itself and keeps one voice and style;
+- clarity: its sentences are clear and precise;
+- creativity: it brings original ideas, images or angles;
+- engagement: it holds a reader's interest.
+Judge the writing only: do not reward or penalise the response for its length. The request and the
+response may be in English or Chinese.
+Reply with one JSON object and nothing else, in this form, each N an integer from 1 to 10:
+{{"relevance": N, "coherence": N, "accuracy": N, "consistency": N, "clarity": N, "creativity": N, "engagement": N}}
+
+Request:
+{query}
+
+Response:
+{response}"""
+
+# Base models (no chat template) get the start of the answer, so they continue the JSON. The form
+# above holds no numbers on purpose: a model that copies it (the 270m demo model copied a numeric
+# example verbatim for every response) writes no valid JSON and is counted as failed.
+BASE_MODEL_PREFILL = '{"relevance":'
+
+_OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+
+
+def parse_judgement(text: str) -> dict[str, float] | None:
+    """The seven scores from a judge reply, or None when no JSON object in it holds all seven as
+    numbers from 1 to 10. Code fences and text around the object are ignored; keys are case-blind."""
+    for candidate in _OBJECT.findall(text):
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        scores = {str(k).strip().lower(): v for k, v in data.items()}
+        values = {}
+        for dim in DIMENSIONS:
+            v = scores.get(dim)
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    v = None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 10:
+                break
+            values[dim] = float(v)
+        else:
+            return values
+    return None
+
+
+def judge_responses(engine: Engine, items: list[dict], jp: JudgeParams, seed: int, writer: RecordWriter,
+                    on_done: Callable[[int], None] | None = None) -> None:
+    """Append one record per item ({"index", "sample", "query", "output"}) to `writer`: its scores, or
+    failed with the last reply. Items already in the writer (a resumed stage) are skipped."""
+    done = {(r["index"], r["sample"]) for r in writer.records}
+    pending = [it for it in items if (it["index"], it["sample"]) not in done]
+    prefill = "" if engine.is_chat else BASE_MODEL_PREFILL
+    for attempt in range(1, jp.max_tries + 1):
+        if not pending:
+            break
+        sampling = SamplingParams(temperature=0.0 if attempt == 1 else 0.7, top_p=0.95, top_k=0,
+                                  repetition_penalty=1.0, max_new_tokens=jp.max_new_tokens, stop=[])
+        requests = [Request(engine.render(JUDGE_PROMPT.format(query=it["query"], response=it["output"])), None,
+                            jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], attempt),
+                            prefill=prefill) for it in pending]
+        replies = engine.generate(requests, sampling)
+        retry = []
+        for it, reply in zip(pending, replies):
+            scores = parse_judgement(prefill + reply)
+            if scores is None and attempt < jp.max_tries:
+                retry.append(it)
+                continue
+            writer.write({"index": it["index"], "sample": it["sample"], "scores": scores,
+                          "mean": round(mean(scores.values()), 4) if scores else None, "tries": attempt,
+                          "failed": scores is None, "last_reply": None if scores else (prefill + reply)[:500]})
+            if on_done:
+                on_done(1)
+        pending = retry
+
+
+def summarize_judgements(records: list[dict]) -> dict:
+    """Mean score per dimension and overall over the judged responses; judged and failed counts."""
+    ok = [r for r in records if not r["failed"]]
+    return {
+        "per_dimension": {d: round(mean(r["scores"][d] for r in ok), 3) for d in DIMENSIONS} if ok else {},
+        "overall": round(mean(r["mean"] for r in ok), 3) if ok else None,
+        "judged": len(ok),
+        "failed": len(records) - len(ok),
+        "failure_rate": round((len(records) - len(ok)) / len(records), 4) if records else None,
+    }

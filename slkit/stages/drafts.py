@@ -1,0 +1,23 @@
+"""The drafts stage: the Generator answers every query; drafts that pass the quality check -> drafts.jsonl."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slkit.method.drafts import write_drafts
+from slkit.running.layout import prepare_iteration
+from slkit.running.records import mark_done, read_jsonl
+from slkit.stages.common import generate_records, skip_when_done
+
+
+@skip_when_done("drafts")
+def drafts_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """queries.jsonl -> drafts.jsonl: Generator drafts that pass the quality check."""
+    params, out = prepare_iteration(run_dir, iteration)
+    queries = read_jsonl(out / "queries.jsonl")
+    records, rejected = generate_records(
+        run_dir, iteration, "drafts", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
+        lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done))
+    summary = {"drafts": len(records), "rejected": dict(rejected)}
+    mark_done(out, "drafts", summary)
+    return summary

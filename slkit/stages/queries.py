@@ -1,0 +1,25 @@
+"""The queries stage: new writing requests by self-instruct, judged, length-filtered, deduplicated -> queries.jsonl."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slkit.method.queries import synthesize_queries
+from slkit.running.layout import prepare_iteration
+from slkit.running.records import mark_done
+from slkit.stages.common import earlier_queries, exemplar_pool, generate_records, skip_when_done
+
+
+@skip_when_done("queries")
+def queries_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """-> queries.jsonl: new queries by self-instruct, judged, length-filtered, deduplicated."""
+    params, out = prepare_iteration(run_dir, iteration)
+    earlier = earlier_queries(run_dir, iteration)
+    pool = exemplar_pool(params, earlier)
+    records, rejected = generate_records(
+        run_dir, iteration, "queries", "queries.jsonl", params.queries.per_language * len(params.queries.languages),
+        lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
+                                                           iteration, writer, on_done))
+    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
+    mark_done(out, "queries", summary)
+    return summary

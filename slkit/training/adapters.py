@@ -1,0 +1,322 @@
+"""Training an adapter (Generator or Extender) with LoRA or 4-bit QLoRA.
+
+    train_adapter(params, "runs/x/iter_1/generator_sft.jsonl", "runs/x/iter_1/adapters/generator",
+                  init_adapter="runs/x/iter_0/adapters/generator")
+
+Built on transformers' Trainer (schedule, accumulation, optimizers incl. paged 8-bit AdamW) with
+one change: the loss. The model's own loss materialises full-vocabulary fp32 logits for the whole
+sequence (16k tokens x 152k vocab x 4 B = 10 GB for Qwen2); `chunked_causal_lm_loss` runs the LM
+head on response tokens only, a chunk at a time, recomputing each chunk in backward, so logits
+never exist for more than one chunk. Memory recipe: no whole-model fp32 upcast, non-reentrant
+gradient checkpointing, model.train() (eval mode silently skips checkpointing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from slkit.running.params import Params
+from slkit.models.chat import render_user_turn, with_bos
+from slkit.running.records import read_jsonl
+from slkit.training.long_context import IGNORE, backbone_and_head, chunked_causal_lm_loss, liger_loss, tile_mlps
+
+
+
+def tokenize_example(tokenizer: Any, prompt: str, completion: str, max_length: int,
+                     prompt_format: str = "auto") -> dict[str, list[int]]:
+    """input_ids and labels for one (prompt, completion) pair: loss on response tokens only, cut at max_length."""
+    rendered = with_bos(tokenizer, render_user_turn(tokenizer, prompt, prompt_format))
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pad_batch(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class SelfLengthenTrainer(Trainer):
+        """Trainer whose loss is chunked (default), Liger's fused linear cross-entropy, or the model's own."""
+
+        def __init__(self, *args: Any, loss_kind: str = "chunked", loss_chunk_tokens: int = 2048,
+                     activation_offload: bool = False, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.loss_kind, self.loss_chunk_tokens = loss_kind, loss_chunk_tokens
+            self.activation_offload = activation_offload
+            self.model_accepts_loss_kwargs = True  # our loss divides by num_items_in_batch itself
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.activation_offload:
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+
+            # Tensors autograd keeps for backward (with checkpointing: each layer's input) wait in
+            # pinned CPU memory and come back to the GPU when backward reaches them.
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            # num_items_in_batch counts every process's tokens; DDP averages gradients over processes,
+            # so each process's loss is scaled back up (what Trainer.compute_loss does).
+            scale = (self.accelerator.num_processes
+                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
+            if self.loss_kind == "model":
+                out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
+                return (out.loss * scale, out) if return_outputs else out.loss * scale
+            inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                          num_items=int(num_items_in_batch) if num_items_in_batch is not None else None)
+            inner = self.accelerator.unwrap_model(model)
+            if inner is model:
+                loss = self._head_loss(model, **inputs)
+            else:  # DDP / FSDP / ZeRO wrap the model: the loss must run inside the wrapper's forward to sync
+                inner.forward = lambda **kw: self._head_loss(inner, **kw)
+                try:
+                    loss = model(**inputs)
+                finally:
+                    del inner.forward
+            loss = loss * scale
+            return (loss, None) if return_outputs else loss
+
+        def _head_loss(self, model, input_ids, attention_mask, labels, num_items):
+            """The backbone's hidden states, then the loss over the LM head without full fp32 logits."""
+            backbone, head, softcap = backbone_and_head(model)
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.loss_kind == "liger":
+                return liger_loss(hidden, head, labels, num_items)
+            return chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk_tokens, softcap, num_items)
+
+    return SelfLengthenTrainer
+
+
+def _make_step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall-clock seconds of each optimizer step (CUDA-synchronised), for tokens/s."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def _sync(self):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = self._sync()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(round(self._sync() - self._start, 4))
+
+    return StepTimer()
+
+
+def build_lora_model(params: Params, init_adapter: str | None):
+    """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from slkit.models.loading import load_model
+
+    tp = params.training
+    model = load_model(params.model, device=params.engine.device, for_training=True)
+    if tp.liger_kernels:
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise RuntimeError("training.liger_kernels needs the liger-kernel package (CUDA only): "
+                               "pip install liger-kernel, or set it to false") from None
+        # Kernels only; the loss stays slkit's (training.loss picks chunked or Liger's fused one).
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    if tp.mlp_tile_tokens:
+        tile_mlps(model, tp.mlp_tile_tokens)
+    if init_adapter:
+        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
+                        target_modules=tp.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped accelerate config (ddp, fsdp, zero3) or a user's file."""
+    shipped = ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
+    path = shipped if shipped.exists() else Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"training.accelerate_config: {name_or_path!r} is neither a shipped config "
+                         f"({', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))}) nor a file")
+    return path
+
+
+def launch_distributed(params: Params, examples_path: str | Path, output_dir: str | Path,
+                       init_adapter: str | None) -> dict[str, Any]:
+    """Run train_adapter under `accelerate launch` with training.num_processes processes; its summary."""
+    import subprocess
+    import sys
+
+    from slkit.running.params import dump_params
+
+    output_dir = Path(output_dir)
+    config = accelerate_config_path(params.training.accelerate_config)
+    params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
+    dump_params(params, params_file)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", str(params.training.num_processes),
+               "-m", "slkit.training.adapters", "--params", str(params_file), "--examples", str(examples_path),
+               "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else [])
+    done = subprocess.run(command)
+    if done.returncode:
+        raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")
+    params_file.unlink()
+    return json.loads((output_dir / "slkit-train.json").read_text())
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest Trainer checkpoint that was saved to its end. Trainer writes trainer_state.json last,
+    so a kill while saving leaves a checkpoint without it, which would fail to resume."""
+    complete = [p for p in checkpoints.glob("checkpoint-*")
+                if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[1]))) if complete else None
+
+
+def train_adapter(params: Params, examples_path: str | Path, output_dir: str | Path,
+                  init_adapter: str | None = None) -> dict[str, Any]:
+    """Train one adapter on a jsonl of {"prompt", "completion"}; writes a PEFT adapter to output_dir.
+
+    With fewer than training.min_samples examples nothing is trained: the previous adapter is
+    carried over (or a fresh, untrained LoRA saved, which leaves the base model unchanged).
+    With training.num_processes > 1 it runs itself under `accelerate launch` (DDP, FSDP or ZeRO-3);
+    rank 0 writes the files. Returns a summary (samples, tokens, steps, final loss, seconds, peak memory).
+    """
+    if params.training.num_processes > 1:
+        return launch_distributed(params, examples_path, output_dir, init_adapter)
+    return train_in_this_process(params, examples_path, output_dir, init_adapter)
+
+
+def train_in_this_process(params: Params, examples_path: str | Path, output_dir: str | Path,
+                          init_adapter: str | None = None) -> dict[str, Any]:
+    """train_adapter's work, in this process (one rank of a distributed run, or the only one)."""
+    import os
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from slkit.models.loading import load_tokenizer
+
+    tp = params.training
+    main_process = int(os.environ.get("RANK", 0)) == 0
+    output_dir = Path(output_dir)
+    examples = read_jsonl(examples_path, required=["prompt", "completion"])
+    tokenizer = load_tokenizer(params.model)
+    summary: dict[str, Any] = {"samples": len(examples), "init_adapter": init_adapter}
+    tmp_dir = output_dir.with_name(output_dir.name + ".tmp")
+    if tmp_dir.exists() and main_process:
+        shutil.rmtree(tmp_dir)
+    features = [tokenize_example(tokenizer, e["prompt"], e["completion"], tp.max_length, params.model.prompt_format)
+                for e in examples]
+    # A prompt longer than max_length leaves nothing to learn from: drop it, and say so.
+    features = [f for f in features if any(label != IGNORE for label in f["labels"][1:])]
+    summary["dropped_no_response_tokens"] = len(examples) - len(features)
+    # Seed before the LoRA weights are initialised: the adapter must not depend on what ran
+    # earlier in this process (a resumed stage trains in a fresh one).
+    set_seed(params.seed)
+    if len(features) < tp.min_samples:
+        if not main_process:
+            return summary
+        if init_adapter:
+            shutil.copytree(init_adapter, tmp_dir)
+        else:
+            build_lora_model(params, None).save_pretrained(str(tmp_dir))
+        summary.update(trained=False, reason=f"{len(features)} usable samples < training.min_samples={tp.min_samples}")
+    else:
+        model = build_lora_model(params, init_adapter)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
+        args = TrainingArguments(
+            output_dir=str(checkpoints), save_steps=tp.save_steps or 500,
+            per_device_train_batch_size=tp.batch_size, gradient_accumulation_steps=tp.gradient_accumulation,
+            num_train_epochs=tp.epochs, learning_rate=tp.learning_rate, lr_scheduler_type=tp.lr_scheduler,
+            warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
+            save_strategy="steps" if tp.save_steps else "no",
+            save_total_limit=2,  # a kill while saving leaves the one before complete; older ones are dead weight
+            report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
+            bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
+            use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
+            activation_checkpointing=tp.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
+        if "LOCAL_RANK" not in os.environ:
+            args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host
+        trainer = make_trainer_class()(
+            model=model, args=args, train_dataset=features,
+            data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
+            loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
+            callbacks=[step_timer := _make_step_timer()])
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        last = last_complete_checkpoint(checkpoints)
+        summary["resumed_from"] = last
+        result = trainer.train(resume_from_checkpoint=last)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        summary.update(trained=True, steps=result.global_step, seconds=round(time.time() - start, 1),
+                       tokens=sum(len(f["input_ids"]) for f in features) * math.ceil(tp.epochs),
+                       first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+                       losses=losses, step_seconds=step_timer.seconds,
+                       peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
+        summary["processes"] = args.world_size
+        trainer.save_model(str(tmp_dir))  # gathers FSDP / ZeRO-3 shards; rank 0 writes
+        del trainer, model
+        if not main_process:
+            return summary
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        (tmp_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter is safetensors only
+    (tmp_dir / "slkit-train.json").write_text(json.dumps(summary, indent=2))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp_dir.rename(output_dir)
+    return summary
+
+
+def main() -> None:
+    """Entry point of one process under `accelerate launch` (see launch_distributed)."""
+    import argparse
+
+    from slkit.running.params import load_params
+
+    parser = argparse.ArgumentParser(description="train one slkit adapter (one process of a distributed run)")
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--examples", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--init-adapter")
+    args = parser.parse_args()
+    train_in_this_process(load_params(args.params), args.examples, args.output, args.init_adapter)
+
+
+if __name__ == "__main__":
+    main()
