@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from slkit.running.params import load_params
-from slkit.training.adapters import accelerate_config_path, train_adapter
+from slkit.training.adapters import train_adapter
+from slkit.training.distributed import accelerate_config_path
 
 from conftest import REPO
 

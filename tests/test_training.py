@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slkit.training.adapters import IGNORE, tokenize_example, train_adapter
+from slkit.training.adapters import train_adapter
+from slkit.training.batches import tokenize_example
+from slkit.training.long_context import IGNORE
 from slkit.training.long_context import chunked_causal_lm_loss
 
 

@@ -20,119 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from slkit.running.params import Params
-from slkit.models.chat import render_user_turn, with_bos
 from slkit.running.records import read_jsonl
-from slkit.training.long_context import IGNORE, backbone_and_head, chunked_causal_lm_loss, liger_loss, tile_mlps
-
-
-
-def tokenize_example(tokenizer: Any, prompt: str, completion: str, max_length: int,
-                     prompt_format: str = "auto") -> dict[str, list[int]]:
-    """input_ids and labels for one (prompt, completion) pair: loss on response tokens only, cut at max_length."""
-    rendered = with_bos(tokenizer, render_user_turn(tokenizer, prompt, prompt_format))
-    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def pad_batch(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for row, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[row, :n] = torch.tensor(f["input_ids"])
-        labels[row, :n] = torch.tensor(f["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def make_trainer_class():
-    from transformers import Trainer
-
-    class SelfLengthenTrainer(Trainer):
-        """Trainer whose loss is chunked (default), Liger's fused linear cross-entropy, or the model's own."""
-
-        def __init__(self, *args: Any, loss_kind: str = "chunked", loss_chunk_tokens: int = 2048,
-                     activation_offload: bool = False, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.loss_kind, self.loss_chunk_tokens = loss_kind, loss_chunk_tokens
-            self.activation_offload = activation_offload
-            self.model_accepts_loss_kwargs = True  # our loss divides by num_items_in_batch itself
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.activation_offload:
-                return self._loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch
-
-            # Tensors autograd keeps for backward (with checkpointing: each layer's input) wait in
-            # pinned CPU memory and come back to the GPU when backward reaches them.
-            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                return self._loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("labels")
-            # num_items_in_batch counts every process's tokens; DDP averages gradients over processes,
-            # so each process's loss is scaled back up (what Trainer.compute_loss does).
-            scale = (self.accelerator.num_processes
-                     if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
-            if self.loss_kind == "model":
-                out = model(**inputs, labels=labels, num_items_in_batch=num_items_in_batch)
-                return (out.loss * scale, out) if return_outputs else out.loss * scale
-            inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                          num_items=int(num_items_in_batch) if num_items_in_batch is not None else None)
-            inner = self.accelerator.unwrap_model(model)
-            if inner is model:
-                loss = self._head_loss(model, **inputs)
-            else:  # DDP / FSDP / ZeRO wrap the model: the loss must run inside the wrapper's forward to sync
-                inner.forward = lambda **kw: self._head_loss(inner, **kw)
-                try:
-                    loss = model(**inputs)
-                finally:
-                    del inner.forward
-            loss = loss * scale
-            return (loss, None) if return_outputs else loss
-
-        def _head_loss(self, model, input_ids, attention_mask, labels, num_items):
-            """The backbone's hidden states, then the loss over the LM head without full fp32 logits."""
-            backbone, head, softcap = backbone_and_head(model)
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            if self.loss_kind == "liger":
-                return liger_loss(hidden, head, labels, num_items)
-            return chunked_causal_lm_loss(hidden, head, labels, self.loss_chunk_tokens, softcap, num_items)
-
-    return SelfLengthenTrainer
-
-
-def _make_step_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Wall-clock seconds of each optimizer step (CUDA-synchronised), for tokens/s."""
-
-        def __init__(self):
-            self.seconds: list[float] = []
-            self._start = 0.0
-
-        def _sync(self):
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = self._sync()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(round(self._sync() - self._start, 4))
-
-    return StepTimer()
+from slkit.training.batches import pad_batch, tokenize_example
+from slkit.training.distributed import launch_distributed
+from slkit.training.long_context import IGNORE, tile_mlps
+from slkit.training.trainer import LengthTrainer, StepTimer
 
 
 def build_lora_model(params: Params, init_adapter: str | None):
@@ -159,42 +51,6 @@ def build_lora_model(params: Params, init_adapter: str | None):
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                         target_modules=tp.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
-
-
-def accelerate_config_path(name_or_path: str) -> Path:
-    """A shipped accelerate config (ddp, fsdp, zero3) or a user's file."""
-    shipped = ACCELERATE_CONFIGS / f"{name_or_path}.yaml"
-    path = shipped if shipped.exists() else Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"training.accelerate_config: {name_or_path!r} is neither a shipped config "
-                         f"({', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))}) nor a file")
-    return path
-
-
-def launch_distributed(params: Params, examples_path: str | Path, output_dir: str | Path,
-                       init_adapter: str | None) -> dict[str, Any]:
-    """Run train_adapter under `accelerate launch` with training.num_processes processes; its summary."""
-    import subprocess
-    import sys
-
-    from slkit.running.params import dump_params
-
-    output_dir = Path(output_dir)
-    config = accelerate_config_path(params.training.accelerate_config)
-    params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
-    dump_params(params, params_file)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", str(params.training.num_processes),
-               "-m", "slkit.training.adapters", "--params", str(params_file), "--examples", str(examples_path),
-               "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else [])
-    done = subprocess.run(command)
-    if done.returncode:
-        raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")
-    params_file.unlink()
-    return json.loads((output_dir / "slkit-train.json").read_text())
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
@@ -272,11 +128,11 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
         if "LOCAL_RANK" not in os.environ:
             args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host
-        trainer = make_trainer_class()(
+        trainer = LengthTrainer(
             model=model, args=args, train_dataset=features,
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
             loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
-            callbacks=[step_timer := _make_step_timer()])
+            callbacks=[step_timer := StepTimer()])
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
