@@ -22,7 +22,8 @@ from slkit.params import SamplingParams, load_params  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0, stop=[])
 VLLM_PARAMS = {"engine.backend": "vllm", "engine.vllm.enforce_eager": True, "engine.vllm.gpu_memory_utilization": 0.3,
-               "engine.vllm.max_model_len": 2048, "model.dtype": "bfloat16"}
+               "engine.vllm.max_model_len": 2048, "model.dtype": "bfloat16",
+               "training.lora_r": 16}  # the rank of small_model's adapters: vLLM serves up to training.lora_r
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(s
     model_dir, adapters = small_model
     params = _params(model_dir, **{
         "output_dir": str(tmp_path / "runs"), "run_name": "vllm-length-control",
-        "engine.vllm.gpu_memory_utilization": 0.85, "training.lora_r": 16, "queries.languages": ["en"],
+        "engine.vllm.gpu_memory_utilization": 0.85, "queries.languages": ["en"],
         "length_control.rewrite": "model", "evaluation.benchmark": str(REPO / "tests" / "fixtures" / "longen_mini.jsonl")})
     dump_params(params, tmp_path / "vllm.yaml")
     _, run_dir = prepare_run(tmp_path / "vllm.yaml")
