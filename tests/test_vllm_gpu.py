@@ -60,7 +60,8 @@ def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
     """Like a notebook: one GPU phase per process, so vLLM's memory goes back when it ends."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # stdout first: the phase a GPU check got to (vLLM's traceback alone fills stderr's tail)
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-4000:]
     return done
 
 
@@ -126,8 +127,11 @@ greedy, adapters = SamplingParams(temperature=0, stop=[]), {{"generator": {adapt
 first = VLLMEngine(with_sleep_mode(params, True), adapters)
 a = first.generate([Request(first.render("Write about rivers."), "generator", 16)], greedy)
 first.close()
+print('first engine closed (sleep mode)', flush=True)
 free, total = torch.cuda.mem_get_info()
+print('free after the first engine (GiB):', round(free / 2**30, 1), flush=True)
 second = VLLMEngine(with_sleep_mode(params, False), adapters)
+print('second engine started', flush=True)
 b = second.generate([Request(second.render("Write about rivers."), "generator", 16)], greedy)
 second.close()
 print(json.dumps({{"free_after_first_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1),
