@@ -75,6 +75,24 @@ def test_resume_with_resource_keys_is_allowed_and_logged(tmp_path):
         _prepare(tmp_path, seed=5)
 
 
+def test_resume_of_a_run_started_before_a_key_existed(tmp_path):
+    """A run directory written by an older slkit lacks the keys added since: they count as their defaults
+    (what the older slkit did), so the run resumes; a recipe that sets one otherwise is still refused."""
+    import yaml
+
+    _, run_dir = _prepare(tmp_path)
+    snapshot = run_dir / "params.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    del older["engine"]["cpu_int8"], older["engine"]["cpu_int8_skip"], older["engine"]["vllm"]["enable_sleep_mode"]
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    _prepare(tmp_path)
+    assert not (run_dir / "params_changes.log").exists()
+    assert yaml.safe_load(snapshot.read_text())["engine"]["cpu_int8"] is False  # the snapshot is whole again
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.raises(ParamsError, match=r"\(engine.cpu_int8 differ\)"):
+        _prepare(tmp_path, **{"engine.cpu_int8": True})
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     exemplars = tmp_path / "exemplars.jsonl"
     exemplars.write_text("not json\n")

@@ -168,3 +168,24 @@ def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+
+
+def test_checkpointing_keywords_fit_the_installed_transformers_and_the_gpu_images_older_one():
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; the H200 image has 5.17,
+    where the new name stopped the train stage with a TypeError."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from slkit.training.adapters import checkpointing_args
+
+    @dataclasses.dataclass
+    class TrainingArguments517:  # the fields 5.17's TrainingArguments has for it
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    older = TrainingArguments517(**checkpointing_args(TrainingArguments517, True))
+    assert older.gradient_checkpointing and older.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none",
+                             **checkpointing_args(TrainingArguments, True))
+    assert args.activation_checkpointing if hasattr(args, "activation_checkpointing") else args.gradient_checkpointing

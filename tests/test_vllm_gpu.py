@@ -23,7 +23,8 @@ from slkit.running.params import SamplingParams, load_params  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0, stop=[])
 VLLM_PARAMS = {"engine.backend": "vllm", "engine.vllm.enforce_eager": True, "engine.vllm.gpu_memory_utilization": 0.3,
-               "engine.vllm.max_model_len": 2048, "model.dtype": "bfloat16"}
+               "engine.vllm.max_model_len": 2048, "model.dtype": "bfloat16",
+               "training.lora_r": 16}  # the rank of small_model's adapters: vLLM serves up to training.lora_r
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
     """Like a notebook: one GPU phase per process, so vLLM's memory goes back when it ends."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # stdout first: the phase a GPU check got to (vLLM's traceback alone fills stderr's tail)
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-4000:]
     return done
 
 
@@ -126,8 +128,11 @@ greedy, adapters = SamplingParams(temperature=0, stop=[]), {{"generator": {adapt
 first = VLLMEngine(with_sleep_mode(params, True), adapters)
 a = first.generate([Request(first.render("Write about rivers."), "generator", 16)], greedy)
 first.close()
+print('first engine closed (sleep mode)', flush=True)
 free, total = torch.cuda.mem_get_info()
+print('free after the first engine (GiB):', round(free / 2**30, 1), flush=True)
 second = VLLMEngine(with_sleep_mode(params, False), adapters)
+print('second engine started', flush=True)
 b = second.generate([Request(second.render("Write about rivers."), "generator", 16)], greedy)
 second.close()
 print(json.dumps({{"free_after_first_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1),
@@ -151,7 +156,7 @@ def test_the_length_control_stage_runs_its_engines_and_training_in_one_process(s
     model_dir, adapters = small_model
     params = _params(model_dir, **{
         "output_dir": str(tmp_path / "runs"), "run_name": "vllm-length-control",
-        "engine.vllm.gpu_memory_utilization": 0.85, "training.lora_r": 16, "queries.languages": ["en"],
+        "engine.vllm.gpu_memory_utilization": 0.85, "queries.languages": ["en"],
         "length_control.rewrite": "model", "evaluation.benchmark": str(REPO / "tests" / "fixtures" / "longen_mini.jsonl")})
     dump_params(params, tmp_path / "vllm.yaml")
     _, run_dir = prepare_run(tmp_path / "vllm.yaml")

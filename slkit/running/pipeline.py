@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from slkit.running.params import Params, ParamsError, dump_params, load_params
+from slkit.running.params import Params, ParamsError, dump_params, load_params, params_from_dict
 from slkit.running.runlock import boot_id, hold_run_dir
 from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
 from slkit.running.registry import BY_NAME, ITERATION_STAGES
@@ -93,6 +93,17 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
+def with_current_defaults(snapshot: Any) -> Any:
+    """A run's params.yaml as this slkit reads it: keys added to slkit after the run started take their
+    defaults, which is what the run did before they existed (a new key's default keeps the old behaviour).
+    Without this, a run moved to a newer slkit is refused for keys that nobody changed. A snapshot this
+    slkit cannot read (a key renamed or removed) is compared as written, so those keys show as changed."""
+    try:
+        return params_from_dict(snapshot).to_dict()
+    except ParamsError:
+        return snapshot
+
+
 def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Validate params and read the data files they name; nothing is written."""
     from slkit.running.records import RecordFileError
@@ -134,7 +145,7 @@ def write_run_params(params: Params, params_path: str | Path) -> Path:
     snapshot = run_dir / "params.yaml"
     changed: list[str] = []
     if snapshot.exists():
-        old = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
+        old = with_current_defaults(yaml.safe_load(snapshot.read_text(encoding="utf-8")))
         changed = changed_keys(old, params.to_dict())
         # The final stage runs after every iteration: its params cannot change finished work.
         diff = [k for k in changed if k not in RESUMABLE_KEYS and k.split(".")[0] != "length_control"]

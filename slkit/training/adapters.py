@@ -12,6 +12,7 @@ gradient checkpointing, model.train() (eval mode silently skips checkpointing).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -51,6 +52,15 @@ def build_lora_model(params: Params, init_adapter: str | None):
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                         target_modules=tp.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def checkpointing_args(training_arguments: type, enabled: bool) -> dict[str, Any]:
+    """TrainingArguments' activation checkpointing keywords: transformers 5.23 renamed gradient_checkpointing
+    to activation_checkpointing (the old name is deprecated there), and the GPU image has 5.17, which knows only
+    the old one (a TypeError at the training stage)."""
+    names = {f.name for f in dataclasses.fields(training_arguments)}
+    kind = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{kind}_checkpointing": enabled, f"{kind}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
@@ -123,8 +133,7 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
             bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
-            activation_checkpointing=tp.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False},
+            **checkpointing_args(TrainingArguments, tp.gradient_checkpointing),
             ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
         if "LOCAL_RANK" not in os.environ:
             args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host

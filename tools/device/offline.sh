@@ -42,7 +42,9 @@ case "$step" in
     for _ in $(seq 60); do grep -q 'installed in' /tmp/vinstall.log 2>/dev/null && break; sleep 2; done
     tail -n 1 /tmp/vinstall.log 2>/dev/null
     # The `gguf` package (in vLLM's dependencies) imports mistral_common, whose language codes need pycountry.
-    python3 -c 'import papermill, ipykernel, gguf, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)' || exit 3
+    # From $W, as the run starts: `-c` puts the working directory first on sys.path, and from the transfer's
+    # folder (a checkout) this check imported that checkout's slkit instead of $W/code's.
+    ( cd "$W" && python3 -c 'import papermill, ipykernel, gguf, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)' ) || exit 3
     bash "$here/pieces.sh" join "$W/pieces" "$2" "$W" || exit 3
     rm -f "$W/pieces/$2".part[0-9]*
     # From $W: `python3 -m` puts the working directory first on sys.path, and a checkout there has its own slkit/.
