@@ -126,9 +126,10 @@ def explain(params: Params) -> str:
                 continue
             lines += textwrap.wrap(group.rows[i - 1][0].description, 110, initial_indent=" " * 8,
                                    subsequent_indent=" " * 8)
-            value = table[i][2]  # a cut value in full; a cut default or reference too, where it differs from it
-            lines += [f"{' ' * 8}{name}: {full}" for j, (name, full) in enumerate(zip(header[2:5], table[i][2:5]))
-                      if full != row[2 + j] and (j == 0 or full != value)]
+            # A cell cut short is shown in full: the value, and a default or reference that is not the value.
+            full = dict(zip(header[2:5], table[i][2:5]))
+            lines += [f"{' ' * 8}{name}: {full[name]}" for name, cell in zip(header[2:5], row[2:5])
+                      if cell != full[name] and (name == "value" or full[name] != full["value"])]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
