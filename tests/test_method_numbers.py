@@ -9,6 +9,7 @@ import yaml
 
 from conftest import REPO
 from slkit.running.cli import main
+from slkit.running.explain import all_settings
 
 METHOD = REPO.parent / "shared" / "METHOD.md"
 
@@ -115,4 +116,13 @@ def test_slkit_check_prints_each_with_the_methods_value(minimal_recipe, capsys):
     for phrase, values in SETTINGS:
         for key, value in values.items():
             got = _lookup(printed, key)
+            assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{key} ({phrase!r}): {got!r}"
+
+
+def test_each_setting_carries_the_methods_value_as_its_reference():
+    """The reference value beside each field (`slkit check --explain`, docs/params.md) is the method's number."""
+    references = {s.key: s.reference for s in all_settings()}
+    for phrase, values in SETTINGS:
+        for key, value in values.items():
+            got = references[key]
             assert got == (pytest.approx(value) if isinstance(value, float) else value), f"{key} ({phrase!r}): {got!r}"

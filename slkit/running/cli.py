@@ -1,4 +1,4 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`, `slkit setup`."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,9 @@ from pathlib import Path
 import yaml
 
 
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the notebooks of a recipe for every macro-iteration (resumes)")
     run.add_argument("params")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
+    _add_set_option(run)
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check", help="validate a params file and print it with its defaults")
     check.add_argument("params")
+    _add_set_option(check)
+    check.add_argument("--explain", action="store_true",
+                       help="a table of every param: value, default, the method's value, unit and what it means")
     compare = sub.add_parser("compare", help="put two or more runs side by side: summary table and figures")
     compare.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
     compare.add_argument("--out", help="where summary.md, summary.csv and the figures go (default runs/compare-A-B)")
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                             "its part wheels: for offline machines")
     args = parser.parse_args(argv)
 
-    from slkit.running.params import ParamsError
+    from slkit.running.params import ParamsError, parse_overrides
     from slkit.models.builtin import ModelFetchError
     from slkit.running.records import RecordFileError
     from slkit.running.runlock import RunLockedError
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from slkit.running.pipeline import run_pipeline
 
-            run_dir = run_pipeline(args.params, _overrides(args.set), show_progress=not args.no_progress)
+            run_dir = run_pipeline(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
         elif args.command == "compare":
             from slkit.evaluation.reports import compare_runs, markdown_table
@@ -62,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(result["summary"]), end="")
             print(f"figures in {result['out']}: {', '.join(result['figures'])}")
         elif args.command == "check":
+            from slkit.running.explain import explain
             from slkit.running.params import load_params
 
-            print(yaml.safe_dump(load_params(args.params).to_dict(), sort_keys=False, allow_unicode=True))
+            params = load_params(args.params, parse_overrides(args.set))
+            print(explain(params) if args.explain else yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True))
         else:
             from slkit.models.loading import resolve_model_path
             from slkit.running.pipeline import ensure_kernel

@@ -2,8 +2,10 @@
 
     params = load_params("params/demo.yaml")
 
-Every ratio and count of METHOD.md is a field whose default is the reference value. Unknown keys,
-wrong types and a missing model are errors that name the key, the file and the line.
+Every ratio and count of METHOD.md is a field whose default is the reference value. Each field is a
+`setting`: default, description, unit and the method's value side by side (`slkit check --explain`,
+docs/params.md). Unknown keys, wrong types and a missing model are errors that name the key, the file and
+the line.
 """
 from __future__ import annotations
 
@@ -36,18 +38,39 @@ class ParamsError(ValueError):
     """A recipe file that cannot be used; the message names file, line and key."""
 
 
+NO_REFERENCE: Any = object()  # `reference=` of a setting the method does not have (slkit's own, or infrastructure)
+
+
+def setting(default: Any, description: str, *, unit: str, reference: Any, **constraints: Any) -> Any:
+    """A params field documented as data: its default, what it means, its unit ("none" for switches, names and
+    choices) and the method's value (NO_REFERENCE where the method has no such setting). The reference value is
+    the one that reproduces the reference's behaviour; it is the default, unless the description says why not.
+    `slkit check --explain` and docs/params.md print them (slkit/running/explain.py)."""
+    extra = {"unit": unit} if reference is NO_REFERENCE else {"unit": unit, "reference": reference}
+    # One line: section descriptions are their class docstrings.
+    return Field(default, description=" ".join(description.split()), json_schema_extra=extra, **constraints)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class ModelParams(_Section):
-    path: str = Field(description="local directory, hub id, or builtin:qwen2.5-coder-0.5b-instruct / "
-                                   "builtin:qwen2.5-coder-1.5b-instruct / builtin:tiny-random-llama")
-    # auto: bfloat16 on GPUs and on CPUs with bf16 instructions, float32 on other CPUs (where bf16 is slow)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    load_in_4bit: bool = False  # nf4 + double quant through bitsandbytes (QLoRA); needs a CUDA GPU to pay off
-    trust_remote_code: bool = False  # runs code shipped with the weights: only for models you trust
-    prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: the chat template when the tokenizer has one
+    """The base model: both roles (Generator and Extender) are it plus their own LoRA adapter."""
+    path: str = setting(..., "A local directory, a hub id (org/name), or builtin:qwen2.5-coder-0.5b-instruct / "
+                             "builtin:qwen2.5-coder-1.5b-instruct / builtin:tiny-random-llama. The paper's models "
+                             "are Qwen2-7B-Instruct and Llama-3.1-8B-Instruct.", unit="none", reference=NO_REFERENCE)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "bfloat16", "Weights' dtype. auto: bfloat16 on GPUs and on CPUs with bf16 instructions, float32 on other CPUs "
+        "(where bf16 is slow).", unit="none", reference="bfloat16")
+    load_in_4bit: bool = setting(False, "Load the base model in 4 bits (nf4 + double quant through bitsandbytes: "
+                                        "QLoRA), so a 7B model trains on 24 GB; needs a CUDA GPU to pay off. The "
+                                        "reference trains bf16 LoRA.", unit="none", reference=False)
+    trust_remote_code: bool = setting(False, "Run code shipped with the weights: only for models you trust.",
+                                      unit="none", reference=NO_REFERENCE)
+    prompt_format: Literal["auto", "chat", "plain"] = setting(
+        "auto", "How a user turn is rendered. auto: the chat template when the tokenizer has one, else plain text.",
+        unit="none", reference=NO_REFERENCE)
 
     @field_validator("path")
     @classmethod
@@ -64,180 +87,281 @@ class ModelParams(_Section):
 
 class VLLMParams(_Section):
     """Offline vLLM (engine.backend: vllm). One engine serves every role: LoRA adapters per request."""
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # share of the GPU vLLM may take (weights + KV cache)
-    max_model_len: int | None = Field(None, ge=16)  # None: the model's own limit
-    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
-    max_loras: int = Field(2, ge=1)  # adapters in one batch: Generator and Extender share the engine
-    max_lora_rank: int | None = Field(None, ge=1)  # None: training.lora_r
-    enforce_eager: bool = False  # True skips CUDA graphs: starts ~1 min faster, decodes slower
-    tensor_parallel_size: int = Field(1, ge=1)
-    enable_prefix_caching: bool = True
-    # True: close() puts the engine to sleep (vLLM's sleep mode, level 2), which frees its weights and KV cache
-    # inside the process, so training or another engine can follow in it (a plain close frees nothing until
-    # the process ends). vLLM's allocator serves one such engine per process: the length-control stage turns it
-    # on for its engine before training and off for the scoring engine after; the other stages, one engine per
-    # process, need none.
-    enable_sleep_mode: bool = False
+    gpu_memory_utilization: float = setting(0.85, "Share of the GPU's memory vLLM may take (weights + KV cache).",
+                                            unit="ratio", reference=NO_REFERENCE, gt=0, le=1)
+    max_model_len: int | None = setting(None, "Longest prompt + output vLLM accepts. None: the model's own limit.",
+                                        unit="tokens", reference=NO_REFERENCE, ge=16)
+    max_num_seqs: int = setting(256, "Sequences decoded together.", unit="sequences", reference=NO_REFERENCE, ge=1)
+    max_loras: int = setting(2, "Adapters in one batch: the Generator and the Extender share the engine.",
+                             unit="adapters", reference=NO_REFERENCE, ge=1)
+    max_lora_rank: int | None = setting(None, "Largest LoRA rank served. None: training.lora_r.", unit="rank",
+                                        reference=NO_REFERENCE, ge=1)
+    enforce_eager: bool = setting(False, "True skips CUDA graphs: starts ~1 min faster, decodes slower.",
+                                  unit="none", reference=NO_REFERENCE)
+    tensor_parallel_size: int = setting(1, "GPUs one engine is split over.", unit="GPUs", reference=NO_REFERENCE, ge=1)
+    enable_prefix_caching: bool = setting(True, "Reuse the KV cache of shared prompt prefixes (the extension "
+                                                "template, the self-instruct examples).", unit="none",
+                                          reference=NO_REFERENCE)
+    enable_sleep_mode: bool = setting(
+        False, "True: close() puts the engine to sleep (vLLM's sleep mode, level 2), which frees its weights and KV "
+        "cache inside the process, so training or another engine can follow in it (a plain close frees nothing "
+        "until the process ends). vLLM's allocator serves one such engine per process: the length-control stage "
+        "turns it on for its engine before training and off for the scoring engine after; the other stages, one "
+        "engine per process, need none.", unit="none", reference=NO_REFERENCE)
 
 
 class EndpointParams(_Section):
     """OpenAI-compatible servers (engine.backend: openai): `vllm serve --enable-lora`, `transformers serve`, ..."""
-    base_urls: list[str] = ["http://localhost:8000/v1"]  # requests are spread over these servers
-    api: Literal["completions", "chat"] = "completions"  # completions: prompts rendered here, pre-fills work
-    model: str | None = None  # the served name of the base model; None: model.path
-    api_key_env: str | None = None  # name of the environment variable holding the key (never the key itself)
-    # How a role's adapter reaches the servers. load: POST /v1/load_lora_adapter (vLLM with
-    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the servers must see the adapter path); named: the servers were
-    # started with the names in adapter_names (--lora-modules); none: every role uses the base model.
-    adapters: Literal["load", "named", "none"] = "load"
-    adapter_names: dict[str, str] = {}
-    vllm_sampling: bool = True  # also send top_k, repetition_penalty, min_tokens (vLLM extras; strict servers refuse them)
-    concurrency: int = Field(8, ge=1)  # requests in flight per server
-    timeout_s: float = Field(600.0, gt=0)
-    max_retries: int = Field(4, ge=0)  # per request and server (the openai client's exponential backoff)
+    base_urls: list[str] = setting(["http://localhost:8000/v1"], "The servers' URLs; requests are spread over them.",
+                                   unit="none", reference=NO_REFERENCE)
+    api: Literal["completions", "chat"] = setting(
+        "completions", "Which API is called. completions: prompts are rendered here, so pre-fills (extension stage "
+        "2) work; chat: the server renders them.", unit="none", reference=NO_REFERENCE)
+    model: str | None = setting(None, "The served name of the base model. None: model.path.", unit="none",
+                                reference=NO_REFERENCE)
+    api_key_env: str | None = setting(None, "Name of the environment variable holding the API key (never the key "
+                                            "itself). None: no key.", unit="none", reference=NO_REFERENCE)
+    adapters: Literal["load", "named", "none"] = setting(
+        "load", "How a role's adapter reaches the servers. load: POST /v1/load_lora_adapter (vLLM with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; the servers must see the adapter path); named: the servers were "
+        "started with the names in adapter_names (--lora-modules); none: every role uses the base model.",
+        unit="none", reference=NO_REFERENCE)
+    adapter_names: dict[str, str] = setting({}, "Served adapter name per role (generator, extender) when adapters "
+                                                "is named.", unit="none", reference=NO_REFERENCE)
+    vllm_sampling: bool = setting(True, "Also send top_k, repetition_penalty and min_tokens (vLLM's extras; strict "
+                                        "servers refuse them, and then those settings are not applied).",
+                                  unit="none", reference=NO_REFERENCE)
+    concurrency: int = setting(8, "Requests in flight per server.", unit="requests", reference=NO_REFERENCE, ge=1)
+    timeout_s: float = setting(600.0, "Time a request may take before it is retried.", unit="seconds",
+                               reference=NO_REFERENCE, gt=0)
+    max_retries: int = setting(4, "Retries per request and server (the openai client's exponential backoff).",
+                               unit="retries", reference=NO_REFERENCE, ge=0)
 
 
 class EngineParams(_Section):
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    batch_size: int = Field(8, ge=1)  # transformers: sequences decoded together; higher is faster and uses more memory
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # transformers on a CPU: int8 weights and activations (torch's dynamic quantisation) for the base model's
-    # linear layers while generating; training and LoRA adapters stay in full precision. On a 2-core AVX2 CPU a
-    # decode step of the 0.5B at batch 16 takes 0.27 s instead of 0.75 s (bench/cpu_generate.py). Off in the
-    # reference, which generates on GPUs.
-    cpu_int8: bool = False
-    # Layers left in full precision: down_proj's inputs carry a few huge activations that one int8 scale per
-    # row cannot hold (on the 0.5B: KL to float32 of 0.31 nats/token with it, 0.04 without it).
-    cpu_int8_skip: list[str] = ["down_proj"]
-    vllm: VLLMParams = VLLMParams()
-    endpoint: EndpointParams = EndpointParams()
+    """How text is generated: the backend and its settings. Engines change speed and memory, not the method."""
+    backend: Literal["transformers", "vllm", "openai"] = setting(
+        "transformers", "transformers: in this process, GPU or CPU; vllm: offline vLLM (engine.vllm); openai: "
+        "OpenAI-compatible servers (engine.endpoint).", unit="none", reference=NO_REFERENCE)
+    batch_size: int = setting(8, "transformers: sequences decoded together; higher is faster and uses more memory.",
+                              unit="sequences", reference=NO_REFERENCE, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where transformers generates and trains. auto: a CUDA "
+                                                             "GPU when there is one.", unit="none",
+                                                     reference=NO_REFERENCE)
+    cpu_int8: bool = setting(
+        False, "transformers on a CPU: int8 weights and activations (torch's dynamic quantisation) for the base "
+        "model's linear layers while generating; training and LoRA adapters stay in full precision. On a 2-core "
+        "AVX2 CPU a decode step of the 0.5B at batch 16 takes 0.27 s instead of 0.75 s (bench/cpu_generate.py). "
+        "Off in the reference, which generates on GPUs in full precision.", unit="none", reference=False)
+    cpu_int8_skip: list[str] = setting(
+        ["down_proj"], "Layers cpu_int8 leaves in full precision: down_proj's inputs carry a few huge activations "
+        "that one int8 scale per row cannot hold (on the 0.5B: KL to float32 of 0.31 nats/token with it, 0.04 "
+        "without it).", unit="none", reference=NO_REFERENCE)
+    vllm: VLLMParams = setting(VLLMParams(), VLLMParams.__doc__, unit="none", reference=NO_REFERENCE)
+    endpoint: EndpointParams = setting(EndpointParams(), EndpointParams.__doc__, unit="none", reference=NO_REFERENCE)
 
 
 class SamplingParams(_Section):
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.8, gt=0, le=1)
-    top_k: int = Field(20, ge=0)
-    repetition_penalty: float = Field(1.1, gt=0)
-    max_new_tokens: int = Field(16384, ge=1)
-    min_new_tokens: int = Field(0, ge=0)  # 0 lets the model stop when it is done; benchmarks force long outputs
-    # The reference's stop strings: any "---" or three newlines end a text. "---" also cuts a markdown table or
-    # rule (the text before it must then pass the quality check); ["\n---\n", "\n\n\n"] stops only at a rule line.
-    stop: list[str] = ["\n\n---", "\n\n\n", "\n---", "---"]
-    # Cut an unfinished last sentence instead of letting the quality check reject the text.
-    # Off in the reference; the demo turns it on because its outputs are capped far below a full answer.
-    trim_unfinished: bool = False
+    """Decoding for every generation (queries, drafts, extensions, benchmark answers); defaults are the reference's."""
+    temperature: float = setting(0.7, "Softmax temperature; 0 decodes greedily.", unit="none", reference=0.7, ge=0)
+    top_p: float = setting(0.8, "Nucleus sampling: sample among the most likely tokens that together hold this "
+                                "probability.", unit="probability", reference=0.8, gt=0, le=1)
+    top_k: int = setting(20, "Sample among this many most likely tokens; 0: all.", unit="tokens", reference=20, ge=0)
+    repetition_penalty: float = setting(1.1, "Divides the logits of tokens already in the text (1: none).",
+                                        unit="none", reference=1.1, gt=0)
+    max_new_tokens: int = setting(16384, "Cap on one generation; a stage's own max_new_tokens overrides it.",
+                                  unit="tokens", reference=16384, ge=1)
+    min_new_tokens: int = setting(0, "The end-of-text token is held back until this many tokens are out. 0 lets the "
+                                     "model stop when it is done; benchmarks force long outputs.", unit="tokens",
+                                  reference=0, ge=0)
+    stop: list[str] = setting(
+        ["\n\n---", "\n\n\n", "\n---", "---"], "Strings that end a text. The reference's: any \"---\" or three "
+        "newlines. \"---\" also cuts a markdown table or rule (the text before it must then pass the quality "
+        "check); [\"\\n---\\n\", \"\\n\\n\\n\"] stops only at a rule line.", unit="none",
+        reference=["\n\n---", "\n\n\n", "\n---", "---"])
+    trim_unfinished: bool = setting(
+        False, "Cut an unfinished last sentence instead of letting the quality check reject the text. Off in the "
+        "reference; the demo turns it on because its outputs are capped far below a full answer.", unit="none",
+        reference=False)
 
 
 class QualityParams(_Section):
     """The quality check on every text; defaults are the reference values."""
-    check_ending: bool = True  # last character closes a sentence, quote, bracket or code fence
-    # Shorter texts fail as "too_short": a refusal ("I'm sorry, but I can't assist...") is no draft to extend.
-    # 0 in the reference, whose 7B model does not refuse writing requests; small models do.
-    min_words: int = Field(0, ge=0)
-    check_repetition: bool = True
-    ngram_zh: int = Field(13, ge=2)  # any repeated n-gram of CJK characters / ASCII runs rejects (zh)
-    ngram_en: int = Field(10, ge=2)  # any repeated n-gram of whitespace words rejects (en)
-    # "revised", "version", ... (en) or 修改后, 以下是, ... (zh: slkit's list, the reference checks English only)
-    # in the first/last lines rejects (slkit/quality.py)
-    check_meta_talk: bool = True
-    meta_head_lines: int = Field(2, ge=0)
-    meta_tail_lines: int = Field(3, ge=0)
-    # Words of a text that talks about itself ("Here is the revised version...") instead of being the answer,
-    # matched case-sensitively in those lines as in the reference (titles such as "Incident Response Plan"
-    # pass). English: the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION),
-    # which an Extender echoes when it comments on its task. Chinese: slkit's own list (the reference has
-    # none), the same idea with the Chinese template's words; set zh: [] for the reference's behaviour.
-    meta_words: dict[Literal["en", "zh"], list[str]] = {
-        "en": ["revised", "revision", "response", "version", "paragraph", "draft", "enriched"],
-        "zh": ["修改后", "以下是", "扩写", "改写", "初稿", "充实后"],
-    }
+    check_ending: bool = setting(True, "Reject a text whose last character does not close a sentence, quote, bracket "
+                                       "or code fence (cut off mid-sentence).", unit="none", reference=True)
+    min_words: int = setting(
+        0, "Shorter texts fail as \"too_short\": a refusal (\"I'm sorry, but I can't assist...\") is no draft to "
+        "extend. 0 in the reference, whose 7B model does not refuse writing requests; small models do.",
+        unit="words", reference=0, ge=0)
+    check_repetition: bool = setting(True, "Reject a text in which an n-gram occurs twice.", unit="none",
+                                     reference=True)
+    ngram_zh: int = setting(13, "n of the repetition check for Chinese: n-grams of CJK characters and ASCII runs.",
+                            unit="characters", reference=13, ge=2)
+    ngram_en: int = setting(10, "n of the repetition check for English: n-grams of whitespace-separated words.",
+                            unit="words", reference=10, ge=2)
+    check_meta_talk: bool = setting(
+        True, "Reject a text with a meta_words word in its first meta_head_lines or last meta_tail_lines lines "
+        "(slkit/method/quality.py).", unit="none", reference=True)
+    meta_head_lines: int = setting(2, "First lines searched for meta-talk.", unit="lines", reference=2, ge=0)
+    meta_tail_lines: int = setting(3, "Last lines searched for meta-talk.", unit="lines", reference=3, ge=0)
+    meta_words: dict[Literal["en", "zh"], list[str]] = setting(
+        {"en": ["revised", "revision", "response", "version", "paragraph", "draft", "enriched"],
+         "zh": ["修改后", "以下是", "扩写", "改写", "初稿", "充实后"]},
+        "Words of a text that talks about itself (\"Here is the revised version...\") instead of being the answer, "
+        "matched case-sensitively as in the reference (titles such as \"Incident Response Plan\" pass). English: "
+        "the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION), which an Extender "
+        "echoes when it comments on its task. Chinese: slkit's own list (the reference has none), the same idea "
+        "with the Chinese template's words; set zh: [] and en: the five for the reference's behaviour.",
+        unit="none", reference={"en": ["revised", "revision", "response", "version", "paragraph"], "zh": []})
 
 
 class QueryParams(_Section):
-    exemplar_files: list[str] = []  # jsonl files with a "query" field; empty = the exemplars shipped with slkit
-    languages: list[Literal["en", "zh"]] = ["en", "zh"]
-    # New queries per language per macro-iteration (the reference runs each language apart, 5,000 per run):
-    # an iteration asks for per_language x len(languages) queries.
-    per_language: int = Field(5000, ge=1)
-    examples_per_prompt: int = Field(2, ge=1)  # pool instructions shown before "Instruction N+1:"
-    max_tries: int = Field(10, ge=1)
-    judge: bool = True  # ask the model whether the query suits a 2,000+ word article
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(500, ge=1)
-    grow_pool: bool = True  # accepted queries join the sampling pool of later iterations
-    dedup_similarity: float = Field(0.8, gt=0, le=1)  # character 5-gram Jaccard at or above this is a duplicate
-    max_new_tokens: int = Field(256, ge=1)
+    """Query synthesis (self-instruct): new writing requests imitating a pool of exemplars, judged and filtered."""
+    exemplar_files: list[str] = setting(
+        [], "jsonl files with a \"query\" field (and \"language\") to imitate; empty: the exemplars shipped with "
+        "slkit (slkit/method/exemplars; the reference's pool holds 10 per language).", unit="none",
+        reference=NO_REFERENCE)
+    languages: list[Literal["en", "zh"]] = setting(
+        ["en", "zh"], "Languages of the queries; slots advance through them together. The reference runs one "
+        "language per run.", unit="none", reference=NO_REFERENCE)
+    per_language: int = setting(
+        5000, "New queries per language per macro-iteration (the reference runs each language apart, 5,000 per "
+        "run): an iteration asks for per_language x len(languages) queries.", unit="queries", reference=5000, ge=1)
+    examples_per_prompt: int = setting(2, "Pool instructions shown before \"Instruction N+1:\".", unit="queries",
+                                       reference=2, ge=1)
+    max_tries: int = setting(10, "Candidates per query slot before it is given up.", unit="tries", reference=10, ge=1)
+    judge: bool = setting(True, "Ask the model whether the query suits an article of over 2,000 words; keep it only "
+                                "on a yes.", unit="none", reference=True)
+    min_words: int = setting(3, "Shorter candidates are rejected.", unit="words", reference=3, ge=1)
+    max_words: int = setting(500, "Longer candidates are rejected.", unit="words", reference=500, ge=1)
+    grow_pool: bool = setting(True, "Accepted queries join the sampling pool of later iterations.", unit="none",
+                              reference=True)
+    dedup_similarity: float = setting(
+        0.8, "A candidate whose character 5-gram Jaccard similarity to an earlier query is at or above this is a "
+        "duplicate. slkit's addition: the reference never deduplicates.", unit="ratio", reference=NO_REFERENCE,
+        gt=0, le=1)
+    max_new_tokens: int = setting(256, "Cap on a generated query.", unit="tokens", reference=NO_REFERENCE, ge=1)
 
 
 class DraftParams(_Section):
-    samples_per_query: int = Field(2, ge=1)
-    max_tries: int = Field(20, ge=1)  # quality-check retries per sample
-    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
-    # The reference's length-biased resampling (U > coefficient * r**exponent, resampling's values) of the
-    # drafts before they are extended; the extend stage writes the kept ones to resampled_drafts.jsonl.
-    resample: bool = True
+    """Drafts: the Generator answers each query; answers that fail the quality check are retried."""
+    samples_per_query: int = setting(2, "Drafts per query.", unit="samples", reference=2, ge=1)
+    max_tries: int = setting(20, "Quality-check retries per sample.", unit="tries", reference=20, ge=1)
+    max_new_tokens: int | None = setting(None, "Cap on a draft. None: sampling.max_new_tokens.", unit="tokens",
+                                         reference=None)
+    resample: bool = setting(
+        True, "The reference's length-biased resampling (U > coefficient * r**exponent, resampling's values) of the "
+        "drafts before they are extended; the extensions stage writes the kept ones to resampled_drafts.jsonl.",
+        unit="none", reference=True)
 
 
 class ExtensionParams(_Section):
-    micro_iterations: int = Field(3, ge=1)
-    min_ratio: float = Field(1.2, gt=1)  # keep the result only if words(best) > min_ratio * words(draft)
-    keep_fraction: float = Field(2 / 3, gt=0, le=1)  # stage 1 keeps floor(n x this) of its n paragraphs, at least 1 (its tail drifts)
-    max_tries: int = Field(20, ge=1)  # whole-extension retries per job
-    samples_per_draft: int = Field(2, ge=1)  # independent extension jobs per draft, each with its own max_tries
-    stage1_max_new_tokens: int | None = None  # None: sampling.max_new_tokens
-    stage2_max_new_tokens: int | None = None
+    """Extension: the Extender lengthens a draft in two stages per round, kept when min_ratio times longer."""
+    micro_iterations: int = setting(3, "Extension rounds per try; each extends the best text so far.",
+                                    unit="rounds", reference=3, ge=1)
+    min_ratio: float = setting(1.2, "Keep the result only if words(best) > min_ratio x words(draft); else retry.",
+                               unit="ratio", reference=1.2, gt=1)
+    keep_fraction: float = setting(2 / 3, "Stage 1 keeps floor(n x this) of its n paragraphs, at least 1 (its tail "
+                                          "drifts).", unit="ratio", reference=2 / 3, gt=0, le=1)
+    max_tries: int = setting(20, "Whole-extension retries per job.", unit="tries", reference=20, ge=1)
+    samples_per_draft: int = setting(2, "Independent extension jobs per draft, each with its own max_tries.",
+                                     unit="samples", reference=2, ge=1)
+    stage1_max_new_tokens: int | None = setting(None, "Cap on stage 1 (the enriched former half). None: "
+                                                      "sampling.max_new_tokens.", unit="tokens", reference=None)
+    stage2_max_new_tokens: int | None = setting(None, "Cap on stage 2 (the continuation after the pre-fill). None: "
+                                                      "sampling.max_new_tokens.", unit="tokens", reference=None)
 
 
 class ResamplingParams(_Section):
-    enabled: bool = True
-    coefficient: float = Field(2.0, ge=0)  # keep an item if U(0,1) > coefficient * r**exponent
-    exponent: float = Field(3.0, gt=0)
+    """Length-biased resampling: with r = 1 - rank/N (near 1 for the shortest), keep an item if U(0,1) >
+    coefficient * r**exponent. Ranked by words within each language (the reference: by characters, one language
+    per run)."""
+    enabled: bool = setting(True, "Resample the extensions before they become training sets (drafts.resample does "
+                                  "the drafts).", unit="none", reference=True)
+    coefficient: float = setting(2.0, "c of U > c * r**exponent; higher drops more short items.", unit="none",
+                                 reference=2.0, ge=0)
+    exponent: float = setting(3.0, "Exponent of r in U > coefficient * r**exponent.", unit="none", reference=3.0,
+                              gt=0)
 
 
 class TrainingParams(_Section):
-    # LLaMA-Factory's LoRA defaults of the time, which the reference trained with.
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    learning_rate: float = Field(1e-4, gt=0)
-    epochs: float = Field(4.0, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    max_length: int = Field(16384, ge=16)  # samples are cut here; memory grows with it
-    gradient_checkpointing: bool = True  # non-reentrant; trades ~30% speed for activation memory
-    loss: Literal["chunked", "liger", "model"] = "chunked"  # chunked never holds full-vocabulary fp32 logits
-    loss_chunk_tokens: int = Field(2048, ge=1)  # fp32 logits exist for this many tokens at a time
-    activation_offload: bool = False  # keep checkpointed layer inputs in pinned CPU memory (GPU): longer samples, ~10% slower
-    mlp_tile_tokens: int = Field(0, ge=0)  # >0: run each MLP over the sequence in tiles this long, checkpointed (long samples)
-    liger_kernels: bool = False  # Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install liger-kernel)
-    optimizer: str = "adamw_torch"  # paged_adamw_8bit on GPU saves optimizer memory
-    line_keep_prob: float = Field(0.8, gt=0, le=1)  # Extender set: each draft line kept with this probability
-    continue_adapters: bool = True  # iteration k starts from iteration k-1's adapters
-    min_samples: int = Field(1, ge=1)  # fewer training samples than this skips training (adapters carried over)
-    save_steps: int = Field(0, ge=0)  # >0: checkpoint every N steps; a killed training resumes from the last one
-    # >1: the train stage runs `accelerate launch` with this many processes (one per GPU) and the config
-    # below: ddp, fsdp or zero3 (shipped in slkit/accelerate_configs/) or the path of your own config.
-    num_processes: int = Field(1, ge=1)
-    accelerate_config: str = "ddp"
+    """LoRA training of the Generator and the Extender; the reference's values are LLaMA-Factory's LoRA defaults of
+    the time. Settings without a reference change memory and speed, not what is learned."""
+    lora_r: int = setting(8, "LoRA rank.", unit="rank", reference=8, ge=1)
+    lora_alpha: int = setting(16, "LoRA alpha: the update is scaled by alpha / r.", unit="none", reference=16, ge=1)
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.", unit="probability", reference=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = setting("all-linear", "Layers that get an adapter: all-linear or a list of "
+                                                            "module names.", unit="none", reference="all-linear")
+    learning_rate: float = setting(1e-4, "Peak learning rate (AdamW).", unit="none", reference=1e-4, gt=0)
+    epochs: float = setting(4.0, "Passes over each training set.", unit="epochs", reference=4.0, gt=0)
+    lr_scheduler: str = setting("cosine", "transformers' lr_scheduler_type.", unit="none", reference="cosine")
+    warmup_ratio: float = setting(0.1, "Share of the steps that warm the learning rate up from 0.", unit="ratio",
+                                  reference=0.1, ge=0, le=1)
+    batch_size: int = setting(1, "Samples per device per step.", unit="samples", reference=1, ge=1)
+    gradient_accumulation: int = setting(1, "Steps whose gradients are summed before an update.", unit="steps",
+                                         reference=1, ge=1)
+    max_length: int = setting(16384, "Samples are cut here; memory grows with it.", unit="tokens", reference=16384,
+                              ge=16)
+    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (non-reentrant): "
+                                                 "trades ~30% speed for activation memory.", unit="none",
+                                           reference=NO_REFERENCE)
+    loss: Literal["chunked", "liger", "model"] = setting(
+        "chunked", "How the cross-entropy is computed: chunked never holds full-vocabulary fp32 logits; liger: "
+        "Liger's fused linear cross-entropy; model: the model's own loss. The same loss either way.",
+        unit="none", reference=NO_REFERENCE)
+    loss_chunk_tokens: int = setting(2048, "chunked loss: fp32 logits exist for this many tokens at a time.",
+                                     unit="tokens", reference=NO_REFERENCE, ge=1)
+    activation_offload: bool = setting(False, "Keep checkpointed layer inputs in pinned CPU memory (GPU): longer "
+                                              "samples fit, ~10% slower.", unit="none", reference=NO_REFERENCE)
+    mlp_tile_tokens: int = setting(0, ">0: run each MLP over the sequence in tiles this long, checkpointed (long "
+                                      "samples); 0: off.", unit="tokens", reference=NO_REFERENCE, ge=0)
+    liger_kernels: bool = setting(False, "Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install "
+                                         "liger-kernel).", unit="none", reference=NO_REFERENCE)
+    optimizer: str = setting("adamw_torch", "transformers' optim name; paged_adamw_8bit on a GPU saves optimizer "
+                                            "memory.", unit="none", reference=NO_REFERENCE)
+    line_keep_prob: float = setting(0.8, "Extender set: each draft line is kept with this probability, so the "
+                                         "Extender learns to add, not copy.", unit="probability", reference=0.8,
+                                    gt=0, le=1)
+    continue_adapters: bool = setting(True, "Iteration k starts from iteration k-1's adapters.", unit="none",
+                                      reference=True)
+    min_samples: int = setting(1, "Fewer training samples than this skips training (the adapters are carried "
+                                  "over).", unit="samples", reference=NO_REFERENCE, ge=1)
+    save_steps: int = setting(0, ">0: a checkpoint every N steps, so a killed training resumes from the last one; "
+                                 "0: none.", unit="steps", reference=NO_REFERENCE, ge=0)
+    num_processes: int = setting(1, ">1: the training stage runs `accelerate launch` with this many processes (one "
+                                    "per GPU) and accelerate_config.", unit="processes", reference=NO_REFERENCE, ge=1)
+    accelerate_config: str = setting("ddp", "With num_processes > 1: ddp, fsdp or zero3 (shipped in "
+                                            "slkit/accelerate_configs/) or the path of your own config.",
+                                     unit="none", reference=NO_REFERENCE)
 
 
 class LengthControlParams(_Section):
     """The final stage: queries rewritten to carry a length their response meets, then a last SFT."""
-    enabled: bool = False
-    min_words: int = Field(2000, ge=1)  # responses kept for the stage, and the bounds' clamp
-    max_words: int = Field(8000, ge=1)
-    round_to: int = Field(1000, ge=1)  # N, A and B are multiples of this
-    coarse_prob: float = Field(0.2, ge=0, le=1)  # N, A and B are multiples of 2 x round_to this often
-    proportions: dict[Literal["about", "range", "above", "below"], float] = {
-        "about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
-    rewrite: Literal["template", "model"] = "template"  # model rewrites failing the check fall back to templates
-    fresh_adapter: bool = False  # False: continue from the last iteration's Generator adapter
-    # The collection pass: this many new self-instructed queries per language (like queries.per_language),
-    # answered by the last iteration's Generator, add their drafts to the pairs. The reference's size; 0 skips it.
-    collect_queries: int = Field(5000, ge=0)
+    enabled: bool = setting(
+        False, "Run the final stage after the last macro-iteration. Off by default because it is a separate, long "
+        "step (a collection pass and one more SFT), as the reference's own scripts are; turn it on to replicate "
+        "the paper's length control.", unit="none", reference=True)
+    min_words: int = setting(2000, "Responses shorter than this are left out, and the constraints' bounds are "
+                                   "clamped to it.", unit="words", reference=2000, ge=1)
+    max_words: int = setting(8000, "Responses longer than this are left out, and the constraints' bounds are "
+                                   "clamped to it.", unit="words", reference=8000, ge=1)
+    round_to: int = setting(1000, "N, A and B are multiples of this.", unit="words", reference=1000, ge=1)
+    coarse_prob: float = setting(0.2, "N, A and B are multiples of 2 x round_to this often.", unit="probability",
+                                 reference=0.2, ge=0, le=1)
+    proportions: dict[Literal["about", "range", "above", "below"], float] = setting(
+        {"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}, "How often each kind of constraint is drawn: "
+        "about N words, between A and B words, more than A words, less than B words.", unit="probability",
+        reference={"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25})
+    rewrite: Literal["template", "model"] = setting(
+        "template", "How a query gets its constraint: slkit's templates (en/zh), or the model, whose rewrites "
+        "failing the check fall back to templates. The reference's rewrite call is missing.", unit="none",
+        reference=NO_REFERENCE)
+    fresh_adapter: bool = setting(False, "True: a new Generator adapter; False: continue from the last iteration's.",
+                                  unit="none", reference=NO_REFERENCE)
+    collect_queries: int = setting(
+        5000, "The collection pass: this many new self-instructed queries per language (like queries.per_language), "
+        "answered by the last iteration's Generator, add their drafts to the pairs; 0 skips it.", unit="queries",
+        reference=5000, ge=0)
 
     @model_validator(mode="after")
     def _window_has_a_true_constraint(self) -> LengthControlParams:
@@ -249,47 +373,71 @@ class LengthControlParams(_Section):
 
 
 class JudgeParams(_Section):
-    """The quality judge: seven dimensions scored 1-10 as JSON, told to ignore length (slkit/judge.py)."""
-    enabled: bool = False
-    model: ModelParams | None = None  # None: the run's base model; any slkit engine can run it
-    engine: EngineParams | None = None  # None: the run's engine; e.g. backend: openai, endpoint: {api: chat, ...}
-    max_tries: int = Field(3, ge=1)  # a reply that is not the JSON asked for is retried, then counted as failed
-    max_new_tokens: int = Field(256, ge=16)
-    samples_per_query: int = Field(1, ge=1)  # how many of each query's samples are judged
+    """The quality judge: seven dimensions scored 1-10 as JSON, told to ignore length (slkit/evaluation/judge.py).
+    The reference used GPT-4o and ships no runner."""
+    enabled: bool = setting(False, "Judge the benchmark answers.", unit="none", reference=NO_REFERENCE)
+    model: ModelParams | None = setting(None, "The judge's model, a section like model. None: the run's base "
+                                              "model; any slkit engine can run it.", unit="none",
+                                        reference=NO_REFERENCE)
+    engine: EngineParams | None = setting(None, "The judge's engine, a section like engine. None: the run's engine; "
+                                                "e.g. backend: openai, endpoint: {api: chat, ...}.", unit="none",
+                                          reference=NO_REFERENCE)
+    max_tries: int = setting(3, "A reply that is not the JSON asked for is retried, then counted as failed.",
+                             unit="tries", reference=NO_REFERENCE, ge=1)
+    max_new_tokens: int = setting(256, "Cap on a judge reply.", unit="tokens", reference=NO_REFERENCE, ge=16)
+    samples_per_query: int = setting(1, "How many of each query's samples are judged.", unit="samples",
+                                     reference=NO_REFERENCE, ge=1)
 
 
 class EvaluationParams(_Section):
-    # A jsonl file, a `datasets` hub id (org/name[:split]; one split needs no name) or a builtin
-    # (builtin:lengths-mini, slkit's 100-800-word set), in LonGen's or LongBench-Write's format; None skips it.
-    benchmark: str | None = "quanshr/LonGen"  # LonGen, the reference's benchmark (240 queries, 2,000-8,000 words)
-    baseline: bool = True  # evaluate the untrained base model first (runs/<run>/baseline/), so curves start from it
-    benchmark_format: Literal["auto", "longen", "longbench_write"] = "auto"  # auto: by the first record's fields
-    subset_size: int | None = Field(None, ge=1)  # None: the whole benchmark; else queries drawn evenly over language x type
-    # Queries that ask for more words than this are left out before the subset is drawn. None (the reference):
-    # all. For a run whose answers are capped far below the benchmark's targets, where those would score 0
-    # whatever the model learned.
-    max_required_words: float | None = Field(None, gt=0)
-    samples_per_query: int = Field(1, ge=1)  # k > 1 measures length stability (coefficient of variation over k)
-    max_new_tokens: int | None = None  # None: sampling.max_new_tokens
-    judge: JudgeParams = JudgeParams()
+    """The Generator answers a benchmark after each iteration: length scores, stability, judge."""
+    benchmark: str | None = setting(
+        "quanshr/LonGen", "A jsonl file, a `datasets` hub id (org/name[:split]; one split needs no name) or a "
+        "builtin (builtin:lengths-mini, slkit's 100-800-word set), in LonGen's or LongBench-Write's format; None "
+        "skips the evaluation. The default is LonGen, the reference's benchmark (240 queries, 2,000-8,000 words).",
+        unit="none", reference="quanshr/LonGen")
+    baseline: bool = setting(True, "Evaluate the untrained base model first (runs/<run>/baseline/), so curves start "
+                                   "from it.", unit="none", reference=NO_REFERENCE)
+    benchmark_format: Literal["auto", "longen", "longbench_write"] = setting(
+        "auto", "The benchmark's format. auto: by the first record's fields.", unit="none", reference=NO_REFERENCE)
+    subset_size: int | None = setting(None, "Queries evaluated, drawn evenly over language x type. None: the whole "
+                                            "benchmark.", unit="queries", reference=None, ge=1)
+    max_required_words: float | None = setting(
+        None, "Queries that ask for more words than this are left out before the subset is drawn. None (the "
+        "reference): all. For a run whose answers are capped far below the benchmark's targets, where those would "
+        "score 0 whatever the model learned.", unit="words", reference=None, gt=0)
+    samples_per_query: int = setting(1, "Answers per query; k > 1 measures length stability (coefficient of "
+                                        "variation over k).", unit="samples", reference=NO_REFERENCE, ge=1)
+    max_new_tokens: int | None = setting(None, "Cap on an answer. None: sampling.max_new_tokens.", unit="tokens",
+                                         reference=None)
+    judge: JudgeParams = setting(JudgeParams(), JudgeParams.__doc__, unit="none", reference=NO_REFERENCE)
 
 
 class Params(_Section):
-    run_name: str
-    macro_iterations: int = Field(3, ge=1)
-    seed: int = 0
-    output_dir: str = "runs"
-    model: ModelParams
-    engine: EngineParams = EngineParams()
-    sampling: SamplingParams = SamplingParams()
-    quality: QualityParams = QualityParams()
-    queries: QueryParams = QueryParams()
-    drafts: DraftParams = DraftParams()
-    extensions: ExtensionParams = ExtensionParams()
-    resampling: ResamplingParams = ResamplingParams()
-    training: TrainingParams = TrainingParams()
-    evaluation: EvaluationParams = EvaluationParams()
-    length_control: LengthControlParams = LengthControlParams()
+    """A recipe: the run's name, the model, and one section per stage and concern."""
+    run_name: str = setting(..., "The run is written to output_dir/run_name: one directory name.", unit="none",
+                            reference=NO_REFERENCE)
+    macro_iterations: int = setting(3, "Rounds of queries -> drafts -> extensions -> training -> evaluation.",
+                                    unit="iterations", reference=3, ge=1)
+    seed: int = setting(0, "The RNG seed: every random choice (sampling, resampling, line dropping) is derived "
+                           "from it and the item, so a resumed stage makes the same ones.", unit="none",
+                        reference=NO_REFERENCE)
+    output_dir: str = setting("runs", "Directory that holds the runs.", unit="none", reference=NO_REFERENCE)
+    model: ModelParams = setting(..., ModelParams.__doc__, unit="none", reference=NO_REFERENCE)
+    engine: EngineParams = setting(EngineParams(), EngineParams.__doc__, unit="none", reference=NO_REFERENCE)
+    sampling: SamplingParams = setting(SamplingParams(), SamplingParams.__doc__, unit="none", reference=NO_REFERENCE)
+    quality: QualityParams = setting(QualityParams(), QualityParams.__doc__, unit="none", reference=NO_REFERENCE)
+    queries: QueryParams = setting(QueryParams(), QueryParams.__doc__, unit="none", reference=NO_REFERENCE)
+    drafts: DraftParams = setting(DraftParams(), DraftParams.__doc__, unit="none", reference=NO_REFERENCE)
+    extensions: ExtensionParams = setting(ExtensionParams(), ExtensionParams.__doc__, unit="none",
+                                          reference=NO_REFERENCE)
+    resampling: ResamplingParams = setting(ResamplingParams(), ResamplingParams.__doc__, unit="none",
+                                           reference=NO_REFERENCE)
+    training: TrainingParams = setting(TrainingParams(), TrainingParams.__doc__, unit="none", reference=NO_REFERENCE)
+    evaluation: EvaluationParams = setting(EvaluationParams(), EvaluationParams.__doc__, unit="none",
+                                           reference=NO_REFERENCE)
+    length_control: LengthControlParams = setting(LengthControlParams(), LengthControlParams.__doc__, unit="none",
+                                                  reference=NO_REFERENCE)
 
     @field_validator("run_name")
     @classmethod
@@ -328,7 +476,10 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None) -> Params:
+def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None,
+                     overridden: tuple[str, ...] = ()) -> Params:
+    """Validate `data`; errors name source:line and the key, or `--set KEY` for a key in `overridden` (dotted keys
+    set on the command line, which the file's lines would misplace)."""
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: the file must hold a mapping of parameters, got {type(data).__name__}")
     try:
@@ -341,8 +492,9 @@ def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None)
             key = ".".join(loc) or "<root>"
             line = next((key_lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in key_lines), None)
             where = f"{source}:{line}" if line else source
+            from_set = any(loc[:len(o.split("."))] == tuple(o.split(".")) for o in overridden)
             what = {"extra_forbidden": "unknown key", "missing": "missing required key"}.get(e["type"], e["msg"])
-            messages.append(f"{where}: {key}: {what}" + (f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""))
+            messages.append((f"--set {key}" if from_set else f"{where}: {key}") + f": {what}" + (f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""))
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(messages)) from None
 
 
@@ -358,13 +510,31 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         raise ParamsError(f"{path}:{mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    for dotted, value in overrides.items() if isinstance(data, dict) else ():  # else params_from_dict says why
         node = data
         *parents, last = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # e.g. --set model.path.x=1: model.path holds a value, not keys
+                raise ParamsError(f"--set {dotted}: unknown key ({'.'.join(parents[:depth + 1])} is a value, "
+                                  "not a section)")
         node[last] = value
-    return params_from_dict(data, str(path), text)
+    return params_from_dict(data, str(path), text, tuple(overrides))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs -> {dotted key: value}, each value read as YAML as a recipe's is (2e-4 is a float)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = yaml.load(value, Loader=_YamlLoader)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {key}: malformed YAML value {value!r} ({getattr(err, 'problem', err)})") from None
+    return out
 
 
 def dump_params(params: Params, path: str | os.PathLike) -> None:
