@@ -1,0 +1,100 @@
+"""Rename a run directory written by slkit before the one-word-per-stage layout (stages seed, generate, extend,
+train, evaluate; params sections extension and queries.seed_files) to today's names, in place, so that
+`slkit run` resumes it. slkit itself does not resume old run directories; this tool exists for long runs started
+before the rename (the GPU growth run of docs/results/).
+
+    python tools/migrate_run_dir.py runs/<run>
+
+What it renames: done-markers, locks and executed notebooks of each stage; metrics.json (evaluation.json in
+iteration directories, length_control.json in length_control/); resampled.jsonl (resampled_extensions.jsonl) and
+its key in the training summary; the params sections in params.yaml; the stage named in progress.json. Records
+themselves keep their fields. Running it twice changes nothing the second time.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+STAGES = {"seed": "queries", "generate": "drafts", "extend": "extensions", "train": "training", "evaluate": "evaluation"}
+NOTEBOOKS = {"00_seed": "00_queries", "01_generate": "01_drafts", "02_extend": "02_extensions", "03_train": "03_training",
+             "04_evaluate": "04_evaluation"}
+
+
+def rename(old: Path, new: Path, done: list[str]) -> None:
+    if old.exists():
+        if new.exists():
+            raise SystemExit(f"{new} exists beside {old}: a half-migrated or mixed run directory; fix it by hand")
+        old.rename(new)
+        done.append(f"{old} -> {new.name}")
+
+
+def migrate_params(path: Path, done: list[str]) -> None:
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    changed = False
+    if "extension" in params:
+        params["extensions"] = params.pop("extension")
+        changed = True
+    queries = params.get("queries", {})
+    if "seed_files" in queries:
+        queries["exemplar_files"] = queries.pop("seed_files")
+        changed = True
+    if changed:
+        path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        done.append(f"{path}: extension -> extensions, queries.seed_files -> queries.exemplar_files")
+
+
+def migrate_stage_dir(directory: Path, metrics_name: str, done: list[str]) -> None:
+    for old, new in STAGES.items():
+        rename(directory / f"{old}.done.json", directory / f"{new}.done.json", done)
+        rename(directory / f"{old}.lock", directory / f"{new}.lock", done)
+        marker = directory / f"{new}.done.json"
+        if marker.exists():
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            if record.get("stage") in STAGES or "resampled" in record.get("summary", {}):
+                record["stage"] = STAGES.get(record["stage"], record["stage"])
+                if "resampled" in record["summary"]:
+                    record["summary"]["resampled_extensions"] = record["summary"].pop("resampled")
+                marker.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+                done.append(f"{marker}: stage name and summary keys")
+    for old, new in NOTEBOOKS.items():
+        rename(directory / f"{old}.ipynb", directory / f"{new}.ipynb", done)
+    rename(directory / "metrics.json", directory / metrics_name, done)
+    rename(directory / "resampled.jsonl", directory / "resampled_extensions.jsonl", done)
+    progress = directory / "progress.json"
+    if progress.exists():
+        record = json.loads(progress.read_text(encoding="utf-8"))
+        first, _, rest = record.get("stage", "").partition(" ")
+        if first in STAGES:
+            record["stage"] = " ".join(filter(None, [STAGES[first], rest]))
+            progress.write_text(json.dumps(record), encoding="utf-8")
+            done.append(f"{progress}: stage name")
+
+
+def migrate(run_dir: Path) -> list[str]:
+    if not (run_dir / "params.yaml").is_file():
+        raise SystemExit(f"{run_dir} has no params.yaml: not a run directory")
+    pairs = [(f"{old}{suffix}", f"{new}{suffix}") for old, new in STAGES.items() for suffix in (".done.json", ".lock")]
+    pairs += [(f"{old}.ipynb", f"{new}.ipynb") for old, new in NOTEBOOKS.items()] + [("resampled.jsonl", "resampled_extensions.jsonl")]
+    for directory in [d for d in run_dir.iterdir() if d.is_dir()]:
+        for old, new in pairs:
+            if (directory / old).exists() and (directory / new).exists():  # checked before anything is renamed
+                raise SystemExit(f"{directory / new} exists beside {directory / old}: a half-migrated or mixed run "
+                                 f"directory; fix it by hand")
+    done: list[str] = []
+    migrate_params(run_dir / "params.yaml", done)
+    for directory in sorted(run_dir.glob("iter_*")) + [run_dir / "baseline"]:
+        if directory.is_dir():
+            migrate_stage_dir(directory, "evaluation.json", done)
+    if (run_dir / "length_control").is_dir():
+        migrate_stage_dir(run_dir / "length_control", "length_control.json", done)
+    return done
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    for line in migrate(Path(sys.argv[1])) or ["nothing to rename"]:
+        print(line)
