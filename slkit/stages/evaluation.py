@@ -106,7 +106,7 @@ def evaluation_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
                          for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
-    metrics["figures"] = write_iteration_figures(run_dir, iteration, (scores or {}).get("max_score", 1.0))
+    metrics["figures"] = write_iteration_figures(run_dir, iteration, metrics.get("length_following", {}).get("max_score", 1.0))
     write_json_atomic(out / "evaluation.json", metrics)
     mark_done(out, "evaluation", metrics)
     return metrics
