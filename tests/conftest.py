@@ -1,6 +1,7 @@
 """Shared fixtures: every test runs on CPU with models built in the test session (no hub access)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class FakeGPU:
 
     def __init__(self):
         self.llms = []
+        self.asked = []  # every request's vllm.SamplingParams keyword arguments, in order
 
     @property
     def reserved(self) -> float:
@@ -78,8 +80,12 @@ class FakeGPU:
 
 @pytest.fixture
 def fake_vllm(monkeypatch, tmp_path):
-    """A `vllm` module (LLM, SamplingParams, LoRARequest) over a FakeGPU, for slkit.engines.vllm on a CPU: its
-    LLM answers each request with 40 words drawn from the request's seed. Returns the FakeGPU."""
+    """A `vllm` module (LLM, SamplingParams, StructuredOutputsParams, LoRARequest) over a FakeGPU, for
+    slkit.engines.vllm on a CPU: its LLM answers each request with 40 words drawn from the request's seed
+    (finish_reason "length" when max_tokens is below 40), or, asked for structured outputs with a JSON schema,
+    with an object of integers 1-10 for its required keys, as vLLM's guided decoding would; it reports each
+    finished request to a use_tqdm bar factory as vLLM's LLM.generate does. Returns the FakeGPU, whose `asked`
+    records every request's sampling params."""
     import random
     import sys
     import types
@@ -89,11 +95,15 @@ def fake_vllm(monkeypatch, tmp_path):
     gpu = FakeGPU()
 
     class Output:
-        def __init__(self, seed):
-            rng = random.Random(seed)
+        def __init__(self, sampling):
+            rng = random.Random(sampling["seed"])
             text = " ".join(rng.choice(["river", "harbor", "lantern", "meadow", "canyon", "orchard"]) + str(i)
                             for i in range(40)) + "."
-            self.outputs = [types.SimpleNamespace(text=text, token_ids=list(range(40)))]
+            schema = (sampling.get("structured_outputs") or {}).get("json")
+            if schema:
+                text = json.dumps({key: rng.randint(1, 10) for key in schema["required"]})
+            finish = "length" if sampling["max_tokens"] < 40 and not schema else "stop"
+            self.outputs = [types.SimpleNamespace(text=text, token_ids=list(range(40)), finish_reason=finish)]
 
     class LLM:
         def __init__(self, **kwargs):
@@ -108,7 +118,16 @@ def fake_vllm(monkeypatch, tmp_path):
             gpu.llms.append(self)
 
         def generate(self, prompts, sampling_params, lora_request, use_tqdm):
-            return [Output(sampling["seed"]) for sampling in sampling_params]
+            gpu.asked += sampling_params
+            bar = use_tqdm(total=len(prompts), desc="Processed prompts") if callable(use_tqdm) else None
+            outputs = []
+            for sampling in sampling_params:
+                outputs.append(Output(sampling))
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            return outputs
 
         def sleep(self, level=1):
             self.slept = level
@@ -126,9 +145,12 @@ def fake_vllm(monkeypatch, tmp_path):
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    sampling_module = types.ModuleType("vllm.sampling_params")
+    sampling_module.StructuredOutputsParams = lambda **kw: kw
     request_module = types.ModuleType("vllm.lora.request")
     request_module.LoRARequest = lambda *spec: spec
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_module)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", request_module)
     monkeypatch.setattr(vllm_engine, "load_tokenizer", lambda model: Tokenizer())

@@ -237,3 +237,76 @@ def test_missing_key_variable_is_one_clear_error(smoke_params, tiny_model_path, 
     params = _params(smoke_params, tiny_model_path, api_key_env="SLKIT_NO_SUCH_KEY")
     with pytest.raises(ValueError, match="api_key_env: the environment variable SLKIT_NO_SUCH_KEY is not set"):
         EndpointEngine(params)
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The keyword arguments of every request the openai client sends (chat and completions)."""
+    from openai.resources.chat.completions import Completions as Chat
+    from openai.resources.completions import Completions
+
+    calls = []
+    for resource in (Chat, Completions):
+        def create(self, *args, _real=resource.create, **kwargs):
+            calls.append(kwargs)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(resource, "create", create)
+    return calls
+
+
+def test_the_judge_asks_a_server_for_the_json_schema_and_falls_back_where_it_is_refused(served_model, smoke_params,
+                                                                                       tmp_path, sent):
+    """transformers serve takes response_format on its chat API (and ignores it) and refuses it on completions
+    (422): the judge's requests carry the schema; on the refusal the engine asks again without it, sends no schema
+    from then on, and the judge's retries judge what the server answers."""
+    from slkit.evaluation.judge import JUDGEMENT_SCHEMA, judge_responses
+    from slkit.running.params import JudgeParams
+    from slkit.running.records import RecordWriter
+
+    model_dir, urls = served_model
+    items = [{"index": i, "sample": 0, "query": f"q{i}", "output": f"text {i}"} for i in range(2)]
+    for api in ("chat", "completions"):
+        sent.clear()
+        engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=urls[:1], api=api, concurrency=1))
+        with RecordWriter(tmp_path / f"{api}.jsonl") as writer:
+            judge_responses(engine, items, JudgeParams(enabled=True, max_tries=2, max_new_tokens=16), 0, writer)
+            assert len(writer.finish()) == 2
+        formats = [(call.get("extra_body") or {}).get("response_format") for call in sent]
+        assert formats[0] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": JUDGEMENT_SCHEMA}}
+        if api == "chat":
+            assert all(f == formats[0] for f in formats) and engine.structured_outputs
+        else:  # refused once, then never sent again
+            assert formats[1:] and not any(formats[1:]) and not engine.structured_outputs
+
+
+def test_a_servers_finish_reason_says_which_texts_the_cap_cut(served_model, smoke_params):
+    model_dir, urls = served_model
+    engine = EndpointEngine(_params(smoke_params, model_dir, base_urls=urls[:1]))
+    [capped] = engine.generate([Request(engine.render("Tell a story."), None, 4)], GREEDY)
+    assert capped.cut is True  # finish_reason "length": the tiny random model writes no end token in 4 tokens
+
+
+def test_slkit_evaluate_scores_a_served_model_with_a_served_judge(served_model, tmp_path, sent):
+    from slkit.evaluation.judge import JUDGEMENT_SCHEMA
+    from slkit.running.cli import main
+    from slkit.running.records import read_jsonl
+
+    model_dir, urls = served_model
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model_dir), "--endpoint", urls[0], "--judge-endpoint", urls[1],
+                 "--recipe", str(Path(__file__).parent.parent / "params" / "smoke.yaml"),
+                 "--benchmark", str(Path(__file__).parent / "fixtures" / "longen_mini.jsonl"),
+                 "--subset", "4", "--samples", "1", "--max-new-tokens", "8", "--out", str(out), "--no-progress"]) == 0
+    outputs, judged = read_jsonl(out / "benchmark_outputs.jsonl"), read_jsonl(out / "judgements.jsonl")
+    assert len(outputs) == len(judged) == 4 and all(r["output"] for r in outputs)
+    metrics = json.loads((out / "evaluation.json").read_text())
+    assert (metrics["endpoint"], metrics["judge_endpoint"]) == (urls[0], urls[1])
+    assert metrics["length_following"]["n"] == 4 and metrics["judge"]["judged"] + metrics["judge"]["failed"] == 4
+    assert metrics["length_following"]["capped"] == {"outputs": 4, "cut": sum(r["cut"] for r in outputs),
+                                                     "share": round(sum(r["cut"] for r in outputs) / 4, 4)}
+    # the answers went to --endpoint through the chat API; the judge's to --judge-endpoint, with the schema
+    answers = [c for c in sent if "messages" in c and "response_format" not in (c.get("extra_body") or {})]
+    asked = [c for c in sent if (c.get("extra_body") or {}).get("response_format")]
+    assert len(answers) == 4 and len(asked) >= 4
+    assert all(c["extra_body"]["response_format"]["json_schema"]["schema"] == JUDGEMENT_SCHEMA for c in asked)
+    assert {"report.md", "length_scores.png", "required_vs_produced.png"} <= {p.name for p in out.iterdir()}

@@ -92,3 +92,28 @@ def test_a_copied_form_is_not_a_judgement():
     form = next(line for line in JUDGE_PROMPT.splitlines() if line.startswith("{"))
     assert parse_judgement(form.replace("{{", "{").replace("}}", "}")) is None
     assert not any(ch.isdigit() for ch in form)
+
+
+def test_a_judge_on_vllm_asks_for_the_json_schema_through_structured_outputs(tmp_path, smoke_params, fake_vllm):
+    """The fake vLLM answers a request that carries a JSON schema with an object that follows it, as vLLM's
+    structured outputs do, and its words otherwise: every reply is a judgement at the first try, and no reply
+    is pre-filled (the schema starts the object itself)."""
+    from slkit.engines.vllm import VLLMEngine
+    from slkit.evaluation.judge import JUDGEMENT_SCHEMA
+
+    engine = VLLMEngine(smoke_params)  # the tiny model has no chat template: a base model would be pre-filled
+    with RecordWriter(tmp_path / "j.jsonl") as writer:
+        judge_responses(engine, _items(3), JudgeParams(enabled=True, max_tries=3), 0, writer)
+        records = writer.finish()
+    assert [r["tries"] for r in records] == [1, 1, 1] and not any(r["failed"] for r in records)
+    assert [asked["structured_outputs"] for asked in fake_vllm.asked] == [{"json": JUDGEMENT_SCHEMA}] * 3
+    assert JUDGEMENT_SCHEMA["required"] == list(DIMENSIONS)
+    assert all(d in JUDGEMENT_SCHEMA["properties"] for d in DIMENSIONS)
+
+
+def test_an_engine_without_structured_outputs_gets_no_schema_and_keeps_the_retries(tmp_path, scripted_engine):
+    engine = scripted_engine(lambda r: "not JSON")
+    with RecordWriter(tmp_path / "j.jsonl") as writer:
+        judge_responses(engine, _items(1), JudgeParams(enabled=True, max_tries=2), 0, writer)
+        [record] = writer.finish()
+    assert [r.json_schema for r in engine.requests] == [None, None] and record["failed"] and record["tries"] == 2

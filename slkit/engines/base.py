@@ -1,10 +1,12 @@
 """The interface every engine offers (Request, Engine) and what all backends share: stop-string and
-unfinished-sentence trimming, stable seeds, prompts rendered with the model's own tokenizer."""
+unfinished-sentence trimming, which texts max_new_tokens cut (Generated, CapTally), stable seeds, prompts
+rendered with the model's own tokenizer."""
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from slkit.running.params import Params, SamplingParams
@@ -22,6 +24,9 @@ class Request:
     max_new_tokens: int
     seed: int = 0
     prefill: str = ""  # the answer so far: generation continues it (extension stage 2)
+    # A JSON schema the answer must follow (the judge's scores): backends with structured outputs (vLLM, most
+    # servers) constrain decoding to it; the others ignore it and their callers check and retry.
+    json_schema: dict | None = field(default=None, compare=False)
 
     @property
     def text(self) -> str:
@@ -31,10 +36,11 @@ class Request:
 
 class Engine(Protocol):
     is_chat: bool  # prompts are rendered with a chat template (else the plain instruction format)
+    structured_outputs: bool  # a Request's json_schema constrains the answer (else it is ignored)
 
     def render(self, message: str) -> str: ...
     def generate(self, requests: list[Request], sampling: SamplingParams,
-                 on_done: Callable[[int], None] | None = None) -> list[str]: ...
+                 on_done: Callable[[int], None] | None = None) -> list[str]: ...  # Generated texts
     def close(self) -> None: ...
     def __enter__(self) -> Engine: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -79,6 +85,51 @@ def postprocess(text: str, sampling: SamplingParams) -> str:
     return text.strip()
 
 
+class Generated(str):
+    """A generated text that knows whether max_new_tokens ended it (`cut`): then the cap, not the model,
+    set its length. Every engine returns these; as a str it goes wherever a text goes."""
+    cut: bool
+
+    def __new__(cls, text: str, cut: bool = False) -> Generated:
+        self = super().__new__(cls, text)
+        self.cut = cut
+        return self
+
+
+def finished(raw: str, sampling: SamplingParams, at_cap: bool) -> Generated:
+    """The postprocessed text of a raw completion, cut when the backend stopped at the token cap (`at_cap`) and
+    no stop string ended the text before it: a backend that applies stop strings only here (transformers, an
+    endpoint sent 4 of them) generates on to the cap although the answer ended at the stop string."""
+    stopped = cut_at_stop(raw, sampling.stop) != raw
+    return Generated(postprocess(raw, sampling), at_cap and not stopped)
+
+
+def share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+class CapTally:
+    """How many generated texts max_new_tokens cut, per cap (one stage may ask for several lengths: the queries
+    stage's judge answers in 4 tokens, its self-instruct in more). A text that is not a Generated (a scripted
+    engine's) counts as not cut."""
+
+    def __init__(self) -> None:
+        self.outputs: Counter = Counter()
+        self.cut: Counter = Counter()
+
+    def add(self, requests: list[Request], texts: list[str]) -> None:
+        for request, text in zip(requests, texts):
+            self.outputs[request.max_new_tokens] += 1
+            self.cut[request.max_new_tokens] += bool(getattr(text, "cut", False))
+
+    def summary(self) -> dict[str, Any]:
+        """{"outputs", "cut", "share", "by_max_new_tokens": {cap: {"outputs", "cut", "share"}}}."""
+        outputs, cut = sum(self.outputs.values()), sum(self.cut.values())
+        return {"outputs": outputs, "cut": cut, "share": share(cut, outputs),
+                "by_max_new_tokens": {str(cap): {"outputs": n, "cut": self.cut[cap], "share": share(self.cut[cap], n)}
+                                      for cap, n in sorted(self.outputs.items())}}
+
+
 def stable_seed(*parts: Any) -> int:
     """A seed from any values, stable across processes (Python's hash() is salted)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
@@ -99,6 +150,7 @@ class LocalPrompts(ClosedOnExit):
     """Prompts rendered here with the model's tokenizer: its chat template, or the plain format."""
     params: Params
     tokenizer: Any
+    structured_outputs = False
 
     @property
     def is_chat(self) -> bool:

@@ -16,6 +16,10 @@ name derived from its path (vLLM's /v1/load_lora_adapter; start the servers with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and give them the same filesystem), so each iteration's new
 adapters reach running servers; "named" uses the names the servers were started with.
 
+A request with a json_schema (the judge's) asks for it with OpenAI's response_format (type json_schema), which
+vLLM, SGLang, llama.cpp and OpenAI honour; a server that refuses the field (transformers serve's completions
+API answers 422) gets the request again without it, and this engine sends no schema from then on.
+
 The API key, when one is needed, is read from the environment variable named by
 engine.endpoint.api_key_env; it is never stored in params, records, logs or notebooks.
 """
@@ -25,10 +29,11 @@ import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from slkit.engines.base import LocalPrompts, Request, postprocess
+from slkit.engines.base import Generated, LocalPrompts, Request, finished
 from slkit.running.params import EndpointParams, Params, SamplingParams
 
 
@@ -72,6 +77,9 @@ def request_body(request: Request, sampling: SamplingParams, model: str, api: st
                 raise ValueError("engine.endpoint.api: chat cannot pre-fill an answer on a server without vLLM's "
                                  "continue_final_message; use api: completions")
             body["messages"].append({"role": "assistant", "content": request.prefill})
+    if request.json_schema is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "answer", "schema": request.json_schema}}
     if vllm_sampling:
         body.update(top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
                     repetition_penalty=sampling.repetition_penalty,
@@ -98,6 +106,7 @@ class EndpointEngine(LocalPrompts):
 
             self.tokenizer = load_tokenizer(params.model)
         self.base_model = ep.model or params.model.path
+        self.structured_outputs = True  # until a server refuses response_format
         self.models: dict[str, str] = {}
         self.loaded: list[str] = []
         for role, path in (adapters or {}).items():
@@ -134,7 +143,17 @@ class EndpointEngine(LocalPrompts):
     def render(self, message: str) -> str:
         return message if self.tokenizer is None else super().render(message)  # chat API: the server's template
 
-    def _complete(self, index: int, request: Request, sampling: SamplingParams) -> str:
+    def _complete(self, index: int, request: Request, sampling: SamplingParams) -> Generated:
+        if request.json_schema is not None and self.structured_outputs:
+            try:
+                return self._send(index, request, sampling)
+            except RefusedRequest:
+                # Most likely the schema (servers word it differently); a request refused for another reason is
+                # refused again below, and that error is raised.
+                self.structured_outputs = False
+        return self._send(index, replace(request, json_schema=None), sampling)
+
+    def _send(self, index: int, request: Request, sampling: SamplingParams) -> Generated:
         ep = self.endpoint
         body = request_body(request, sampling, self.models.get(request.role, self.base_model), ep.api,
                             ep.vllm_sampling, getattr(self.tokenizer, "bos_token", None))
@@ -146,26 +165,28 @@ class EndpointEngine(LocalPrompts):
             try:
                 with self.slots[server]:
                     if ep.api == "completions":
-                        out = client.completions.create(**standard, extra_body=body or None)
-                        return out.choices[0].text or ""
-                    out = client.chat.completions.create(**standard, extra_body=body or None)
-                    return out.choices[0].message.content or ""
+                        choice = client.completions.create(**standard, extra_body=body or None).choices[0]
+                        text = choice.text
+                    else:
+                        choice = client.chat.completions.create(**standard, extra_body=body or None).choices[0]
+                        text = choice.message.content
+                    return finished(text or "", sampling, choice.finish_reason == "length")
             except Exception as err:  # noqa: BLE001 - the client has retried already; try the next server
                 if _is_client_error(err):
-                    raise RuntimeError(f"{client.base_url}: request refused: {err}") from None
+                    raise RefusedRequest(f"{client.base_url}: request refused: {err}") from None
                 errors.append(f"{client.base_url}: {type(err).__name__}: {err}")
         raise RuntimeError(f"every server failed for one request ({ep.max_retries + 1} tries each); the records "
                            "written so far are kept: rerun once a server answers\n  " + "\n  ".join(errors))
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
-                 on_done: Callable[[int], None] | None = None) -> list[str]:
-        outputs: list[str] = [""] * len(requests)
+                 on_done: Callable[[int], None] | None = None) -> list[Generated]:
+        outputs: list[Generated] = [Generated("")] * len(requests)
         workers = self.endpoint.concurrency * len(self.clients)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = {pool.submit(self._complete, i, r, sampling): i for i, r in enumerate(requests)}
             try:
                 for future in as_completed(futures):
-                    outputs[futures[future]] = postprocess(future.result(), sampling)
+                    outputs[futures[future]] = future.result()
                     if on_done:
                         on_done(1)
             except BaseException:
@@ -186,6 +207,10 @@ class EndpointEngine(LocalPrompts):
                     pass
         for client in self.clients:
             client.close()
+
+
+class RefusedRequest(RuntimeError):
+    """A server answered 4xx: the request itself is wrong, another server would refuse it too."""
 
 
 _STANDARD_FIELDS = {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop"}

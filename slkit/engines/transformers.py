@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 from slkit.models.chat import with_bos
-from slkit.engines.base import LocalPrompts, Request, postprocess, stable_seed, stop_token_ids
+from slkit.engines.base import Generated, LocalPrompts, Request, finished, stable_seed, stop_token_ids
 from slkit.models.loading import load_model, load_tokenizer, pick_device, quantize_int8_for_cpu
 from slkit.running.params import Params, SamplingParams
 
@@ -70,8 +70,8 @@ class TransformersEngine(LocalPrompts):
         return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
-                 on_done: Callable[[int], None] | None = None) -> list[str]:
-        outputs: list[str] = [""] * len(requests)
+                 on_done: Callable[[int], None] | None = None) -> list[Generated]:
+        outputs: list[Generated] = [Generated("")] * len(requests)
         # Group by adapter, then by prompt length so a batch pads little.
         order = sorted(range(len(requests)), key=lambda i: (str(requests[i].role), len(requests[i].text)))
         size = self.params.engine.batch_size
@@ -104,9 +104,13 @@ class TransformersEngine(LocalPrompts):
             with torch.inference_mode(), self._adapter(role):
                 out = self.model.generate(**enc, **kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
+            eos = torch.tensor(self.eos_ids, device=new_tokens.device)
             for row, j in enumerate(batch):
                 ids = new_tokens[row][: requests[j].max_new_tokens]
-                outputs[j] = postprocess(self.tokenizer.decode(ids, skip_special_tokens=True), sampling)
+                # Cut: all max_new_tokens were generated and none ended the answer (a finished row is padded after
+                # its end token, so it holds one).
+                at_cap = len(ids) == requests[j].max_new_tokens and not torch.isin(ids, eos).any().item()
+                outputs[j] = finished(self.tokenizer.decode(ids, skip_special_tokens=True), sampling, at_cap)
             if on_done:
                 on_done(len(batch))
         return outputs

@@ -14,13 +14,16 @@ is plain Python so it is tested on CPU.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from slkit.engines.base import LocalPrompts, Request, postprocess, stop_token_ids
+from tqdm import tqdm
+
+from slkit.engines.base import Generated, LocalPrompts, Request, finished, stop_token_ids
 from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
 from slkit.running.params import Params, SamplingParams
 from slkit.models.chat import with_bos
@@ -94,6 +97,8 @@ def supported_lora_rank(rank: int) -> int:
 
 
 class VLLMEngine(LocalPrompts):
+    structured_outputs = True  # a request's json_schema becomes vLLM's structured outputs (guided decoding)
+
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
         # The engine core runs in this (stage) process: a separate core process hung under pytest on
         # our H100, and a stage is a process of its own already. Set the variable to 1 to override.
@@ -115,10 +120,11 @@ class VLLMEngine(LocalPrompts):
         self._log_timing("ready", start_s=round(self.start_seconds, 1))
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
-                 on_done: Callable[[int], None] | None = None) -> list[str]:
-        from vllm import SamplingParams as VSamplingParams
+                 on_done: Callable[[int], None] | None = None) -> list[Generated]:
+        from vllm import SamplingParams as VSamplingParams  # vLLM is imported only when this backend runs
+        from vllm.sampling_params import StructuredOutputsParams
 
-        outputs: list[str] = []
+        outputs: list[Generated] = []
         started = time.monotonic()
         for start in range(0, len(requests), CALL_SIZE):
             chunk = requests[start:start + CALL_SIZE]
@@ -126,13 +132,15 @@ class VLLMEngine(LocalPrompts):
                                                            add_special_tokens=False)["input_ids"]} for r in chunk]
             results = self.llm.generate(
                 prompts,
-                sampling_params=[VSamplingParams(**sampling_kwargs(sampling, r, self.eos_ids)) for r in chunk],
+                sampling_params=[VSamplingParams(**sampling_kwargs(sampling, r, self.eos_ids),
+                                                 **({"structured_outputs": StructuredOutputsParams(json=r.json_schema)}
+                                                    if r.json_schema else {})) for r in chunk],
                 lora_request=[self.loras.get(r.role) for r in chunk],
-                use_tqdm=False)
-            outputs += [postprocess(res.outputs[0].text, sampling) for res in results]
+                # vLLM reports each finished request to its progress bar: ours passes it on to on_done.
+                use_tqdm=(lambda *args, **bar: FinishedRequests(on_done, *args, **bar)) if on_done else False)
+            outputs += [finished(res.outputs[0].text, sampling, res.outputs[0].finish_reason == "length")
+                        for res in results]
             self.generated_tokens += sum(len(res.outputs[0].token_ids) for res in results)
-            if on_done:
-                on_done(len(chunk))
         self.generate_seconds += time.monotonic() - started
         self.requests += len(requests)
         return outputs
@@ -172,6 +180,19 @@ class VLLMEngine(LocalPrompts):
         self._log_timing("closed", start_s=round(self.start_seconds, 1), generate_s=round(self.generate_seconds, 1),
                          requests=self.requests, generated_tokens=self.generated_tokens,
                          sleep_s=round(sleep_seconds, 1), **memory)
+
+
+class FinishedRequests(tqdm):
+    """The progress bar vLLM's LLM.generate updates as each request finishes (its use_tqdm takes a factory of
+    one): it draws nothing and hands each update to on_done, so a stage's progress moves within a call."""
+
+    def __init__(self, on_done: Callable[[int], None], *args: Any, **bar: Any):
+        self.on_done = on_done
+        super().__init__(*args, file=io.StringIO(), **bar)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        self.on_done(int(n or 0))
+        return super().update(n)
 
 
 def _generation_config(model_dir: str) -> Any:

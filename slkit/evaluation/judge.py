@@ -1,9 +1,11 @@
 """The quality judge: an LLM scores each response 1-10 on seven dimensions, as JSON, ignoring length.
 
 Any slkit engine runs it (evaluation.judge.engine): the run's base model by default, another local
-model, or an OpenAI-compatible endpoint whose key is read from an environment variable. A reply
-that is not the JSON asked for is retried (greedy first, then sampled); after judge.max_tries it
-is recorded as failed with its last reply, and failures are counted in the summary.
+model, or an OpenAI-compatible endpoint whose key is read from an environment variable. Where the
+backend has structured outputs (vLLM; servers that take response_format) the reply is constrained to
+JUDGEMENT_SCHEMA, so it is the JSON asked for. A reply that is not (other backends, or a reply cut
+by judge.max_new_tokens) is retried (greedy first, then sampled); after judge.max_tries it is
+recorded as failed with its last reply, and failures are counted in the summary.
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ Response:
 # example verbatim for every response) writes no valid JSON and is counted as failed.
 BASE_MODEL_PREFILL = '{"relevance":'
 
+# The reply the judge must give, as a JSON schema: each dimension an integer from 1 to 10, nothing else.
+JUDGEMENT_SCHEMA = {
+    "type": "object",
+    "properties": {dim: {"type": "integer", "minimum": 1, "maximum": 10} for dim in DIMENSIONS},
+    "required": list(DIMENSIONS),
+    "additionalProperties": False,
+}
+
 _OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
 
@@ -77,15 +87,18 @@ def judge_responses(engine: Engine, items: list[dict], jp: JudgeParams, seed: in
     failed with the last reply. Items already in the writer (a resumed stage) are skipped."""
     done = {(r["index"], r["sample"]) for r in writer.records}
     pending = [it for it in items if (it["index"], it["sample"]) not in done]
-    prefill = "" if engine.is_chat else BASE_MODEL_PREFILL
     for attempt in range(1, jp.max_tries + 1):
         if not pending:
             break
+        # Asked again each try: an endpoint that refused the schema stops offering structured outputs.
+        structured = getattr(engine, "structured_outputs", False)
+        # A schema-constrained reply starts the object itself, so it gets no pre-filled start.
+        prefill = "" if engine.is_chat or structured else BASE_MODEL_PREFILL
         sampling = SamplingParams(temperature=0.0 if attempt == 1 else 0.7, top_p=0.95, top_k=0,
                                   repetition_penalty=1.0, max_new_tokens=jp.max_new_tokens, stop=[])
         requests = [Request(engine.render(JUDGE_PROMPT.format(query=it["query"], response=it["output"])), None,
                             jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], attempt),
-                            prefill=prefill) for it in pending]
+                            prefill=prefill, json_schema=JUDGEMENT_SCHEMA if structured else None) for it in pending]
         replies = engine.generate(requests, sampling)
         retry = []
         for it, reply in zip(pending, replies):

@@ -3,6 +3,7 @@
     from slkit.evaluation.reports import summary_table, compare_runs
     summary_table(["runs/a", "runs/b"])            # one row per run and iteration
     compare_runs(["runs/a", "runs/b"], "runs/compare")   # same tables and figures, runs side by side
+    write_output_figures("out")                    # the benchmark figures of one directory (`slkit evaluate`)
 
 Metric definitions (also in the README's "Evaluation" section):
 - length score: the benchmark's own, per output (LonGen in [0, 1], LongBench-Write's S_l in [0, 100]);
@@ -14,6 +15,8 @@ Metric definitions (also in the README's "Evaluation" section):
 - filter rate: a check's rejections (or the accepted share) over the candidates that stage examined.
 - distinct-n: distinct n-grams / all n-grams over a stage's texts (words for English, characters
   for Chinese); falling values mean more repetition.
+- capped share: the outputs that max_new_tokens cut (the cap set their length, not the model) over
+  the outputs generated.
 """
 from __future__ import annotations
 
@@ -40,14 +43,19 @@ def _done_summary(run_dir: str | Path, k: int, stage: str) -> dict:
     return read_json(path)["summary"] if path.exists() else {}
 
 
-def benchmark_table(run_dir: str | Path, upto: int | None = None):
-    """One row per benchmark output: iteration, index, sample, type, bin, language, required, words, score."""
+def iteration_dirs(run_dir: str | Path, upto: int | None = None) -> dict[int, Path]:
+    return {k: iter_dir(run_dir, k) for k in iterations(run_dir, upto)}
+
+
+def benchmark_table(run_dir: str | Path, upto: int | None = None, dirs: dict[int, Path] | None = None):
+    """One row per benchmark output: iteration, index, sample, type, bin, language, required, words, score;
+    from the run's iterations, or from `dirs` (iteration -> directory)."""
     import pandas as pd
 
     columns = ["iteration", "index", "sample", "type", "bin", "language", "required", "words", "score"]
     rows = []
-    for k in iterations(run_dir, upto):
-        path = iter_dir(run_dir, k) / "benchmark_outputs.jsonl"
+    for k, directory in (iteration_dirs(run_dir, upto) if dirs is None else dirs).items():
+        path = directory / "benchmark_outputs.jsonl"
         if path.exists():
             rows += [{"iteration": k, **{c: r.get(c) for c in columns[1:]}} for r in read_jsonl(path)]
     return pd.DataFrame(rows, columns=columns)
@@ -104,16 +112,18 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
     return pd.DataFrame(rows, columns=["iteration", "stage", "check", "count", "out_of", "rate"])
 
 
-def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, ...] = (2, 3)):
-    """Distinct-n of each stage's texts per iteration and language: repetition drift."""
+def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, ...] = (2, 3),
+                   dirs: dict[int, Path] | None = None):
+    """Distinct-n of each stage's texts per iteration and language: repetition drift; from the run's
+    iterations, or from `dirs` (iteration -> directory)."""
     import pandas as pd
 
     sources = {"drafts": ("drafts", "draft"), "extensions": ("extensions", "extended"),
                "benchmark": ("benchmark_outputs", "output")}
     rows = []
-    for k in iterations(run_dir, upto):
+    for k, directory in (iteration_dirs(run_dir, upto) if dirs is None else dirs).items():
         for stage, (name, field) in sources.items():
-            path = iter_dir(run_dir, k) / f"{name}.jsonl"
+            path = directory / f"{name}.jsonl"
             if not path.exists():
                 continue
             records = read_jsonl(path)
@@ -142,6 +152,7 @@ def summary_table(run_dirs: list[str | Path]):
             row = {"run": name, "iteration": k, "benchmark": lf.get("benchmark"), "length score": lf.get("overall"),
                    **{f"score {t}": v for t, v in (lf.get("per_type") or {}).items()},
                    "stability CV": (lf.get("stability") or {}).get("overall_cv"),
+                   "capped share": (lf.get("capped") or {}).get("share"),
                    "judge": judge.get("overall"), "judge failed": judge.get("failed"),
                    **{f"words {s}": v for s, v in m.get("words", {}).items()}}
             rows.append(row)
@@ -174,13 +185,13 @@ def markdown_table(table) -> str:
 def _figures(tables: dict[str, Any], out: Path, scale: float) -> list[str]:
     from slkit.evaluation.figures import (plot_distinct, plot_filter_rates, plot_length_scores, plot_length_stability, plot_lengths, plot_required_vs_produced)
 
-    written = [plot_lengths(tables["lengths"], out / "lengths.png")]
+    written = [plot_lengths(tables["lengths"], out / "lengths.png")] if "lengths" in tables else []
     if len(tables["benchmark"]):
         written.append(plot_required_vs_produced(tables["benchmark"], out / "required_vs_produced.png"))
         written.append(plot_length_scores(tables["benchmark"], out / "length_scores.png", scale))
     if len(tables["stability"]):
         written.append(plot_length_stability(tables["stability"], out / "length_stability.png"))
-    if len(tables["filters"]):
+    if "filters" in tables and len(tables["filters"]):
         written.append(plot_filter_rates(tables["filters"], out / "filter_rates.png"))
     if len(tables["distinct"]):
         written.append(plot_distinct(tables["distinct"], out / "distinct_n.png"))
@@ -191,6 +202,19 @@ def run_tables(run_dir: str | Path, upto: int | None = None) -> dict[str, Any]:
     benchmark = benchmark_table(run_dir, upto)
     return {"lengths": length_table(run_dir, upto), "benchmark": benchmark, "stability": stability_table(benchmark),
             "filters": filter_table(run_dir, upto), "distinct": distinct_table(run_dir, upto)}
+
+
+def output_tables(out: str | Path) -> dict[str, Any]:
+    """The benchmark tables of one directory that is no run (`slkit evaluate`'s), as iteration 0."""
+    dirs = {0: Path(out)}
+    benchmark = benchmark_table(out, dirs=dirs)
+    return {"benchmark": benchmark, "stability": stability_table(benchmark), "distinct": distinct_table(out, dirs=dirs)}
+
+
+def write_output_figures(out: str | Path, scale: float) -> list[str]:
+    """The evaluation stage's benchmark figures (required vs produced, length scores, stability, distinct-n) of
+    the outputs in `out`, written there; `scale` is the benchmark's perfect length score."""
+    return _figures(output_tables(out), Path(out), scale)
 
 
 def _scale(run_dir: str | Path) -> float:
@@ -257,3 +281,36 @@ def length_table(run_dir: str | Path, upto: int | None = None):
                 rows += [{"iteration": k, "stage": name, "words": r["words"]} for r in read_jsonl(path)]
         k += 1
     return pd.DataFrame(rows, columns=["iteration", "stage", "words"])
+
+
+def evaluation_report(metrics: dict[str, Any]) -> str:
+    """A short markdown report of one evaluation (`slkit evaluate`'s evaluation.json): what was scored, its
+    length scores, stability, the share of outputs max_new_tokens cut, the judge, and the figures."""
+    lf, judge = metrics.get("length_following") or {}, metrics.get("judge") or {}
+    lines = [f"# Evaluation of {metrics['model']}", ""]
+    lines += [f"- {key}: `{metrics[key]}`" for key in ("adapter", "endpoint", "judge_model", "judge_endpoint")
+              if metrics.get(key)]
+    if lf:
+        lines += [f"- benchmark: `{lf['benchmark']}` ({lf['format']}), {lf['n']} outputs", "",
+                  "## Length following", "",
+                  f"Length score (0-{lf['max_score']:g}, the benchmark's own): **{lf['overall']:.4g}**", ""]
+        for name, key in (("type", "per_type"), ("length bin", "per_length_bin"), ("language", "per_language")):
+            if lf.get(key):
+                lines += [f"| {name} | score |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in lf[key].items()] + [""]
+        if lf.get("stability"):
+            lines += [f"Length stability: mean coefficient of variation {lf['stability']['overall_cv']:.4g} over "
+                      f"{lf['stability']['queries']} queries x {lf['stability']['samples_per_query']} samples "
+                      "(lower is steadier).", ""]
+        capped = lf.get("capped") or {}
+        if capped.get("outputs"):
+            lines += [f"Cut by max_new_tokens: {capped['cut']} of {capped['outputs']} outputs ({capped['share']:.1%}); "
+                      "their length is the cap's, not the model's: raise max_new_tokens to measure it.", ""]
+    if judge:
+        overall = "none judged" if judge["overall"] is None else f"mean {judge['overall']:.3g} of 10"
+        lines += ["## Judge", "", f"{overall}; {judge['judged']} judged, {judge['failed']} failed (no valid JSON).", ""]
+        if judge["per_dimension"]:
+            lines += ["| dimension | score |", "|---|---|"] + [f"| {d} | {v:.3g} |"
+                                                                for d, v in judge["per_dimension"].items()] + [""]
+    if metrics.get("figures"):
+        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in metrics["figures"]] + [""]
+    return "\n".join(lines)

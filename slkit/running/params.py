@@ -511,7 +511,14 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         mark = err.problem_mark
         raise ParamsError(f"{path}:{mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
     overrides = overrides or {}
-    for dotted, value in overrides.items() if isinstance(data, dict) else ():  # else params_from_dict says why
+    if isinstance(data, dict):  # else params_from_dict says why
+        apply_overrides(data, overrides)
+    return params_from_dict(data, str(path), text, tuple(overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set each dotted key of `overrides` in the nested params `data`, in place."""
+    for dotted, value in overrides.items():
         node = data
         *parents, last = dotted.split(".")
         for depth, part in enumerate(parents):
@@ -520,7 +527,6 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
                 raise ParamsError(f"--set {dotted}: unknown key ({'.'.join(parents[:depth + 1])} is a value, "
                                   "not a section)")
         node[last] = value
-    return params_from_dict(data, str(path), text, tuple(overrides))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

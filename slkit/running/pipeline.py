@@ -195,15 +195,18 @@ def stop_orphaned_stage(lock: Path) -> None:
         time.sleep(0.1)
 
 
-class _ProgressPoller:
-    """Mirrors the running stage's progress.json into a tqdm bar of items."""
+class ProgressPoller:
+    """Mirrors the running stage's progress.json (slkit.running.records.Progress) into a tqdm bar: texts the engine
+    finished of those expected, once there are any (they move within a record: an extension job is several),
+    else records; the bar shows their rate and ETA, and the records done in its postfix."""
 
     def __init__(self, iter_path: Path, bar: Any):
         self.path, self.bar = iter_path / "progress.json", bar
+        self._shown: tuple | None = None  # (stage, started, unit) the bar counts now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> "_ProgressPoller":
+    def __enter__(self) -> "ProgressPoller":
         self._thread.start()
         return self
 
@@ -219,10 +222,20 @@ class _ProgressPoller:
             state = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
-        if (state["total"], state["done"]) != (self.bar.total, self.bar.n):
-            self.bar.total, self.bar.n = state["total"], state["done"]
-            self.bar.set_description(f"  {state['stage']} items", refresh=False)
-            self.bar.refresh()
+        texts = state.get("texts", 0)
+        unit, n, total = ("texts", texts, state["texts_expected"]) if texts else ("records", state["done"], state["total"])
+        shown = (state["stage"], state.get("started"), unit)
+        if shown != self._shown:  # a new stage, or its first text: rate and ETA start again
+            self._shown = shown
+            self.bar.reset(total=total)
+            self.bar.set_description(f"  {state['stage']}", refresh=False)
+            self.bar.unit = unit[:-1]
+            # A resumed stage's records were done before it: the rate counts from there.
+            self.bar.initial = self.bar.n = state["done"] if unit == "records" else 0
+        self.bar.total = max(total, n)
+        if n != self.bar.n:
+            self.bar.update(n - self.bar.n)
+        self.bar.set_postfix_str(f"{state['done']}/{state['total']} records")
 
     def _poll(self) -> None:
         while not self._stop.wait(1.0):
@@ -284,7 +297,7 @@ def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: b
         out.mkdir(parents=True, exist_ok=True)
         stop_orphaned_stage(lock_path(run_dir, k, stage))
         executed = out / BY_NAME[stage].notebook
-        with _ProgressPoller(out, items_bar):
+        with ProgressPoller(out, items_bar):
             try:
                 run_notebook(notebooks_dir() / BY_NAME[stage].notebook, executed, {"run_dir": str(run_dir), "iteration": k},
                              kernel, socket_dir)

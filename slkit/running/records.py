@@ -145,19 +145,38 @@ def mark_done(iter_dir: str | os.PathLike, stage: str, summary: dict[str, Any], 
 
 
 class Progress:
-    """Items done / total of the running stage, in a small json file the pipeline's progress bar polls."""
+    """What the running stage has done, in a small json file the pipeline's progress bar polls: records ("done"
+    of "total") and texts the engine finished ("texts" of "texts_expected"). Texts move as the engine finishes
+    them, where records may wait for several: an extension job is 2 texts per round for several rounds, and
+    every job of a stage finishes in its last round. `texts_per_item` is the texts one record is expected to
+    take (retries take more: the expected count then grows with what was generated)."""
 
-    def __init__(self, iter_dir: str | os.PathLike, stage: str, total: int, done: int = 0):
+    interval_s = 0.5  # at most two writes a second, and one at each end
+
+    def __init__(self, iter_dir: str | os.PathLike, stage: str, total: int, done: int = 0, texts_per_item: int = 1):
         self.path = Path(iter_dir) / "progress.json"
         self.stage, self.total, self.done = stage, total, done
+        self.texts, self.texts_expected = 0, max(0, total - done) * texts_per_item
+        self.started = time.time()
         self._last = 0.0
         self._write()
 
     def advance(self, n: int = 1) -> None:
+        """`n` more records done."""
         self.done += n
-        if time.monotonic() - self._last > 0.5 or self.done >= self.total:
+        self._maybe_write(self.done >= self.total)
+
+    def generated(self, n: int = 1) -> None:
+        """`n` more texts finished by the engine."""
+        self.texts += n
+        self.texts_expected = max(self.texts_expected, self.texts)
+        self._maybe_write(False)
+
+    def _maybe_write(self, last: bool) -> None:
+        if last or time.monotonic() - self._last > self.interval_s:
             self._write()
 
     def _write(self) -> None:
         self._last = time.monotonic()
-        write_json_atomic(self.path, {"stage": self.stage, "done": self.done, "total": self.total})
+        write_json_atomic(self.path, {"stage": self.stage, "done": self.done, "total": self.total, "texts": self.texts,
+                                      "texts_expected": self.texts_expected, "started": self.started})

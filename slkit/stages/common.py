@@ -1,5 +1,6 @@
 """What every stage shares: skip a finished stage, hold its lock, turn out-of-memory into advice, write
-records incrementally with an engine, and the stage's one engine (StageEngine).
+records incrementally with an engine whose texts count in the stage's progress and cap tally (WatchedEngine),
+and the stage's one engine (StageEngine).
 
 A stage is a function (run_dir, iteration) -> summary in slkit.stages.<name>, one module per stage of
 slkit.running.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from slkit.engines import load_engine
+from slkit.engines.base import CapTally, Request
 from slkit.method.exemplars import load_exemplars
 from slkit.running.layout import (current_adapters, iter_dir, load_run_params, lock_path, prepare_iteration,
                                   stage_dir, stage_done)
-from slkit.running.params import Params
+from slkit.running.params import Params, SamplingParams
 from slkit.running.records import Progress, RecordWriter, done_marker, read_json, read_jsonl
 from slkit.running.runlock import boot_id, lock_for_stage
 
@@ -63,20 +65,45 @@ def skip_when_done(stage: str) -> Callable:
     return wrap
 
 
+class WatchedEngine:
+    """An engine whose every text counts, as the engine finishes it, in the stage's Progress, and in a CapTally
+    when it was cut by max_new_tokens; the method's code calls it as any engine."""
+
+    def __init__(self, engine: Any, progress: Progress, caps: CapTally | None = None):
+        self.engine, self.progress, self.caps = engine, progress, caps
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams,
+                 on_done: Callable[[int], None] | None = None) -> list[str]:
+        def finished(n: int) -> None:
+            self.progress.generated(n)
+            if on_done:
+                on_done(n)
+
+        texts = self.engine.generate(requests, sampling, finished)
+        if self.caps is not None:
+            self.caps.add(requests, texts)
+        return texts
+
+
 def generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
                       work: Callable[..., Counter], out: Path | None = None,
-                      shared: StageEngine | None = None) -> tuple[list[dict], Counter]:
+                      shared: StageEngine | None = None, caps: CapTally | None = None,
+                      texts_per_item: int = 1) -> tuple[list[dict], Counter]:
     """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` in the iteration's
     directory (or `out`) incrementally. A finished `output` is read, not rewritten. With `shared`, its engine
-    is used and left open for the rest of the stage."""
+    is used and left open for the rest of the stage. The engine's texts count in `caps` and in the progress
+    (`texts_per_item` texts expected per record of `total`)."""
     params, iteration_out = prepare_iteration(run_dir, iteration)
     out = out or iteration_out
     if (out / output).exists():
         return read_jsonl(out / output), Counter()
     with RecordWriter(out / output) as writer:
-        progress = Progress(out, stage, total, len(writer.records))
+        progress = Progress(out, stage, total, len(writer.records), texts_per_item)
         with stage_engine(shared, params, current_adapters(run_dir, iteration)) as engine:
-            counts = work(engine, writer, progress.advance)
+            counts = work(WatchedEngine(engine, progress, caps), writer, progress.advance)
         return writer.finish(), counts
 
 

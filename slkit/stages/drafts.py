@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
 from slkit.running.layout import prepare_iteration
 from slkit.running.records import mark_done, read_jsonl
@@ -15,9 +16,11 @@ def drafts_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """queries.jsonl -> drafts.jsonl: Generator drafts that pass the quality check."""
     params, out = prepare_iteration(run_dir, iteration)
     queries = read_jsonl(out / "queries.jsonl")
+    caps = CapTally()
     records, rejected = generate_records(
         run_dir, iteration, "drafts", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
-        lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done))
-    summary = {"drafts": len(records), "rejected": dict(rejected)}
+        lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done),
+        caps=caps)
+    summary = {"drafts": len(records), "rejected": dict(rejected), "capped": caps.summary()}
     mark_done(out, "drafts", summary)
     return summary

@@ -1,12 +1,14 @@
 """The evaluation stage: this iteration's Generator answers the benchmark (length scores, stability), the
 judge scores the answers -> benchmark_outputs.jsonl, judgements.jsonl, evaluation.json and the figures.
-score_benchmark also scores the final stage's adapter."""
+score_benchmark also scores the final stage's adapter; evaluate_model is what the stage and `slkit evaluate`
+(slkit.running.evaluate: any model, adapter or endpoint, without a run) both run."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from slkit.engines import Request, stable_seed
+from slkit.engines.base import share
 from slkit.evaluation.benchmarks import (SCALES, length_stability, load_benchmark, output_lengths, score_length,
                                          stratified_subset, summarize_scores)
 from slkit.evaluation.judge import judge_responses, summarize_judgements
@@ -14,14 +16,15 @@ from slkit.evaluation.reports import WORD_FILES, stage_word_means, write_iterati
 from slkit.running.layout import BASELINE, ROLES, adapter_dir, prepare_iteration
 from slkit.running.params import Params
 from slkit.running.records import Progress, RecordWriter, mark_done, read_jsonl, write_json_atomic
-from slkit.stages.common import StageEngine, skip_when_done, stage_engine
+from slkit.stages.common import StageEngine, WatchedEngine, skip_when_done, stage_engine
 
 
 def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, stage: str,
                     shared: StageEngine | None = None) -> dict[str, Any] | None:
     """The Generator answers the benchmark subset, evaluation.samples_per_query times each ->
-    out/benchmark_outputs.jsonl (resumable); returns length scores and length stability. With `shared`,
-    its engine (holding `adapters`) is used and left open for the rest of the stage."""
+    out/benchmark_outputs.jsonl (resumable); returns length scores, length stability and the share of outputs
+    max_new_tokens cut ("capped": their length was the cap's, not the model's). With `shared`, its engine
+    (holding `adapters`) is used and left open for the rest of the stage."""
     ev = params.evaluation
     if not ev.benchmark:
         return None
@@ -37,6 +40,7 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
         if todo:
             max_new = ev.max_new_tokens or params.sampling.max_new_tokens
             with stage_engine(shared, params, adapters) as engine:
+                engine = WatchedEngine(engine, progress)
                 texts = engine.generate([Request(engine.render(subset[i]["query"]), "generator", max_new,
                                                  stable_seed(params.seed, "benchmark", i, k)) for i, k in todo],
                                         params.sampling, progress.advance)
@@ -45,10 +49,19 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
                 writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
                               "type": item["type"], "bin": item["bin"], "required": item["required"],
                               **({"interval": list(item["interval"])} if "interval" in item else {}),
-                              **lengths, "score": score_length(item, lengths["words"], fmt), "output": text})
+                              **lengths, "score": score_length(item, lengths["words"], fmt),
+                              "cut": bool(getattr(text, "cut", False)), "output": text})
         scored = sorted(writer.finish(), key=lambda r: (r["index"], r["sample"]))
     return {"benchmark": Path(ev.benchmark).name if Path(ev.benchmark).exists() else ev.benchmark, "format": fmt,
-            "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored)}
+            "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored),
+            "capped": capped_share(scored)}
+
+
+def capped_share(scored: list[dict]) -> dict[str, Any]:
+    """How many benchmark outputs max_new_tokens cut, of those that record it (records written before slkit
+    recorded "cut" do not)."""
+    known = [r["cut"] for r in scored if "cut" in r]
+    return {"outputs": len(known), "cut": sum(known), "share": share(sum(known), len(known))}
 
 
 def judge_stage_outputs(params: Params, out: Path, stage: str, shared: StageEngine | None = None) -> dict[str, Any] | None:
@@ -67,8 +80,18 @@ def judge_stage_outputs(params: Params, out: Path, stage: str, shared: StageEngi
                                                      "engine": jp.engine or params.engine})
             progress = Progress(out, f"{stage} (judge)", len(items), len(writer.records))
             with stage_engine(shared if own else None, judge_params, {}) as engine:
-                judge_responses(engine, items, jp, params.seed, writer, progress.advance)
+                judge_responses(WatchedEngine(engine, progress), items, jp, params.seed, writer, progress.advance)
         return summarize_judgements(writer.finish())
+
+
+def evaluate_model(params: Params, adapters: dict[str, str | None], out: Path, stage: str) -> dict[str, Any]:
+    """The model of `params` with `adapters` answers the benchmark and the judge scores the answers, on one engine
+    -> out/benchmark_outputs.jsonl, out/judgements.jsonl; returns {"length_following", "judge"} (each where
+    there is one)."""
+    with StageEngine(params, adapters) as engines:
+        scores = score_benchmark(params, adapters, out, stage, engines)
+        judged = judge_stage_outputs(params, out, stage, engines)
+    return {**({"length_following": scores} if scores else {}), **({"judge": judged} if judged else {})}
 
 
 @skip_when_done("evaluation")
@@ -77,19 +100,13 @@ def evaluation_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     judgements.jsonl, evaluation.json and the figures of slkit.evaluation.figures. Iteration 0 (BASELINE) evaluates the
     untrained base model with the same subset, samples and seeds, into runs/<run>/baseline/."""
     params, out = prepare_iteration(run_dir, iteration)
-    metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name}
     adapters = {} if iteration == BASELINE else {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
-    with StageEngine(params, adapters) as engines:
-        scores = score_benchmark(params, adapters, out, "evaluation", engines)
-        judged = judge_stage_outputs(params, out, "evaluation", engines)
-    if scores:
-        metrics["length_following"] = scores
-    if judged:
-        metrics["judge"] = judged
+    metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name,
+                               **evaluate_model(params, adapters, out, "evaluation")}
     metrics["words"] = stage_word_means(out)
     metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
                          for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
-    metrics["figures"] = write_iteration_figures(run_dir, iteration, (scores or {}).get("max_score", 1.0))
+    metrics["figures"] = write_iteration_figures(run_dir, iteration, metrics.get("length_following", {}).get("max_score", 1.0))
     write_json_atomic(out / "evaluation.json", metrics)
     mark_done(out, "evaluation", metrics)
     return metrics

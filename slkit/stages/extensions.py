@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slkit.engines import stable_seed
+from slkit.engines.base import CapTally
 from slkit.method.extensions import extend_drafts
 from slkit.method.training_sets import resample_by_length
 from slkit.running.layout import prepare_iteration
@@ -33,10 +34,12 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
                                rp.coefficient, rp.exponent, group="language") if params.drafts.resample else drafts)
     write_jsonl_atomic(out / "resampled_drafts.jsonl", kept)
     jobs = len(kept) * params.extensions.samples_per_draft
+    caps = CapTally()
     records, counts = generate_records(
         run_dir, iteration, "extensions", "extensions.jsonl", jobs,
-        lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done))
+        lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done),
+        caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two stages a round
     summary = {"extensions": len(records), "drafts": len(drafts), "resampled_drafts": len(kept), "jobs": jobs,
-               "counts": dict(counts)}
+               "counts": dict(counts), "capped": caps.summary()}
     mark_done(out, "extensions", summary)
     return summary

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slkit.engines import Request, stable_seed
+from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
 from slkit.method.length_control import (assign_constraint, names_length, rewrite_failure, rewrite_prompt, satisfies,
                                          template_rewrite)
@@ -47,10 +48,10 @@ def _discard_stale_results(out: Path, iteration: int) -> None:
 
 
 def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Path,
-                   engines: StageEngine) -> dict[str, Any]:
+                   engines: StageEngine, caps: CapTally | None = None) -> dict[str, Any]:
     """The collection pass of the final stage: length_control.collect_queries new self-instructed queries,
     answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable). Both run on
-    `engines` (holding that Generator), left open for the rest of the stage."""
+    `engines` (holding that Generator), left open for the rest of the stage; their texts count in `caps`."""
     count = params.length_control.collect_queries
     if not count:
         return {}
@@ -61,12 +62,13 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
     queries, rejected = generate_records(
         run_dir, iteration, "length_control (collect queries)", "queries.jsonl", count * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], sized,
-                                                           COLLECTION, writer, on_done), out=out, shared=engines)
+                                                           COLLECTION, writer, on_done), out=out, shared=engines,
+        caps=caps, texts_per_item=2 if params.queries.judge else 1)
     drafts, refused = generate_records(
         run_dir, iteration, "length_control (collect drafts)", "drafts.jsonl",
         len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, COLLECTION, writer, params.quality,
-                                                     on_done), out=out, shared=engines)
+                                                     on_done), out=out, shared=engines, caps=caps)
     return {"queries": len(queries), "drafts": len(drafts), "rejected_queries": dict(rejected),
             "rejected_drafts": dict(refused)}
 
@@ -102,8 +104,9 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     # mode, gives its GPU memory back to training and to the scoring engine; that one is the process's last
     # and is built without it (vLLM's sleep-mode allocator takes one engine per process).
     last = adapter_dir(run_dir, iteration, "generator")
+    caps = CapTally()  # of the texts generated before training: the collection pass and the model's rewrites
     with StageEngine(with_sleep_mode(params, True), {"generator": str(last)}) as engines:
-        collection = collect_drafts(run_dir, iteration, params, out, engines)
+        collection = collect_drafts(run_dir, iteration, params, out, engines, caps)
         found = long_responses(run_dir, iteration, params)
         # A query that already names a length would carry two limits: skipped (and counted), not rewritten.
         pairs = [p for p in found if not names_length(p["query"])]
@@ -116,10 +119,11 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         refused: Counter = Counter()
         if lc.rewrite == "model" and pairs:
             engine = engines.get()
-            asked = engine.generate([Request(engine.render(rewrite_prompt(p["query"], c, p["language"], rng)), None,
-                                             params.queries.max_new_tokens,
-                                             stable_seed(params.seed, "rewrite", p["id"]))
-                                     for p, c in zip(pairs, constraints)], params.sampling)
+            requests = [Request(engine.render(rewrite_prompt(p["query"], c, p["language"], rng)), None,
+                                params.queries.max_new_tokens, stable_seed(params.seed, "rewrite", p["id"]))
+                        for p, c in zip(pairs, constraints)]
+            asked = engine.generate(requests, params.sampling)
+            caps.add(requests, asked)
             for i, (p, c, text) in enumerate(zip(pairs, constraints, asked)):
                 failure = rewrite_failure(p["query"], text, c)
                 if failure:
@@ -149,7 +153,7 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
                "fallbacks": dict(Counter(r["fallback"] for r in records if r["fallback"])),
                "rewrites": dict(Counter(how)), "model_rewrites_refused": dict(refused),
                "training": {k: v for k, v in training.items() if k != "losses"},
-               "length_before": before, "length_after": after}
+               "length_before": before, "length_after": after, "capped": caps.summary()}
     write_json_atomic(out / "length_control.json", summary)
     mark_done(out, "length_control", summary, iteration=iteration)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.engines.base import CapTally
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import prepare_iteration
 from slkit.running.records import mark_done
@@ -16,10 +17,12 @@ def queries_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     params, out = prepare_iteration(run_dir, iteration)
     earlier = earlier_queries(run_dir, iteration)
     pool = exemplar_pool(params, earlier)
+    caps = CapTally()
     records, rejected = generate_records(
         run_dir, iteration, "queries", "queries.jsonl", params.queries.per_language * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
-                                                           iteration, writer, on_done))
-    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
+                                                           iteration, writer, on_done),
+        caps=caps, texts_per_item=2 if params.queries.judge else 1)  # a candidate, then the judge's answer
+    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool), "capped": caps.summary()}
     mark_done(out, "queries", summary)
     return summary

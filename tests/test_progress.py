@@ -1,0 +1,71 @@
+"""Progress a person can read: a stage's progress moves as the engine finishes texts, not only when records are
+done (every extension job of a stage finishes in its last round), and the pipeline's bar shows it."""
+import io
+import json
+
+from tqdm import tqdm
+
+from conftest import REPO, ScriptedEngine
+from slkit.running.layout import iter_dir
+from slkit.running.pipeline import ProgressPoller, prepare_run
+from slkit.running.records import Progress, write_jsonl_atomic
+from slkit.stages.extensions import extensions_stage
+
+
+def _extension(request):
+    return "\n\n".join(" ".join(f"s{request.seed}p{p}w{i}" for i in range(60)) + "." for p in range(3))
+
+
+def test_a_multi_round_extension_advances_the_progress_before_the_stage_ends(tmp_path, monkeypatch):
+    _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path), "drafts.resample": False,
+                                                                  "extensions.samples_per_draft": 1})
+    out = iter_dir(run_dir, 1)
+    out.mkdir()
+    draft = " ".join(f"d{i}" for i in range(40)) + "."
+    write_jsonl_atomic(out / "drafts.jsonl", [{"id": f"it1-q{i}-d0", "query_id": f"it1-q{i}", "query": f"Write {i}.",
+                                               "language": "en", "sample": 0, "draft": draft, "words": 41, "tries": 1}
+                                              for i in range(5)])
+    seen = []
+
+    class Watching(ScriptedEngine):
+        def generate(self, requests, sampling, on_done=None):
+            seen.append(json.loads((out / "progress.json").read_text()))  # what the bar shows as this call starts
+            return super().generate(requests, sampling, on_done)
+
+    monkeypatch.setattr(Progress, "interval_s", 0.0)  # write every change: the test reads each one
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda *args: Watching(_extension))
+    summary = extensions_stage(run_dir, 1)
+    # 5 jobs x 2 rounds x 2 stages: 4 calls; every job finishes in the last one
+    assert summary["extensions"] == 5 and len(seen) == 4
+    assert [(s["done"], s["texts"]) for s in seen] == [(0, 0), (0, 5), (0, 10), (0, 15)]
+    assert all(s["total"] == 5 and s["texts_expected"] == 20 for s in seen)
+    final = json.loads((out / "progress.json").read_text())
+    assert (final["done"], final["texts"]) == (5, 20)
+
+
+def _bar():
+    return tqdm(total=0, file=io.StringIO())
+
+
+def test_the_bar_follows_the_texts_with_the_records_beside_them(tmp_path):
+    bar = _bar()
+    poller = ProgressPoller(tmp_path, bar)
+    state = {"stage": "extensions", "done": 0, "total": 5, "texts": 0, "texts_expected": 20, "started": 1.0}
+    (tmp_path / "progress.json").write_text(json.dumps(state))
+    poller._update()
+    assert (bar.n, bar.total, bar.postfix) == (0, 5, "0/5 records")  # no text yet: records
+    (tmp_path / "progress.json").write_text(json.dumps({**state, "texts": 10}))
+    poller._update()
+    assert (bar.n, bar.total, bar.unit, bar.desc.strip(": ")) == (10, 20, "text", "extensions")
+    (tmp_path / "progress.json").write_text(json.dumps({**state, "texts": 24, "texts_expected": 24, "done": 5}))
+    poller._update()  # retries took more texts than expected: the total grows with them
+    assert (bar.n, bar.total, bar.postfix) == (24, 24, "5/5 records")
+    assert "text/s" in str(bar)  # a rate, hence an ETA, of texts
+
+
+def test_a_resumed_stage_starts_its_bar_at_the_records_done(tmp_path):
+    bar = _bar()
+    (tmp_path / "progress.json").write_text(json.dumps({"stage": "training", "done": 1, "total": 2, "texts": 0,
+                                                        "texts_expected": 1, "started": 2.0}))
+    ProgressPoller(tmp_path, bar)._update()
+    assert (bar.n, bar.initial, bar.total) == (1, 1, 2)
