@@ -7,6 +7,7 @@ from typing import Any
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import prepare_iteration
 from slkit.running.records import mark_done
+from slkit.running.schema import QueriesSummary
 from slkit.stages.common import earlier_queries, exemplar_pool, generate_records, skip_when_done
 
 
@@ -20,6 +21,6 @@ def queries_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         run_dir, iteration, "queries", "queries.jsonl", params.queries.per_language * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
                                                            iteration, writer, on_done))
-    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool)}
+    summary = QueriesSummary(queries=len(records), rejected=dict(rejected), pool_size=len(pool)).model_dump()
     mark_done(out, "queries", summary)
     return summary

@@ -12,7 +12,6 @@ gradient checkpointing, model.train() (eval mode silently skips checkpointing).
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -21,7 +20,8 @@ from typing import Any
 
 from slkit.running.params import Params
 from slkit.models.chat import render_user_turn, with_bos
-from slkit.running.records import read_jsonl
+from slkit.running.records import read_document, read_jsonl, write_json_atomic
+from slkit.running.schema import AdapterTrainingSummary
 from slkit.training.long_context import IGNORE, backbone_and_head, chunked_causal_lm_loss, liger_loss, tile_mlps
 
 
@@ -194,7 +194,7 @@ def launch_distributed(params: Params, examples_path: str | Path, output_dir: st
     if done.returncode:
         raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")
     params_file.unlink()
-    return json.loads((output_dir / "slkit-train.json").read_text())
+    return read_document(output_dir / "slkit-train.json", AdapterTrainingSummary)
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
@@ -296,7 +296,8 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             return summary
         shutil.rmtree(args.output_dir, ignore_errors=True)
         (tmp_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter is safetensors only
-    (tmp_dir / "slkit-train.json").write_text(json.dumps(summary, indent=2))
+    summary = AdapterTrainingSummary(**summary).model_dump()
+    write_json_atomic(tmp_dir / "slkit-train.json", summary)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp_dir.rename(output_dir)
