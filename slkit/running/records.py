@@ -195,9 +195,10 @@ def mark_done(iter_dir: str | os.PathLike, stage: str, summary: Record | dict[st
               iteration: int | None = None) -> None:
     """Write the done-marker; `iteration` records the iteration a stage outside iter_<k>/ ran after. The summary
     must be of the stage's summary type (schema.STAGE_SUMMARIES)."""
+    marker = done_marker(iter_dir, stage)
     summary = summary.model_dump() if isinstance(summary, Record) else summary
-    write_json_atomic(done_marker(iter_dir, stage),
-                      DoneMarker(stage=stage, finished_at=time.time(), iteration=iteration, summary=summary))
+    write_json_atomic(marker, checked(DoneMarker, {"stage": stage, "finished_at": time.time(), "iteration": iteration,
+                                                   "summary": summary}, str(marker)))
 
 
 class Progress:
