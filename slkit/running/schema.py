@@ -152,8 +152,9 @@ class AdapterTrainingSummary(Record):
     tokens: int | None = Field(None, description="tokens trained on (examples x epochs)")
     first_loss: float | None = Field(None, description="loss at the first logged step")
     final_loss: float | None = Field(None, description="loss at the last logged step")
-    losses: list[float] | None = Field(None, description="loss of every step (left out of the final stage's summary)")
-    step_seconds: list[float] | None = Field(None, description="wall-clock seconds of every optimizer step")
+    losses: list[float] = Field(default_factory=list,
+                                description="loss of every logged step; empty when untrained and in length_control.json")
+    step_seconds: list[float] = Field(default_factory=list, description="wall-clock seconds of every optimizer step")
     peak_gpu_gib: float | None = Field(None, description="peak GPU memory allocated, GiB; None on a CPU")
     processes: int | None = Field(None, description="training processes (accelerate launch: more than 1)")
 
@@ -240,7 +241,7 @@ class LengthControlSummary(Record):
     fallbacks: dict[str, int] = Field(description="pairs per fallback taken")
     rewrites: dict[str, int] = Field(description="pairs per rewriter (template, model)")
     model_rewrites_refused: dict[str, int] = Field(description="model rewrites refused, by reason (number, query)")
-    training: AdapterTrainingSummary = Field(description="the final Generator's training (without its losses)")
+    training: AdapterTrainingSummary = Field(description="the final Generator's training (losses left empty)")
     length_before: LengthScores | None = Field(description="length scores of the last iteration's Generator")
     length_after: LengthScores | None = Field(description="length scores of the final Generator")
 

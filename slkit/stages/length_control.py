@@ -154,7 +154,7 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         kinds=dict(Counter(r.constraint.kind for r in records)),
         fallbacks=dict(Counter(r.fallback for r in records if r.fallback)),
         rewrites=dict(Counter(how)), model_rewrites_refused=dict(refused),
-        training={**training, "losses": None}, length_before=before, length_after=after).model_dump()
+        training={**training, "losses": []}, length_before=before, length_after=after).model_dump()
     write_json_atomic(out / "length_control.json", summary)
     mark_done(out, "length_control", summary, iteration=iteration)
     return summary
