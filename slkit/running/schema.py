@@ -152,8 +152,8 @@ class AdapterTrainingSummary(Record):
     tokens: int | None = Field(None, description="tokens trained on (examples x epochs)")
     first_loss: float | None = Field(None, description="loss at the first logged step")
     final_loss: float | None = Field(None, description="loss at the last logged step")
-    losses: list[float] = Field(default_factory=list,
-                                description="loss of every logged step; empty when untrained and in length_control.json")
+    losses: list[float] = Field(default_factory=list, description="loss of every logged step; empty when "
+                                                                  "untrained, and in length_control.json")
     step_seconds: list[float] = Field(default_factory=list, description="wall-clock seconds of every optimizer step")
     peak_gpu_gib: float | None = Field(None, description="peak GPU memory allocated, GiB; None on a CPU")
     processes: int | None = Field(None, description="training processes (accelerate launch: more than 1)")
