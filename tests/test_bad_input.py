@@ -125,7 +125,8 @@ def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
     monkeypatch.setattr("slkit.stages.training.train_adapter", boom)
     (run_dir / "iter_1").mkdir()
     (run_dir / "iter_1" / "extensions.jsonl").write_text(
-        '{"id": "a", "query": "q", "language": "en", "draft": "d.", "extended": "dd.", "words": 2}\n')
+        '{"id": "a-x0", "draft_id": "a", "sample": 0, "query_id": "q0", "query": "q", "language": "en", "draft": "d.", '
+        '"draft_words": 1, "extended": "dd.", "words": 2, "ratio": 2.0, "attempts": 1, "rounds_accepted": 1}\n')
     with pytest.raises(MemoryError, match=r"lower training.max_length \(now 256\).*activation_offload.*resume"):
         training_stage(run_dir, 1)
     assert not lock_path(run_dir, 1, "training").exists()

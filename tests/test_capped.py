@@ -32,7 +32,7 @@ def test_the_tally_counts_cut_texts_per_cap():
 
 def test_the_drafts_summary_counts_the_drafts_the_cap_cut(tmp_path, monkeypatch):
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path)})
-    queries = [{"id": f"it1-q{i}", "query": f"Write about topic {i}.", "language": "en", "words": 4} for i in range(5)]
+    queries = [{"id": f"it1-q{i}", "query": f"Write about topic {i}.", "language": "en", "words": 4, "tries": 1} for i in range(5)]
     iter_dir(run_dir, 1).mkdir()
     write_jsonl_atomic(iter_dir(run_dir, 1) / "queries.jsonl", queries)
     engine = ScriptedEngine(lambda r: Generated(" ".join(f"w{i}" for i in range(60)) + ".", cut=r.seed % 3 == 0))

@@ -58,7 +58,7 @@ def test_evaluate_loads_an_adapter_and_refuses_other_params_in_the_same_director
               "--max-new-tokens", "8"]
     assert main([*common, "--adapter", str(adapter)]) == 0
     metrics = json.loads((out / "evaluation.json").read_text())
-    assert metrics["adapter"] == str(adapter.resolve()) and "judge" not in metrics
+    assert metrics["adapter"] == str(adapter.resolve()) and metrics["judge"] is None
     assert not (out / "judgements.jsonl").exists()
     assert main([*common, "--adapter", str(adapter), "--set", "seed=7"]) == 2
     assert "other params (seed differ)" in capsys.readouterr().err

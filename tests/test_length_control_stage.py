@@ -30,18 +30,24 @@ def _jsonl(path, rows):
 def _iteration(run_dir, k):
     """iter_<k>/ as the loop leaves it: queries, drafts, extensions, a Generator adapter, metrics."""
     d = iter_dir(run_dir, k)
-    queries = [{"id": f"it{k}-q0", "query": f"Describe the history of harbor towns, part {k}.", "language": "en"},
-               {"id": f"it{k}-q1", "query": "Write 500 words about mountain villages.", "language": "en"}]
+    queries = [{"id": f"it{k}-q0", "query": f"Describe the history of harbor towns, part {k}.", "language": "en",
+                "words": 8, "tries": 1},
+               {"id": f"it{k}-q1", "query": "Write 500 words about mountain villages.", "language": "en",
+                "words": 6, "tries": 1}]
     _jsonl(d / "queries.jsonl", queries)
     drafts = [{"id": f"{q['id']}-d0", "query_id": q["id"], "query": q["query"], "language": "en", "sample": 0,
-               "draft": _text(k * 10 + i, 30), "words": 30} for i, q in enumerate(queries)]
+               "draft": _text(k * 10 + i, 30), "words": 30, "tries": 1} for i, q in enumerate(queries)]
     drafts.append({**drafts[0], "id": f"it{k}-q0-d1", "sample": 1, "draft": "Too short.", "words": 2})
     _jsonl(d / "drafts.jsonl", drafts)
-    _jsonl(d / "extensions.jsonl", [{**r, "id": f"{r['id']}-x", "draft_id": r["id"], "extended": _text(k * 20 + i, 70),
-                                     "words": 70} for i, r in enumerate(drafts[:2])])
+    _jsonl(d / "extensions.jsonl", [
+        {"id": f"{r['id']}-x", "draft_id": r["id"], "sample": 0, "query_id": r["query_id"], "query": r["query"],
+         "language": r["language"], "draft": r["draft"], "draft_words": r["words"], "extended": _text(k * 20 + i, 70),
+         "words": 70, "ratio": round(70 / r["words"], 3), "attempts": 1, "rounds_accepted": 1}
+        for i, r in enumerate(drafts[:2])])
     (d / "adapters" / "generator").mkdir(parents=True)
     (d / "adapters" / "generator" / "adapter_config.json").write_text("{}")
-    (d / "evaluation.json").write_text(json.dumps({"iteration": k}))
+    (d / "evaluation.json").write_text(json.dumps({"iteration": k, "run": "hand-made", "words": {}, "counts": {},
+                                                   "figures": []}))
 
 
 class Fakes:
@@ -68,7 +74,7 @@ class Fakes:
 
         def train_adapter(params, examples_path, output_dir, init_adapter=None):
             assert not self.open, "an engine is open while the adapter trains"
-            summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
+            summary = {"samples": len(read_jsonl(examples_path)), "trained": True, "init_adapter": init_adapter}
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "slkit-train.json").write_text(json.dumps(summary))
             self.trained.append(summary)
@@ -120,7 +126,7 @@ def test_final_stage_takes_drafts_extensions_and_a_collection_pass(run_dir, monk
         assert r["words"] == count_words(r["completion"])
         assert longen_accepts(c["kind"], c["low"], c["high"], r["words"]), r
         assert all(lc.min_words <= n <= lc.max_words and n % lc.round_to == 0 for n in (c["low"], c["high"]) if n)
-    assert fakes.trained == [{"samples": 6, "init_adapter": _adapter(run_dir, 1)}]
+    assert fakes.trained == [{"samples": 6, "trained": True, "init_adapter": _adapter(run_dir, 1)}]
     assert read_json(out / "length_control.done.json")["iteration"] == 1
 
 
@@ -129,7 +135,7 @@ def test_collect_queries_zero_turns_the_collection_off(run_dir, monkeypatch, scr
     dump_params(params, run_dir / "params.yaml")
     fakes = Fakes(monkeypatch, scripted_engine)
     summary = length_control_stage(run_dir, 1)
-    assert summary["collection"] == {} and fakes.adapters == []
+    assert summary["collection"] is None and fakes.adapters == []
     assert not (run_dir / "length_control" / "queries.jsonl").exists()
     assert summary["pairs"] == 2
 
@@ -218,8 +224,9 @@ def test_on_vllm_training_and_scoring_fit_in_the_memory_the_first_engine_gave_ba
     def train_adapter(params, examples_path, output_dir, init_adapter=None):
         free_while_training.append(fake_vllm.total - fake_vllm.reserved)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "slkit-train.json").write_text(json.dumps({"samples": len(read_jsonl(examples_path))}))
-        return {"samples": len(read_jsonl(examples_path))}
+        summary = {"samples": len(read_jsonl(examples_path)), "trained": True}
+        (output_dir / "slkit-train.json").write_text(json.dumps(summary))
+        return summary
 
     monkeypatch.setattr("slkit.stages.length_control.train_adapter", train_adapter)
     summary = length_control_stage(run_dir, 1)

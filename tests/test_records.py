@@ -20,12 +20,12 @@ def test_read_jsonl_names_file_and_line(tmp_path):
 
 
 def test_writer_resumes_and_drops_a_torn_line(tmp_path):
-    out = tmp_path / "drafts.jsonl"
+    out = tmp_path / "records.jsonl"
     w = RecordWriter(out)
     w.write({"id": 1})
     w.write({"id": 2})
     w._file.close()
-    with open(out.with_name("drafts.jsonl.partial"), "a") as f:
+    with open(out.with_name("records.jsonl.partial"), "a") as f:
         f.write('{"id": 3, "te')  # killed mid-write
     resumed = RecordWriter(out)
     assert [r["id"] for r in resumed.records] == [1, 2]
@@ -33,7 +33,7 @@ def test_writer_resumes_and_drops_a_torn_line(tmp_path):
     resumed.write({"id": 3})
     assert [r["id"] for r in resumed.finish()] == [1, 2, 3]
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [1, 2, 3]
-    assert not out.with_name("drafts.jsonl.partial").exists()
+    assert not out.with_name("records.jsonl.partial").exists()
 
 
 class _DiskWithRoom:
@@ -65,17 +65,17 @@ class _DiskWithRoom:
 
 
 def test_a_full_disk_is_one_error_naming_the_file_and_the_rerun_resumes(tmp_path):
-    out = tmp_path / "drafts.jsonl"
+    out = tmp_path / "records.jsonl"
     writer = RecordWriter(out)
     writer.write({"id": 1})
     writer._file = _DiskWithRoom(writer._file, room=25)  # simulated ENOSPC: room for one record and a half
     writer.write({"id": 2, "draft": "x"})
-    with pytest.raises(RecordWriteError, match=r"drafts.jsonl.partial: cannot write \(No space left on device\); "
+    with pytest.raises(RecordWriteError, match=r"records.jsonl.partial: cannot write \(No space left on device\); "
                                                r"the 2 records before this one are kept: free space and rerun") as err:
         writer.write({"id": 3, "draft": "y"})
     assert err.value.__cause__.errno == errno.ENOSPC
     # no torn line left behind: the file holds the two whole records
-    assert [json.loads(line)["id"] for line in out.with_name("drafts.jsonl.partial").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["id"] for line in out.with_name("records.jsonl.partial").read_text().splitlines()] == [1, 2]
     resumed = RecordWriter(out)
     assert [r["id"] for r in resumed.records] == [1, 2]
     resumed.write({"id": 3, "draft": "y"})
@@ -99,7 +99,7 @@ def test_a_full_disk_while_a_whole_file_is_written_names_it_and_keeps_the_old_on
 
 def test_a_finished_file_of_an_unfinished_stage_is_resumed_not_redone(tmp_path):
     """A stage killed after it finished one file (say benchmark_outputs.jsonl) but before its done-marker."""
-    out = tmp_path / "benchmark_outputs.jsonl"
+    out = tmp_path / "outputs.jsonl"
     first = RecordWriter(out)
     first.write({"index": 0})
     first.finish()
@@ -160,7 +160,8 @@ def test_a_stage_on_a_really_full_disk_stops_naming_the_file_and_resumes(tmp_pat
 
     from slkit.running.params import dump_params
 
-    queries = "".join(json.dumps({"id": f"q{i}", "query": f"Write about {i}.", "language": "en"}) + "\n"
+    queries = "".join(json.dumps({"id": f"q{i}", "query": f"Write about {i}.", "language": "en", "words": 3,
+                                  "tries": 1}) + "\n"
                       for i in range(12))
     dirs = {name: tmp_path / name / "run" for name in ("full", "clean")}
     for run_dir in dirs.values():

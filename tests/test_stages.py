@@ -57,7 +57,7 @@ def scripted_run(tmp_path, monkeypatch):
 
     def fake_train(params, examples_path, output_dir, init_adapter=None):
         output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
+        summary = {"samples": len(read_jsonl(examples_path)), "trained": True, "init_adapter": init_adapter}
         (output_dir / "adapter_config.json").write_text("{}")
         (output_dir / "slkit-train.json").write_text(json.dumps(summary))
         return summary
@@ -101,7 +101,7 @@ def test_iteration_k_generates_with_iteration_k_minus_1_adapters(scripted_run):
 def _drafts():
     """20 English drafts of 10-29 words and 20 Chinese-labelled ones of 100-119, in shuffled order."""
     drafts = [{"id": f"{lang}-q{i:02d}-d0", "query_id": f"{lang}-q{i:02d}", "query": "Write long.", "language": lang,
-               "draft": _words(f"{lang}{i}", base + i - 1) + ".", "words": base + i}
+               "sample": 0, "draft": _words(f"{lang}{i}", base + i - 1) + ".", "words": base + i, "tries": 1}
               for lang, base in (("en", 10), ("zh", 100)) for i in range(20)]
     random.Random(1).shuffle(drafts)
     return drafts

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, stop_token_ids
 from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
 from slkit.running.params import Params, SamplingParams
+from slkit.running.schema import EngineTiming
 from slkit.models.chat import with_bos
 
 # Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
@@ -147,7 +148,8 @@ class VLLMEngine(LocalPrompts):
 
     def _log_timing(self, event: str, **fields: Any) -> None:
         """One line of runs/<run>/engine_timings.jsonl: how much of a run engine starts take, against decoding."""
-        line = {"event": event, "at": round(time.time(), 1), "pid": os.getpid(), **fields}
+        line = EngineTiming(event=event, at=round(time.time(), 1), pid=os.getpid(), **fields)
+        line = line.model_dump(exclude_none=True)  # a ready line has no closing figures
         try:
             with open(self.params.run_dir / "engine_timings.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(line) + "\n")

@@ -17,6 +17,7 @@ from typing import Callable
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.running.params import JudgeParams, SamplingParams
 from slkit.running.records import RecordWriter
+from slkit.running.schema import Judgement
 
 DIMENSIONS = ("relevance", "coherence", "accuracy", "consistency", "clarity", "creativity", "engagement")
 
@@ -106,9 +107,9 @@ def judge_responses(engine: Engine, items: list[dict], jp: JudgeParams, seed: in
             if scores is None and attempt < jp.max_tries:
                 retry.append(it)
                 continue
-            writer.write({"index": it["index"], "sample": it["sample"], "scores": scores,
-                          "mean": round(mean(scores.values()), 4) if scores else None, "tries": attempt,
-                          "failed": scores is None, "last_reply": None if scores else (prefill + reply)[:500]})
+            writer.write(Judgement(index=it["index"], sample=it["sample"], scores=scores,
+                                   mean=round(mean(scores.values()), 4) if scores else None, tries=attempt,
+                                   failed=scores is None, last_reply=None if scores else (prefill + reply)[:500]))
             if on_done:
                 on_done(1)
         pending = retry

@@ -23,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slkit.running.records import read_json, read_jsonl
+from slkit.running.records import read_document, read_records
+from slkit.running.schema import BenchmarkOutput, DoneMarker, EvaluationSummary, record_type
 from slkit.running.layout import BASELINE, iter_dir
 from slkit.method.textstats import distinct_n
 
@@ -40,7 +41,7 @@ def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
 
 def _done_summary(run_dir: str | Path, k: int, stage: str) -> dict:
     path = iter_dir(run_dir, k) / f"{stage}.done.json"
-    return read_json(path)["summary"] if path.exists() else {}
+    return read_document(path, DoneMarker)["summary"] if path.exists() else {}
 
 
 def iteration_dirs(run_dir: str | Path, upto: int | None = None) -> dict[int, Path]:
@@ -57,7 +58,7 @@ def benchmark_table(run_dir: str | Path, upto: int | None = None, dirs: dict[int
     for k, directory in (iteration_dirs(run_dir, upto) if dirs is None else dirs).items():
         path = directory / "benchmark_outputs.jsonl"
         if path.exists():
-            rows += [{"iteration": k, **{c: r.get(c) for c in columns[1:]}} for r in read_jsonl(path)]
+            rows += [{"iteration": k, **{c: r[c] for c in columns[1:]}} for r in read_records(path, BenchmarkOutput)]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -126,7 +127,7 @@ def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, 
             path = directory / f"{name}.jsonl"
             if not path.exists():
                 continue
-            records = read_jsonl(path)
+            records = read_records(path, record_type(path))
             for language in sorted({r["language"] for r in records}):
                 texts = [r[field] for r in records if r["language"] == language]
                 for n in ns:
@@ -146,9 +147,9 @@ def summary_table(run_dirs: list[str | Path]):
             path = iter_dir(run_dir, k) / "evaluation.json"
             if not path.exists():
                 continue
-            m = read_json(path)
-            lf = m.get("length_following") or {}
-            judge = m.get("judge") or {}
+            m = read_document(path, EvaluationSummary)
+            lf = m["length_following"] or {}
+            judge = m["judge"] or {}
             row = {"run": name, "iteration": k, "benchmark": lf.get("benchmark"), "length score": lf.get("overall"),
                    **{f"score {t}": v for t, v in (lf.get("per_type") or {}).items()},
                    "stability CV": (lf.get("stability") or {}).get("overall_cv"),
@@ -222,7 +223,7 @@ def _scale(run_dir: str | Path) -> float:
     for k in reversed(iterations(run_dir)):
         path = iter_dir(run_dir, k) / "evaluation.json"
         if path.exists():
-            return (read_json(path).get("length_following") or {}).get("max_score", 1.0)
+            return (read_document(path, EvaluationSummary)["length_following"] or {}).get("max_score", 1.0)
     return 1.0
 
 
@@ -261,7 +262,7 @@ def stage_word_means(out: Path) -> dict[str, float]:
     means = {}
     for name in WORD_FILES:
         path = out / f"{name}.jsonl"
-        rows = read_jsonl(path) if path.exists() else []
+        rows = read_records(path, record_type(path)) if path.exists() else []
         if rows:
             means[name] = round(mean(r["words"] for r in rows), 1)
     return means
@@ -278,7 +279,8 @@ def length_table(run_dir: str | Path, upto: int | None = None):
         for name in ("drafts", "resampled_drafts", "extensions", "resampled_extensions"):
             path = iter_dir(run_dir, k) / f"{name}.jsonl"
             if path.exists():
-                rows += [{"iteration": k, "stage": name, "words": r["words"]} for r in read_jsonl(path)]
+                rows += [{"iteration": k, "stage": name, "words": r["words"]}
+                         for r in read_records(path, record_type(path))]
         k += 1
     return pd.DataFrame(rows, columns=["iteration", "stage", "words"])
 

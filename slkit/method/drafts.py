@@ -9,6 +9,7 @@ from slkit.engines.base import Engine, Request, stable_seed
 from slkit.running.params import Params, QualityParams
 from slkit.method.quality import quality_failure
 from slkit.running.records import RecordWriter
+from slkit.running.schema import DraftRecord
 from slkit.method.textstats import count_words
 
 
@@ -31,9 +32,9 @@ def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration:
             tries[q["id"], k] += 1
             failure = quality_failure(text, q["language"], rules)
             if failure is None:
-                writer.write({"id": f"{q['id']}-d{k}", "query_id": q["id"], "query": q["query"],
-                              "language": q["language"], "sample": k, "draft": text,
-                              "words": count_words(text), "tries": tries[q["id"], k]})
+                writer.write(DraftRecord(id=f"{q['id']}-d{k}", query_id=q["id"], query=q["query"],
+                                         language=q["language"], sample=k, draft=text, words=count_words(text),
+                                         tries=tries[q["id"], k]))
             else:
                 rejected[failure] += 1
                 if tries[q["id"], k] < dp.max_tries:

@@ -21,6 +21,7 @@ from slkit.running.params import Params, QualityParams
 from slkit.method.prompts import extension_prompt
 from slkit.method.quality import quality_failure
 from slkit.running.records import RecordWriter
+from slkit.running.schema import ExtensionRecord
 from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
 
 
@@ -100,11 +101,11 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                 continue
             if job.best_words > ep.min_ratio * job.draft["words"]:
                 d = job.draft
-                writer.write({"id": job.id, "draft_id": d["id"], "sample": job.sample, "query_id": d["query_id"],
-                              "query": d["query"], "language": d["language"], "draft": d["draft"],
-                              "draft_words": d["words"], "extended": job.current, "words": job.best_words,
-                              "ratio": round(job.best_words / max(1, d["words"]), 3),
-                              "attempts": job.attempt, "rounds_accepted": job.rounds_accepted})
+                writer.write(ExtensionRecord(
+                    id=job.id, draft_id=d["id"], sample=job.sample, query_id=d["query_id"], query=d["query"],
+                    language=d["language"], draft=d["draft"], draft_words=d["words"], extended=job.current,
+                    words=job.best_words, ratio=round(job.best_words / max(1, d["words"]), 3),
+                    attempts=job.attempt, rounds_accepted=job.rounds_accepted))
                 counts["accepted"] += 1
             elif job.attempt < ep.max_tries:
                 counts["retried"] += 1

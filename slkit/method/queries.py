@@ -15,6 +15,7 @@ from slkit.engines.base import Engine, Request, stable_seed
 from slkit.running.params import Params
 from slkit.method.prompts import judge_prompt, parse_judge, parse_self_instruct, self_instruct_prompt
 from slkit.running.records import RecordWriter
+from slkit.running.schema import QueryRecord
 from slkit.method.textstats import count_words, detect_language
 
 
@@ -114,9 +115,9 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
         for s in pending:
             if s in candidates and (not qp.judge or verdicts.get(s) is True):
                 # The language of a query is what it is written in, whatever its slot asked for.
-                record = {"id": _query_id(iteration, s), "query": candidates[s], "language": detect_language(candidates[s]),
-                          "words": count_words(candidates[s]), "tries": tries[s]}
-                writer.write(record)
+                writer.write(QueryRecord(id=_query_id(iteration, s), query=candidates[s],
+                                         language=detect_language(candidates[s]), words=count_words(candidates[s]),
+                                         tries=tries[s]))
                 if on_done:
                     on_done(1)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 from slkit.method.prompts import extension_prompt
+from slkit.running.schema import TrainingExample
 
 
 def resample_by_length(items: list[dict], rng: random.Random, coefficient: float = 2.0,
@@ -41,12 +42,12 @@ def drop_lines(text: str, keep_prob: float, rng: random.Random) -> str:
 
 def generator_examples(items: list[dict]) -> list[dict]:
     """query -> extended text."""
-    return [{"id": it["id"], "prompt": it["query"], "completion": it["extended"]} for it in items]
+    return [TrainingExample(id=it["id"], prompt=it["query"], completion=it["extended"]).model_dump() for it in items]
 
 
 def extender_examples(items: list[dict], keep_prob: float, rng: random.Random) -> list[dict]:
     """The extension template over (query, draft with ~20% of lines dropped) -> extended text: the prompt
     the Extender gets in both stages of the extension."""
-    return [{"id": it["id"],
-             "prompt": extension_prompt(it["query"], drop_lines(it["draft"], keep_prob, rng), it["language"]),
-             "completion": it["extended"]} for it in items]
+    return [TrainingExample(
+        id=it["id"], prompt=extension_prompt(it["query"], drop_lines(it["draft"], keep_prob, rng), it["language"]),
+        completion=it["extended"]).model_dump() for it in items]

@@ -25,6 +25,7 @@ from slkit.evaluation.reports import evaluation_report, write_output_figures
 from slkit.running.params import Params, ParamsError, apply_overrides, dump_params, load_params, params_from_dict
 from slkit.running.pipeline import RESUMABLE_KEYS, ProgressPoller, changed_keys
 from slkit.running.records import RecordFileError, write_json_atomic
+from slkit.running.schema import ModelEvaluation
 from slkit.stages.evaluation import evaluate_model
 
 PARAMS_FILE = "evaluate.yaml"
@@ -124,6 +125,8 @@ def run_evaluation(params: Params, adapter: str | None = None, show_progress: bo
     with tqdm(total=0, disable=not show_progress) as bar, ProgressPoller(out, bar):
         metrics.update(evaluate_model(params, adapters, out, "evaluate"))
     metrics["figures"] = write_output_figures(out, metrics["length_following"]["max_score"])
-    write_json_atomic(out / "evaluation.json", metrics)
+    document = ModelEvaluation(**metrics)
+    write_json_atomic(out / "evaluation.json", document)
+    metrics = document.model_dump()
     (out / "report.md").write_text(evaluation_report(metrics), encoding="utf-8")
     return metrics

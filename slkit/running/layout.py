@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from slkit.running.params import Params, load_params
-from slkit.running.records import done_marker, read_json
+from slkit.running.records import done_marker, read_document
+from slkit.running.schema import DoneMarker
 
 ROLES = ("generator", "extender")
 
@@ -58,4 +59,5 @@ def stage_done(run_dir: str | Path, iteration: int, stage: str) -> bool:
     """Whether the stage has finished: its done-marker exists, and the final stage's records that it ran
     after this iteration (a run resumed with more macro_iterations reruns it on the new last iteration)."""
     marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
-    return marker.exists() and (stage != "length_control" or read_json(marker).get("iteration") == iteration)
+    return marker.exists() and (stage != "length_control"
+                                or read_document(marker, DoneMarker)["iteration"] == iteration)

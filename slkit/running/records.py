@@ -3,6 +3,10 @@
 A stage appends each finished record to `<name>.jsonl.partial` (flushed per record), so a killed
 stage resumes with its finished records; `finish()` renames the file to `<name>.jsonl` and only
 then is the output complete. `<stage>.done.json` is written last of all.
+
+A file the stages write has a record type (slkit.running.schema): what is written to it is checked against
+that type, and readers name the type they expect (read_records, read_document), so a record lacking a field
+fails naming file:line:field.
 """
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from slkit.running.schema import DoneMarker, ProgressState, Record, describe_errors, run_file
 
 
 class RecordFileError(ValueError):
@@ -48,6 +56,40 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def checked(record_type: type[Record], data: Any, where: str) -> dict[str, Any]:
+    """`data` as a record of `record_type` (defaults filled in), or RecordFileError naming where and the field."""
+    try:
+        return record_type.model_validate(data).model_dump()
+    except ValidationError as err:
+        raise RecordFileError(f"{where}: {describe_errors(err)} ({record_type.__name__})") from None
+
+
+def read_records(path: str | os.PathLike, record_type: type[Record]) -> list[dict[str, Any]]:
+    """Every record of a jsonl file the stages write, checked against its type: a record lacking a field
+    of `record_type`, or holding one it does not have, raises naming file:line:field."""
+    return [checked(record_type, record, f"{path}:{number}") for number, record in read_jsonl_lines(path)]
+
+
+def read_document(path: str | os.PathLike, record_type: type[Record]) -> dict[str, Any]:
+    """A json file the stages write (a summary, a done-marker), checked against its type; raises naming file:field."""
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as err:
+        raise RecordFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return checked(record_type, data, str(path))
+
+
+def _as_written(path: Path, record: Record | dict[str, Any], where: str) -> dict[str, Any]:
+    """What goes into a file: a record as its dict. A file of the schema takes only records of its type."""
+    entry = run_file(path)
+    if isinstance(record, Record):
+        if entry is not None and not isinstance(record, entry.record):
+            raise RecordFileError(f"{where}: {path.name} holds {entry.record.__name__} records, "
+                                  f"not {type(record).__name__}")
+        return record.model_dump()
+    return record if entry is None else checked(entry.record, record, where)
+
+
 class RecordWriteError(OSError):
     """A record could not be written (a full disk, a quota); the message names the file."""
 
@@ -72,11 +114,16 @@ def _write_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write a json document; one of the schema's files must hold a document of its type."""
+    data = _as_written(Path(path), data, str(path)) if isinstance(data, (dict, Record)) else data
     _write_atomic(path, [json.dumps(data, ensure_ascii=False, indent=2)])
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    _write_atomic(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[Record | dict[str, Any]]) -> None:
+    """Write every record at once; one of the schema's files must hold records of its type."""
+    lines = [json.dumps(_as_written(Path(path), record, f"{path}:{number}"), ensure_ascii=False) + "\n"
+             for number, record in enumerate(records, 1)]  # all checked before the file is touched
+    _write_atomic(path, lines)
 
 
 class RecordWriter:
@@ -95,16 +142,23 @@ class RecordWriter:
             raw = self.partial.read_bytes()
             lines = raw.split(b"\n")
             complete, torn = lines[:-1], lines[-1]
-            for line in complete:
+            for number, line in enumerate(complete, 1):
                 if line.strip():
-                    self.records.append(json.loads(line))
+                    self.records.append(self._resumed(json.loads(line), number))
             if torn.strip():  # killed mid-write: drop the torn tail
                 with open(self.partial, "wb") as f:
                     f.write(b"\n".join(complete) + (b"\n" if complete else b""))
         # Unbuffered: each record reaches the file in write(), so a kill loses no finished record.
         self._file = open(self.partial, "ab", buffering=0)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def _resumed(self, record: dict[str, Any], number: int) -> dict[str, Any]:
+        """A record a killed stage wrote, checked against the file's type (a stage of an older slkit fails here)."""
+        entry = run_file(self.path)
+        return record if entry is None else checked(entry.record, record, f"{self.partial}:{number}")
+
+    def write(self, record: Record | dict[str, Any]) -> None:
+        """Append a record; to a file of the schema, only a record of its type (a dict is checked against it)."""
+        record = _as_written(self.path, record, f"{self.partial}:{len(self.records) + 1}")
         line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         end = self._file.tell()
         try:
@@ -137,11 +191,14 @@ def is_done(iter_dir: str | os.PathLike, stage: str) -> bool:
     return done_marker(iter_dir, stage).exists()
 
 
-def mark_done(iter_dir: str | os.PathLike, stage: str, summary: dict[str, Any], iteration: int | None = None) -> None:
-    """Write the done-marker; `iteration` records the iteration a stage outside iter_<k>/ ran after."""
-    extra = {} if iteration is None else {"iteration": iteration}
-    write_json_atomic(done_marker(iter_dir, stage),
-                      {"stage": stage, "finished_at": time.time(), **extra, "summary": summary})
+def mark_done(iter_dir: str | os.PathLike, stage: str, summary: Record | dict[str, Any],
+              iteration: int | None = None) -> None:
+    """Write the done-marker; `iteration` records the iteration a stage outside iter_<k>/ ran after. The summary
+    must be of the stage's summary type (schema.STAGE_SUMMARIES)."""
+    marker = done_marker(iter_dir, stage)
+    summary = summary.model_dump() if isinstance(summary, Record) else summary
+    write_json_atomic(marker, checked(DoneMarker, {"stage": stage, "finished_at": time.time(), "iteration": iteration,
+                                                   "summary": summary}, str(marker)))
 
 
 class Progress:
@@ -178,5 +235,5 @@ class Progress:
 
     def _write(self) -> None:
         self._last = time.monotonic()
-        write_json_atomic(self.path, {"stage": self.stage, "done": self.done, "total": self.total, "texts": self.texts,
-                                      "texts_expected": self.texts_expected, "started": self.started})
+        write_json_atomic(self.path, ProgressState(stage=self.stage, done=self.done, total=self.total, texts=self.texts,
+                                                   texts_expected=self.texts_expected, started=self.started))

@@ -23,7 +23,8 @@ from slkit.method.exemplars import load_exemplars
 from slkit.running.layout import (current_adapters, iter_dir, load_run_params, lock_path, prepare_iteration,
                                   stage_dir, stage_done)
 from slkit.running.params import Params, SamplingParams
-from slkit.running.records import Progress, RecordWriter, done_marker, read_json, read_jsonl
+from slkit.running.records import Progress, RecordWriter, done_marker, read_document, read_records
+from slkit.running.schema import DoneMarker, QueryRecord, record_type
 from slkit.running.runlock import boot_id, lock_for_stage
 
 
@@ -42,7 +43,7 @@ def skip_when_done(stage: str) -> Callable:
         @functools.wraps(fn)
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
             if stage_done(run_dir, iteration, stage):
-                return read_json(done_marker(stage_dir(run_dir, iteration, stage), stage))["summary"]
+                return read_document(done_marker(stage_dir(run_dir, iteration, stage), stage), DoneMarker)["summary"]
             run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def generate_records(run_dir: str | Path, iteration: int, stage: str, output: st
     params, iteration_out = prepare_iteration(run_dir, iteration)
     out = out or iteration_out
     if (out / output).exists():
-        return read_jsonl(out / output), Counter()
+        return read_records(out / output, record_type(output)), Counter()
     with RecordWriter(out / output) as writer:
         progress = Progress(out, stage, total, len(writer.records), texts_per_item)
         with stage_engine(shared, params, current_adapters(run_dir, iteration)) as engine:
@@ -108,7 +109,7 @@ def generate_records(run_dir: str | Path, iteration: int, stage: str, output: st
 
 
 def earlier_queries(run_dir: str | Path, iteration: int) -> list[dict]:
-    return [r for k in range(1, iteration) for r in read_jsonl(iter_dir(run_dir, k) / "queries.jsonl")]
+    return [r for k in range(1, iteration) for r in read_records(iter_dir(run_dir, k) / "queries.jsonl", QueryRecord)]
 
 
 def exemplar_pool(params: Params, earlier: list[dict]) -> list[dict]:

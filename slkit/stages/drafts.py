@@ -7,7 +7,8 @@ from typing import Any
 from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
 from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_jsonl
+from slkit.running.records import mark_done, read_records
+from slkit.running.schema import DraftsSummary, QueryRecord
 from slkit.stages.common import generate_records, skip_when_done
 
 
@@ -15,12 +16,12 @@ from slkit.stages.common import generate_records, skip_when_done
 def drafts_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """queries.jsonl -> drafts.jsonl: Generator drafts that pass the quality check."""
     params, out = prepare_iteration(run_dir, iteration)
-    queries = read_jsonl(out / "queries.jsonl")
+    queries = read_records(out / "queries.jsonl", QueryRecord)
     caps = CapTally()
     records, rejected = generate_records(
         run_dir, iteration, "drafts", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done),
         caps=caps)
-    summary = {"drafts": len(records), "rejected": dict(rejected), "capped": caps.summary()}
+    summary = DraftsSummary(drafts=len(records), rejected=dict(rejected), capped=caps.summary()).model_dump()
     mark_done(out, "drafts", summary)
     return summary

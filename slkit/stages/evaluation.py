@@ -15,7 +15,8 @@ from slkit.evaluation.judge import judge_responses, summarize_judgements
 from slkit.evaluation.reports import WORD_FILES, stage_word_means, write_iteration_figures
 from slkit.running.layout import BASELINE, ROLES, adapter_dir, prepare_iteration
 from slkit.running.params import Params
-from slkit.running.records import Progress, RecordWriter, mark_done, read_jsonl, write_json_atomic
+from slkit.running.records import Progress, RecordWriter, mark_done, read_records, write_json_atomic
+from slkit.running.schema import BenchmarkOutput, EvaluationSummary
 from slkit.stages.common import StageEngine, WatchedEngine, skip_when_done, stage_engine
 
 
@@ -46,11 +47,12 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
                                         params.sampling, progress.advance)
             for (i, k), text in zip(todo, texts):
                 item, lengths = subset[i], output_lengths(text, fmt)
-                writer.write({"index": i, "sample": k, "query": item["query"], "language": item["language"],
-                              "type": item["type"], "bin": item["bin"], "required": item["required"],
-                              **({"interval": list(item["interval"])} if "interval" in item else {}),
-                              **lengths, "score": score_length(item, lengths["words"], fmt),
-                              "cut": bool(getattr(text, "cut", False)), "output": text})
+                writer.write(BenchmarkOutput(
+                    index=i, sample=k, query=item["query"], language=item["language"], type=item["type"],
+                    bin=item["bin"], required=item["required"],
+                    interval=list(item["interval"]) if "interval" in item else None,
+                    **lengths, score=score_length(item, lengths["words"], fmt), cut=bool(getattr(text, "cut", False)),
+                    output=text))
         scored = sorted(writer.finish(), key=lambda r: (r["index"], r["sample"]))
     return {"benchmark": Path(ev.benchmark).name if Path(ev.benchmark).exists() else ev.benchmark, "format": fmt,
             "max_score": SCALES[fmt], **summarize_scores(scored), "stability": length_stability(scored),
@@ -72,7 +74,7 @@ def judge_stage_outputs(params: Params, out: Path, stage: str, shared: StageEngi
     outputs = out / "benchmark_outputs.jsonl"
     if not jp.enabled or not outputs.exists():
         return None
-    items = [r for r in read_jsonl(outputs) if r["sample"] < jp.samples_per_query]
+    items = [r for r in read_records(outputs, BenchmarkOutput) if r["sample"] < jp.samples_per_query]
     with RecordWriter(out / "judgements.jsonl") as writer:
         if len(writer.records) < len(items):
             own = jp.model is None and jp.engine is None
@@ -101,12 +103,14 @@ def evaluation_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     untrained base model with the same subset, samples and seeds, into runs/<run>/baseline/."""
     params, out = prepare_iteration(run_dir, iteration)
     adapters = {} if iteration == BASELINE else {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
-    metrics: dict[str, Any] = {"iteration": iteration, "run": params.run_name,
-                               **evaluate_model(params, adapters, out, "evaluation")}
-    metrics["words"] = stage_word_means(out)
-    metrics["counts"] = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
-                         for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
-    metrics["figures"] = write_iteration_figures(run_dir, iteration, metrics.get("length_following", {}).get("max_score", 1.0))
+    evaluated = evaluate_model(params, adapters, out, "evaluation")
+    counts = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))
+              for name in WORD_FILES if (out / f"{name}.jsonl").exists()}
+    scores = evaluated.get("length_following")
+    figures = write_iteration_figures(run_dir, iteration, (scores or {}).get("max_score", 1.0))
+    metrics = EvaluationSummary(iteration=iteration, run=params.run_name, length_following=scores,
+                                judge=evaluated.get("judge"), words=stage_word_means(out), counts=counts,
+                                figures=figures).model_dump()
     write_json_atomic(out / "evaluation.json", metrics)
     mark_done(out, "evaluation", metrics)
     return metrics

@@ -11,7 +11,8 @@ from slkit.engines.base import CapTally
 from slkit.method.extensions import extend_drafts
 from slkit.method.training_sets import resample_by_length
 from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_jsonl, write_jsonl_atomic
+from slkit.running.records import mark_done, read_records, write_jsonl_atomic
+from slkit.running.schema import DraftRecord, ExtensionsSummary
 from slkit.stages.common import generate_records, skip_when_done
 
 
@@ -28,7 +29,7 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """
     params, out = prepare_iteration(run_dir, iteration)
     # In id order: files hold records in completion order, which a resumed stage changes.
-    drafts = sorted(read_jsonl(out / "drafts.jsonl"), key=lambda r: r["id"])
+    drafts = sorted(read_records(out / "drafts.jsonl", DraftRecord), key=lambda r: r["id"])
     rp = params.resampling
     kept = (resample_by_length(drafts, random.Random(stable_seed(params.seed, iteration, "resample drafts")),
                                rp.coefficient, rp.exponent, group="language") if params.drafts.resample else drafts)
@@ -39,7 +40,7 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         run_dir, iteration, "extensions", "extensions.jsonl", jobs,
         lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done),
         caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two stages a round
-    summary = {"extensions": len(records), "drafts": len(drafts), "resampled_drafts": len(kept), "jobs": jobs,
-               "counts": dict(counts), "capped": caps.summary()}
+    summary = ExtensionsSummary(extensions=len(records), drafts=len(drafts), resampled_drafts=len(kept), jobs=jobs,
+                                counts=dict(counts), capped=caps.summary()).model_dump()
     mark_done(out, "extensions", summary)
     return summary

@@ -17,7 +17,10 @@ from slkit.method.length_control import (assign_constraint, names_length, rewrit
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
 from slkit.running.params import Params
-from slkit.running.records import mark_done, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from slkit.running.records import mark_done, read_document, read_records, write_json_atomic, write_jsonl_atomic
+from slkit.running.schema import (AdapterTrainingSummary, AfterIteration, CollectionSummary, ConstrainedRecord,
+                                  EvaluationSummary, LengthControlSummary, StoredConstraint, TrainingExample,
+                                  record_type)
 from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done, with_sleep_mode
 from slkit.stages.evaluation import score_benchmark
 from slkit.training.adapters import train_adapter
@@ -35,7 +38,7 @@ def _discard_stale_results(out: Path, iteration: int) -> None:
     """A final stage built after another last iteration (a run resumed with more macro_iterations, finished
     or killed) is stale: remove its files but the executed notebook and the lock, then record `iteration`."""
     record = out / "after_iteration.json"
-    built_after = read_json(record)["iteration"] if record.exists() else None
+    built_after = read_document(record, AfterIteration)["iteration"] if record.exists() else None
     if built_after == iteration:
         return
     if built_after is not None and built_after > iteration:  # never throw away work built on later iterations
@@ -44,17 +47,18 @@ def _discard_stale_results(out: Path, iteration: int) -> None:
     for path in out.iterdir():
         if path.suffix not in (".ipynb", ".lock"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    write_json_atomic(record, {"iteration": iteration})
+    write_json_atomic(record, AfterIteration(iteration=iteration))
 
 
 def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Path,
-                   engines: StageEngine, caps: CapTally | None = None) -> dict[str, Any]:
+                   engines: StageEngine, caps: CapTally | None = None) -> CollectionSummary | None:
     """The collection pass of the final stage: length_control.collect_queries new self-instructed queries,
     answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable). Both run on
-    `engines` (holding that Generator), left open for the rest of the stage; their texts count in `caps`."""
+    `engines` (holding that Generator), left open for the rest of the stage; their texts count in `caps`. None
+    when the pass is off."""
     count = params.length_control.collect_queries
     if not count:
-        return {}
+        return None
     earlier = earlier_queries(run_dir, iteration + 1)
     pool = exemplar_pool(params, earlier)
     # synthesize_queries makes queries.per_language queries in each language: here the collection's count.
@@ -69,8 +73,8 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
         len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, COLLECTION, writer, params.quality,
                                                      on_done), out=out, shared=engines, caps=caps)
-    return {"queries": len(queries), "drafts": len(drafts), "rejected_queries": dict(rejected),
-            "rejected_drafts": dict(refused)}
+    return CollectionSummary(queries=len(queries), drafts=len(drafts), rejected_queries=dict(rejected),
+                             rejected_drafts=dict(refused))
 
 
 def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[dict]:
@@ -85,7 +89,7 @@ def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[
             source = f"{path.parent.name}/{path.stem}"
             pairs += [{"id": r["id"], "query": r["query"], "language": r["language"], "words": r["words"],
                        "response": r[RESPONSE_FIELDS[path.name]], "source": source}
-                      for r in read_jsonl(path) if lc.min_words <= r["words"] <= lc.max_words]
+                      for r in read_records(path, record_type(path)) if lc.min_words <= r["words"] <= lc.max_words]
     return sorted(pairs, key=lambda p: p["id"])
 
 
@@ -135,25 +139,28 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         c = a.constraint
         if not satisfies(c, p["words"]):  # cannot happen by construction; never train on a false constraint
             raise AssertionError(f"constraint {c} is not true of {p['id']} ({p['words']} words)")
-        records.append({"id": p["id"], "query": query, "original_query": p["query"], "language": p["language"],
-                        "constraint": {"kind": c.kind, "low": c.low, "high": c.high}, "fallback": a.fallback,
-                        "words": p["words"], "source": p["source"], "rewrite": h, "completion": p["response"]})
+        records.append(ConstrainedRecord(
+            id=p["id"], query=query, original_query=p["query"], language=p["language"],
+            constraint=StoredConstraint(kind=c.kind, low=c.low, high=c.high), fallback=a.fallback, words=p["words"],
+            source=p["source"], rewrite=h, completion=p["response"]))
     write_jsonl_atomic(out / "constrained.jsonl", records)
     write_jsonl_atomic(out / "generator_sft.jsonl",
-                       [{"id": r["id"], "prompt": r["query"], "completion": r["completion"]} for r in records])
+                       [TrainingExample(id=r.id, prompt=r.query, completion=r.completion) for r in records])
     init = None if lc.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
     final = out / "adapters" / "generator"
-    training = (read_json(final / "slkit-train.json") if (final / "slkit-train.json").exists()
+    training = (read_document(final / "slkit-train.json", AdapterTrainingSummary)
+                if (final / "slkit-train.json").exists()
                 else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
-    before = read_json(iter_dir(run_dir, iteration) / "evaluation.json").get("length_following")
+    before = read_document(iter_dir(run_dir, iteration) / "evaluation.json", EvaluationSummary)["length_following"]
     after = score_benchmark(with_sleep_mode(params, False), {"generator": str(final)}, out, "length_control")
-    summary = {"pairs": len(records), "sources": dict(Counter(r["source"] for r in records)),
-               "skipped": {"names_length": len(found) - len(pairs)}, "collection": collection,
-               "kinds": dict(Counter(r["constraint"]["kind"] for r in records)),
-               "fallbacks": dict(Counter(r["fallback"] for r in records if r["fallback"])),
-               "rewrites": dict(Counter(how)), "model_rewrites_refused": dict(refused),
-               "training": {k: v for k, v in training.items() if k != "losses"},
-               "length_before": before, "length_after": after, "capped": caps.summary()}
+    summary = LengthControlSummary(
+        pairs=len(records), sources=dict(Counter(r.source for r in records)),
+        skipped={"names_length": len(found) - len(pairs)}, collection=collection,
+        kinds=dict(Counter(r.constraint.kind for r in records)),
+        fallbacks=dict(Counter(r.fallback for r in records if r.fallback)),
+        rewrites=dict(Counter(how)), model_rewrites_refused=dict(refused),
+        training={**training, "losses": []}, length_before=before, length_after=after,
+        capped=caps.summary()).model_dump()
     write_json_atomic(out / "length_control.json", summary)
     mark_done(out, "length_control", summary, iteration=iteration)
     return summary

@@ -8,6 +8,7 @@ from slkit.engines.base import CapTally
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import prepare_iteration
 from slkit.running.records import mark_done
+from slkit.running.schema import QueriesSummary
 from slkit.stages.common import earlier_queries, exemplar_pool, generate_records, skip_when_done
 
 
@@ -23,6 +24,7 @@ def queries_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], params,
                                                            iteration, writer, on_done),
         caps=caps, texts_per_item=2 if params.queries.judge else 1)  # a candidate, then the judge's answer
-    summary = {"queries": len(records), "rejected": dict(rejected), "pool_size": len(pool), "capped": caps.summary()}
+    summary = QueriesSummary(queries=len(records), rejected=dict(rejected), pool_size=len(pool),
+                             capped=caps.summary()).model_dump()
     mark_done(out, "queries", summary)
     return summary

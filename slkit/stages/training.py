@@ -9,7 +9,8 @@ from typing import Any
 from slkit.engines import stable_seed
 from slkit.method.training_sets import extender_examples, generator_examples, resample_by_length
 from slkit.running.layout import ROLES, adapter_dir, current_adapters, prepare_iteration
-from slkit.running.records import Progress, mark_done, read_json, read_jsonl, write_jsonl_atomic
+from slkit.running.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
+from slkit.running.schema import AdapterTrainingSummary, ExtensionRecord, TrainingSummary
 from slkit.stages.common import skip_when_done
 from slkit.training.adapters import train_adapter
 
@@ -19,22 +20,24 @@ def training_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     """extensions.jsonl -> resampled_extensions.jsonl, {generator,extender}_sft.jsonl, adapters/{generator,extender}."""
     params, out = prepare_iteration(run_dir, iteration)
     # In id order: files hold records in completion order, which a resumed stage changes.
-    extensions = sorted(read_jsonl(out / "extensions.jsonl"), key=lambda r: r["id"])
+    extensions = sorted(read_records(out / "extensions.jsonl", ExtensionRecord), key=lambda r: r["id"])
     rng = random.Random(stable_seed(params.seed, iteration, "train"))
     rp = params.resampling
     kept = resample_by_length(extensions, rng, rp.coefficient, rp.exponent, group="language") if rp.enabled else extensions
     write_jsonl_atomic(out / "resampled_extensions.jsonl", kept)
     write_jsonl_atomic(out / "generator_sft.jsonl", generator_examples(kept))
     write_jsonl_atomic(out / "extender_sft.jsonl", extender_examples(kept, params.training.line_keep_prob, rng))
-    summary: dict[str, Any] = {"extensions": len(extensions), "resampled_extensions": len(kept)}
+    trained: dict[str, Any] = {}
     progress = Progress(out, "training", len(ROLES))
     previous = current_adapters(run_dir, iteration) if params.training.continue_adapters else {}
     for role in ROLES:
         if (adapter_dir(run_dir, iteration, role) / "slkit-train.json").exists():
-            summary[role] = read_json(adapter_dir(run_dir, iteration, role) / "slkit-train.json")
+            trained[role] = read_document(adapter_dir(run_dir, iteration, role) / "slkit-train.json",
+                                          AdapterTrainingSummary)
         else:
-            summary[role] = train_adapter(params, out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
+            trained[role] = train_adapter(params, out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
                                           init_adapter=previous.get(role))
         progress.advance()
+    summary = TrainingSummary(extensions=len(extensions), resampled_extensions=len(kept), **trained).model_dump()
     mark_done(out, "training", summary)
     return summary

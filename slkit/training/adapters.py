@@ -13,7 +13,6 @@ gradient checkpointing, model.train() (eval mode silently skips checkpointing).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from slkit.running.params import Params
-from slkit.running.records import read_jsonl
+from slkit.running.records import read_jsonl, write_json_atomic
+from slkit.running.schema import AdapterTrainingSummary
 from slkit.training.batches import pad_batch, tokenize_example
 from slkit.training.distributed import launch_distributed
 from slkit.training.long_context import IGNORE, tile_mlps
@@ -161,7 +161,8 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             return summary
         shutil.rmtree(args.output_dir, ignore_errors=True)
         (tmp_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter is safetensors only
-    (tmp_dir / "slkit-train.json").write_text(json.dumps(summary, indent=2))
+    summary = AdapterTrainingSummary(**summary).model_dump()
+    write_json_atomic(tmp_dir / "slkit-train.json", summary)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp_dir.rename(output_dir)

@@ -2,13 +2,14 @@
 (ddp; fsdp and zero3 configs shipped untested); rank 0 writes the adapter."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from slkit.running.params import Params, dump_params
+from slkit.running.records import read_document
+from slkit.running.schema import AdapterTrainingSummary
 
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
@@ -40,4 +41,4 @@ def launch_distributed(params: Params, examples_path: str | Path, output_dir: st
     if done.returncode:
         raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")
     params_file.unlink()
-    return json.loads((output_dir / "slkit-train.json").read_text())
+    return read_document(output_dir / "slkit-train.json", AdapterTrainingSummary)
