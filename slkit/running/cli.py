@@ -1,4 +1,5 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`,
+`slkit sweep params/x.yaml --grid KEY=V1,V2`, `slkit setup`."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +8,28 @@ from pathlib import Path
 
 import yaml
 
+from slkit.running.params import parse_value
+from slkit.running.sweep import grid_values, parse_gpus, run_sweep
+
+
+def _assignment(pair: str, flag: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    if not sep:
+        raise SystemExit(f"{flag} expects key=value, got {pair!r}")
+    return key, value
+
 
 def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+    return {key: parse_value(value) for key, value in (_assignment(pair, "--set") for pair in pairs)}
+
+
+def _grid(pairs: list[str]) -> dict[str, list]:
+    grid: dict[str, list] = {}
+    for key, values in (_assignment(pair, "--grid") for pair in pairs):
+        if key in grid:
+            raise SystemExit(f"--grid {key} is given twice: list its values once, {key}=V1,V2")
+        grid[key] = grid_values(key, values)
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", help="put two or more runs side by side: summary table and figures")
     compare.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
     compare.add_argument("--out", help="where summary.md, summary.csv and the figures go (default runs/compare-A-B)")
+    sweep = sub.add_parser("sweep", help="one run per combination of --grid values (each resumable), then the "
+                                         "compare report of them")
+    sweep.add_argument("params")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a param and its values, e.g. --grid training.learning_rate=1e-4,2e-4; several --grid: "
+                            "every combination")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param in every run")
+    sweep.add_argument("--gpus", help="GPU ids, e.g. 0,1: one run per GPU at a time (CUDA_VISIBLE_DEVICES); "
+                                      "default: one run at a time")
+    sweep.add_argument("--out", help="where sweep.json, the logs and the compare report go "
+                                     "(default runs/<run_name>--sweep)")
     setup = sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
     setup.add_argument("--kernel-only", action="store_true", help="only register the kernel")
     setup.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct",
@@ -61,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             result = compare_runs(args.runs, out)
             print(markdown_table(result["summary"]), end="")
             print(f"figures in {result['out']}: {', '.join(result['figures'])}")
+        elif args.command == "sweep":
+            state = run_sweep(args.params, _grid(args.grid), _overrides(args.set),
+                              parse_gpus(args.gpus) if args.gpus else None, args.out)
+            return 0 if all(run["status"] == "done" for run in state["runs"]) else 1
         elif args.command == "check":
             from slkit.running.params import load_params
 

@@ -369,3 +369,9 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
 def dump_params(params: Params, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def parse_value(text: str) -> Any:
+    """A value given on the command line (`--set KEY=VALUE`, `--grid KEY=V1,V2`), read as a recipe file reads
+    it: 1e-4 is a float (plain yaml.safe_load makes it a string), [a, b] a list, true a bool."""
+    return yaml.load(text, Loader=_YamlLoader)
