@@ -183,3 +183,9 @@ def test_a_sweep_of_the_smoke_recipe_runs_resumes_and_compares(tmp_path, tiny_mo
     assert again.returncode == 0, again.stdout + again.stderr
     assert {p: p.stat().st_mtime_ns for p in records} == records  # every stage of both runs was skipped
     assert [r["status"] for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"]] == ["done", "done"]
+
+
+def test_the_readme_names_the_runs_as_the_sweep_does():
+    runs = plan_sweep(REPO / "params" / "qwen2.5-3b-16gb.yaml",
+                      {"training.learning_rate": [1e-4, 2e-4], "extensions.min_ratio": [1.2, 1.5]})
+    assert len(runs) == 4 and f"`runs/{runs[0].name}`" in (REPO / "README.md").read_text()

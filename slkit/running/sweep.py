@@ -242,9 +242,14 @@ def run_sweep(recipe: str | Path, grid: dict[str, list[Any]], overrides: dict[st
     for gpu in gpus or [None]:
         free.put(gpu)
 
+    stop = threading.Event()  # Ctrl-C: the runs not started yet are not started
+
     def execute(i: int) -> None:
         run, entry = runs[i], state["runs"][i]
         gpu = free.get()
+        if stop.is_set():
+            free.put(gpu)
+            return
         env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
         record(entry, status="running", gpu=gpu)
         report(f"[{i + 1}/{len(runs)}] {run.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
@@ -261,8 +266,14 @@ def run_sweep(recipe: str | Path, grid: dict[str, list[Any]], overrides: dict[st
         report(f"[{i + 1}/{len(runs)}] {run.name}: {entry['status']} in {entry['seconds']} s"
                + (f" (exit code {code}: {error}; log {entry['log']})" if code != 0 else ""))
 
-    with ThreadPoolExecutor(max_workers=len(gpus or [None])) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(gpus or [None]))
+    try:
         list(pool.map(execute, range(len(runs))))
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     finished = [r.run_dir for r, e in zip(runs, state["runs"]) if e["status"] == "done" and (r.run_dir / "params.yaml").is_file()]
     if finished:
         result = compare_runs(finished, sweep_dir)
