@@ -12,9 +12,9 @@ import time
 import pytest
 
 from conftest import REPO
-from slkit.running.cli import _overrides, main
-from slkit.running.params import ParamsError
-from slkit.running.sweep import grid_values, parse_gpus, plan_sweep, run_command, run_sweep
+from slkit.running.cli import main
+from slkit.running.params import ParamsError, parse_overrides
+from slkit.running.sweep import parse_gpus, parse_grid, plan_sweep, run_command, run_sweep
 
 SMOKE = REPO / "params" / "smoke.yaml"
 
@@ -49,14 +49,19 @@ def test_run_names_are_one_safe_directory_name_each(tmp_path):
 
 
 def test_grid_values_are_read_as_set_reads_a_value():
-    assert grid_values("training.learning_rate", "1e-4,2e-4") == [1e-4, 2e-4]  # floats, as in a recipe file
-    assert grid_values("queries.languages", "[en],[en, zh]") == [["en"], ["en", "zh"]]
-    assert grid_values("model.load_in_4bit", "true,false") == [True, False]
-    assert _overrides(["training.learning_rate=1e-4"]) == {"training.learning_rate": 1e-4}  # --set: the same reader
+    grid = parse_grid(["training.learning_rate=1e-4,2e-4", "queries.languages=[en],[en, zh]", "model.load_in_4bit=true,false"])
+    assert grid == {"training.learning_rate": [1e-4, 2e-4],  # floats, as in a recipe file
+                    "queries.languages": [["en"], ["en", "zh"]], "model.load_in_4bit": [True, False]}
     with pytest.raises(ParamsError, match=r"--grid seed: 1 given more than once"):
-        grid_values("seed", "1,2,1")
+        parse_grid(["seed=1,2,1"])
     with pytest.raises(ParamsError, match=r"--grid seed: no values"):
-        grid_values("seed", "")
+        parse_grid(["seed="])
+    with pytest.raises(ParamsError, match=r"--grid seed is given twice"):
+        parse_grid(["seed=1", "seed=2"])
+    with pytest.raises(ParamsError, match=r"--grid expects KEY=V1,V2, got 'seed'"):
+        parse_grid(["seed"])
+    with pytest.raises(ParamsError, match=r"--grid seed=\[1: not a comma-separated list"):
+        parse_grid(["seed=[1"])
     assert parse_gpus("0, 1,3") == ["0", "1", "3"]
     with pytest.raises(ParamsError, match=r"--gpus .*'0,0'"):
         parse_gpus("0,0")
@@ -69,7 +74,7 @@ def test_grid_values_are_read_as_set_reads_a_value():
     (["--grid", "run_name=a,b"], r"^error: --grid run_name: the sweep names each run"),
     (["--grid", "seed=1,2", "--set", "seed=3"], r"^error: --grid seed is also given with --set"),
     (["--grid", "seed=1,two"], r"^error: sweep run smoke--seed-two \(--grid values seed=\"two\"\): invalid parameters:\n  "
-                                  r".*smoke.yaml:\d+: seed: .*'two'\)$"),
+                                  r".*seed: .*'two'\)$"),
 ], ids=["misspelt key", "misspelt section", "run_name", "key also in --set", "value of the wrong type"])
 def test_a_bad_grid_is_one_clear_error_before_anything_runs(tmp_path, capsys, args, error):
     out = tmp_path / "sweep"
@@ -149,7 +154,7 @@ def test_a_run_command_round_trips_its_values(tmp_path):
     run = plan_sweep(SMOKE, {"training.learning_rate": [2e-5], "queries.languages": [["zh"]],
                              "evaluation.benchmark": ["builtin:lengths-mini"]})[0]
     command = run_command(SMOKE, {"output_dir": str(tmp_path)}, run)
-    sets = _overrides([command[i + 1] for i, a in enumerate(command) if a == "--set"])
+    sets = parse_overrides([command[i + 1] for i, a in enumerate(command) if a == "--set"])
     assert sets == {"output_dir": str(tmp_path), **run.overrides, "run_name": run.name}
 
 

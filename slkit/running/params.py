@@ -367,11 +367,19 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     return params_from_dict(data, str(path), text)
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs -> {dotted key: value}, each value read as YAML as a recipe's is (2e-4 is a float)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = yaml.load(value, Loader=_YamlLoader)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {key}: malformed YAML value {value!r} ({getattr(err, 'problem', err)})") from None
+    return out
+
+
 def dump_params(params: Params, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def parse_value(text: str) -> Any:
-    """A value given on the command line (`--set KEY=VALUE`, `--grid KEY=V1,V2`), read as a recipe file reads
-    it: 1e-4 is a float (plain yaml.safe_load makes it a string), [a, b] a list, true a bool."""
-    return yaml.load(text, Loader=_YamlLoader)

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel
 
 from slkit.evaluation.reports import compare_runs, markdown_table
 from slkit.models.loading import resolve_model_path
-from slkit.running.params import Params, ParamsError, load_params, parse_value
+from slkit.running.params import Params, ParamsError, load_params, parse_overrides
 from slkit.running.pipeline import ensure_kernel
 from slkit.running.records import write_json_atomic
 
@@ -55,19 +54,28 @@ class SweepRun:
         return self.params.run_dir
 
 
-def grid_values(key: str, text: str) -> list[Any]:
-    """The values of `--grid KEY=V1,V2,...`, each read as `--set` reads one (a YAML flow list: [a, b] is one value)."""
-    try:
-        values = parse_value(f"[{text}]")
-    except yaml.YAMLError as err:
-        raise ParamsError(f"--grid {key}={text}: not a comma-separated list of values ({err})") from None
-    if not values:
-        raise ParamsError(f"--grid {key}: no values; give {key}=V1,V2")
-    canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
-    repeated = sorted({c for c in canonical if canonical.count(c) > 1})
-    if repeated:
-        raise ParamsError(f"--grid {key}: {', '.join(repeated)} given more than once")
-    return values
+def parse_grid(pairs: list[str]) -> dict[str, list[Any]]:
+    """`--grid KEY=V1,V2,...` pairs -> {dotted key: [values]}. The values are read by `--set`'s own parser
+    (parse_overrides) as the items of a YAML flow list: 1e-4 is a float, [en, zh] one value."""
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--grid expects KEY=V1,V2, got {pair!r}")
+        if key in grid:
+            raise ParamsError(f"--grid {key} is given twice: list its values once, {key}=V1,V2")
+        try:
+            values = parse_overrides([f"{key}=[{text}]"])[key]
+        except ParamsError as err:
+            raise ParamsError(f"--grid {pair}: not a comma-separated list of values ({err})") from None
+        if not values:
+            raise ParamsError(f"--grid {key}: no values; give {key}=V1,V2")
+        canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        repeated = sorted({c for c in canonical if canonical.count(c) > 1})
+        if repeated:
+            raise ParamsError(f"--grid {key}: {', '.join(repeated)} given more than once")
+        grid[key] = values
+    return grid
 
 
 def parse_gpus(text: str) -> list[str]:
