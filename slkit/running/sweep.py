@@ -161,7 +161,7 @@ def run_names(base: str, combinations: list[dict[str, Any]]) -> list[str]:
 
 def plan_sweep(recipe: str | Path, grid: dict[str, list[Any]], overrides: dict[str, Any] | None = None) -> list[SweepRun]:
     """The runs of a sweep, one per combination of the grid values (cartesian product, in the order the keys and
-    values were given), each validated as `slkit run` would validate it; nothing is written."""
+    values were given), each run's params validated as `slkit check` validates them; nothing is written."""
     overrides = dict(overrides or {})
     base = load_params(recipe, overrides)
     _check_grid_keys(recipe, grid, overrides)
