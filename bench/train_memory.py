@@ -30,6 +30,10 @@ SHAPES = {  # the published configs' dimensions
     "llama3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5,
                         max_position_embeddings=131072, tie_word_embeddings=False),
+    # params/qwen2.5-3b-16gb.yaml's model; its memory in docs/benchmarks.md is an estimate until this shape is run
+    "qwen2.5-3b": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=True),
     "tiny-llama": dict(model_type="llama", vocab_size=1024, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=4096, tie_word_embeddings=False),

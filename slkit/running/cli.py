@@ -1,5 +1,6 @@
 """Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`,
-`slkit setup`, `slkit evaluate --model M --benchmark B --out DIR` (slkit.running.evaluate)."""
+`slkit setup`, `slkit evaluate --model M --benchmark B --out DIR` (slkit.running.evaluate),
+`slkit sweep params/x.yaml --grid KEY=V1,V2` (slkit.running.sweep)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", help="put two or more runs side by side: summary table and figures")
     compare.add_argument("runs", nargs="+", help="run directories, e.g. runs/a runs/b")
     compare.add_argument("--out", help="where summary.md, summary.csv and the figures go (default runs/compare-A-B)")
+    sweep = sub.add_parser("sweep", help="one run per combination of --grid values (each resumable), then the "
+                                         "compare report of them")
+    sweep.add_argument("params")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a param and its values, e.g. --grid training.learning_rate=1e-4,2e-4; several --grid: "
+                            "every combination")
+    _add_set_option(sweep)
+    sweep.add_argument("--gpus", help="GPU ids, e.g. 0,1: one run per GPU at a time (CUDA_VISIBLE_DEVICES); "
+                                      "default: one run at a time")
+    sweep.add_argument("--out", help="where sweep.json, the logs and the compare report go "
+                                     "(default runs/<run_name>--sweep)")
     setup = sub.add_parser("setup", help="register the slkit Jupyter kernel and convert the demo model")
     setup.add_argument("--kernel-only", action="store_true", help="only register the kernel")
     setup.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct",
@@ -68,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             lf = metrics["length_following"]
             print(f"length score {lf['overall']:.4g} (of {lf['max_score']:g}) over {lf['n']} outputs; "
                   f"report: {Path(args.out) / 'report.md'}")
+        elif args.command == "sweep":
+            from slkit.running.sweep import parse_gpus, parse_grid, run_sweep
+
+            state = run_sweep(args.params, parse_grid(args.grid), parse_overrides(args.set),
+                              parse_gpus(args.gpus) if args.gpus else None, args.out)
+            return 0 if all(run["status"] == "done" for run in state["runs"]) else 1
         elif args.command == "check":
             from slkit.running.explain import explain
             from slkit.running.params import load_params
