@@ -60,60 +60,24 @@ def scripted_engine():
     return ScriptedEngine
 
 
-class FakeGPU:
-    """One GPU under vLLM's memory rules (vLLM 0.25.1's source, and the H200 run): an engine reserves
-    gpu_memory_utilization of the card and refuses to start when less is free; a deleted engine keeps its
-    memory until the process ends; sleep() frees it only when the engine was built with enable_sleep_mode,
-    and the allocator behind sleep mode serves one engine per process."""
-
-    total = 100.0
-
-    def __init__(self):
-        self.llms = []
-
-    @property
-    def reserved(self) -> float:
-        return sum(llm.held for llm in self.llms)
+FAKE_VLLM = REPO / "tests" / "fixtures" / "fake_vllm"  # a `vllm` package with vLLM's memory rules, for CPU tests
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch, tmp_path):
-    """A `vllm` module (LLM, SamplingParams, LoRARequest) over a FakeGPU, for slkit.engines.vllm on a CPU: its
-    LLM answers each request with 40 words drawn from the request's seed. Returns the FakeGPU."""
-    import random
+    """tests/fixtures/fake_vllm as this process's `vllm` (loaded afresh: no engine started yet), with a stand-in
+    tokenizer and model directory for slkit.engines.vllm on a CPU. Returns its FakeGPU."""
+    import importlib.util
     import sys
-    import types
 
     from slkit.engines import vllm as vllm_engine
 
-    gpu = FakeGPU()
-
-    class Output:
-        def __init__(self, seed):
-            rng = random.Random(seed)
-            text = " ".join(rng.choice(["river", "harbor", "lantern", "meadow", "canyon", "orchard"]) + str(i)
-                            for i in range(40)) + "."
-            self.outputs = [types.SimpleNamespace(text=text, token_ids=list(range(40)))]
-
-    class LLM:
-        def __init__(self, **kwargs):
-            self.kwargs, self.held, self.slept = kwargs, 0.0, None
-            wanted = kwargs["gpu_memory_utilization"] * gpu.total
-            if gpu.total - gpu.reserved < wanted:  # vllm/v1/worker/utils.py: request_memory
-                raise ValueError(f"Free memory on device ({gpu.total - gpu.reserved}/{gpu.total} GiB) on startup is "
-                                 f"less than desired GPU memory utilization")
-            if kwargs.get("enable_sleep_mode") and any(llm.kwargs.get("enable_sleep_mode") for llm in gpu.llms):
-                raise AssertionError("CuMem allocator can only be used for one instance per process.")
-            self.held = wanted
-            gpu.llms.append(self)
-
-        def generate(self, prompts, sampling_params, lora_request, use_tqdm):
-            return [Output(sampling["seed"]) for sampling in sampling_params]
-
-        def sleep(self, level=1):
-            self.slept = level
-            if self.kwargs.get("enable_sleep_mode"):  # without it there is nothing in the pool to unmap
-                self.held = 0.0
+    for name, path in [("vllm", "vllm/__init__.py"), ("vllm.lora", "vllm/lora/__init__.py"),
+                       ("vllm.lora.request", "vllm/lora/request.py")]:
+        spec = importlib.util.spec_from_file_location(name, FAKE_VLLM / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setitem(sys.modules, name, module)
 
     class Tokenizer:
         eos_token_id, bos_token, chat_template = 0, None, None
@@ -124,16 +88,9 @@ def fake_vllm(monkeypatch, tmp_path):
         def get_vocab(self):
             return {}
 
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
-    request_module = types.ModuleType("vllm.lora.request")
-    request_module.LoRARequest = lambda *spec: spec
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_module)
     monkeypatch.setattr(vllm_engine, "load_tokenizer", lambda model: Tokenizer())
     monkeypatch.setattr(vllm_engine, "resolve_model_path", lambda path: str(tmp_path))
-    return gpu
+    return sys.modules["vllm"].GPU
 
 
 def free_port() -> int:
