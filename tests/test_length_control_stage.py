@@ -248,10 +248,13 @@ def _adapters_used(events, pid):
 
 
 def test_on_vllm_each_engine_phase_runs_in_a_child_process_of_its_own(run_dir, monkeypatch, tmp_path,
-                                                                       tiny_model_path):
+                                                                       tiny_model_path, fake_vllm):
     """vLLM keeps a closed engine's GPU memory until its process ends, and a second engine after a slept one
     crashed on the H200: the collection and rewrites run in one child, the scoring in another, training here
-    between them; this process starts no engine."""
+    between them; this process starts no engine. What the stage writes is what the phases called in this
+    process write (as the stage did before; the fake's answers depend on the request's seed only)."""
+    here = tmp_path / "here" / run_dir.name
+    shutil.copytree(run_dir, here)
     log = _on_vllm_in_children(run_dir, monkeypatch, tmp_path)  # the recipe's 85% of the card per engine
     trained = _train_here(monkeypatch, log)
     summary = length_control_stage(run_dir, 1)
@@ -267,23 +270,19 @@ def test_on_vllm_each_engine_phase_runs_in_a_child_process_of_its_own(run_dir, m
     assert summary["collection"]["drafts"] > 0 and sum(summary["model_rewrites_refused"].values()) == summary["pairs"]
     assert summary["length_after"]["n"] > 0 and summary["training"]["init_adapter"] == _adapter(run_dir, 1)
 
-
-def test_on_vllm_the_children_write_what_the_stage_process_would(run_dir, monkeypatch, tmp_path, tiny_model_path,
-                                                                  fake_vllm):
-    """The same run directory through the children and through the phases called in this process (the fake
-    vLLM's answers depend on the request's seed only): the same files and the same summary."""
-    _on_vllm_in_children(run_dir, monkeypatch, tmp_path, **{"engine.vllm.gpu_memory_utilization": 0.45})
-    here = tmp_path / "here" / run_dir.name
-    shutil.copytree(run_dir, here)
-    _train_here(monkeypatch, tmp_path / "unused.jsonl")
-    in_children = length_control_stage(run_dir, 1)
-    # Two engines of 45% fit one process of the fake: the phases called here, as the stage did before.
+    # The same run in this process: two engines of 45% fit one process of the fake.
+    monkeypatch.delenv("FAKE_VLLM_LOG")
+    _set(here, **{"engine.backend": "vllm", "length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK),
+                  "engine.vllm.gpu_memory_utilization": 0.45})
     monkeypatch.setattr("slkit.stages.length_control.run_in_child", lambda phase, run, k: PHASES[phase](run, k))
-    in_process = length_control_stage(here, 1)
+    length_control_stage(here, 1)
     assert len(fake_vllm.llms) == 2
     for name in ["queries.jsonl", "drafts.jsonl", "constrained.jsonl", "generator_sft.jsonl", "benchmark_outputs.jsonl"]:
         assert read_jsonl(run_dir / "length_control" / name) == read_jsonl(here / "length_control" / name), name
-    assert {**in_children, "training": None} == {**in_process, "training": None}  # adapter paths differ
+    in_children, in_process = (read_json(d / "length_control" / "length_control.json") for d in (run_dir, here))
+    assert in_children.pop("training")["init_adapter"] == _adapter(run_dir, 1)  # paths of each run directory
+    assert in_process.pop("training")["init_adapter"] == _adapter(here, 1)
+    assert in_children == in_process
 
 
 def test_a_failing_child_stops_the_stage_with_its_error_and_a_rerun_resumes(run_dir, monkeypatch, tmp_path,
