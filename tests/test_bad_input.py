@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from slkit.running.params import ParamsError
+from slkit.running.params import ParamsError, load_params
 from slkit.running.pipeline import prepare_run
 from slkit.running.records import RecordFileError
 from slkit.running.layout import lock_path
@@ -83,7 +83,7 @@ def test_resume_of_a_run_started_before_a_key_existed(tmp_path):
     _, run_dir = _prepare(tmp_path)
     snapshot = run_dir / "params.yaml"
     older = yaml.safe_load(snapshot.read_text())
-    del older["engine"]["cpu_int8"], older["engine"]["cpu_int8_skip"], older["engine"]["vllm"]["enable_sleep_mode"]
+    del older["engine"]["cpu_int8"], older["engine"]["cpu_int8_skip"]
     snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
     _prepare(tmp_path)
     assert not (run_dir / "params_changes.log").exists()
@@ -91,6 +91,29 @@ def test_resume_of_a_run_started_before_a_key_existed(tmp_path):
     snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
     with pytest.raises(ParamsError, match=r"\(engine.cpu_int8 differ\)"):
         _prepare(tmp_path, **{"engine.cpu_int8": True})
+
+
+def test_resume_of_a_run_started_while_a_removed_key_existed(tmp_path):
+    """engine.vllm.enable_sleep_mode went (the length-control stage runs each vLLM engine in a child process);
+    run directories written while it existed hold it at false, the growth run's among them: they resume. A
+    recipe that turns it on is told why it went, at its line."""
+    import yaml
+
+    _, run_dir = _prepare(tmp_path)
+    snapshot = run_dir / "params.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    older["engine"]["vllm"]["enable_sleep_mode"] = False
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    _prepare(tmp_path)
+    assert not (run_dir / "params_changes.log").exists()
+    assert "enable_sleep_mode" not in yaml.safe_load(snapshot.read_text())["engine"]["vllm"]
+    older["engine"]["vllm"]["enable_sleep_mode"] = True
+    recipe = tmp_path / "sleep.yaml"
+    recipe.write_text(yaml.safe_dump(older, sort_keys=False))
+    line = recipe.read_text().splitlines().index("    enable_sleep_mode: true") + 1
+    with pytest.raises(ParamsError, match=rf"sleep.yaml:{line}: engine.vllm.enable_sleep_mode: no longer a setting "
+                                          r"\(the length-control stage runs each vLLM engine in a child process"):
+        load_params(recipe)
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -1,13 +1,20 @@
 """The final stage on a hand-made run directory with a scripted engine and a stand-in trainer (no model):
-which pairs it takes, the collection pass, skipped queries, and reruns when the last iteration changes."""
+which pairs it takes, the collection pass, skipped queries, and reruns when the last iteration changes; on
+vLLM (a fake one, tests/fixtures/fake_vllm), each engine phase in a child process of its own."""
 import json
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import REPO
+from conftest import FAKE_VLLM, REPO
 from slkit.running.layout import adapter_dir, iter_dir, stage_done
-from slkit.stages.length_control import length_control_stage
+from slkit.stages.length_control import PHASES, ChildPhaseError, length_control_stage
 from slkit.running.params import dump_params, load_params
 from slkit.running.records import read_json, read_jsonl
 from slkit.method.textstats import count_words
@@ -51,12 +58,11 @@ def _iteration(run_dir, k):
 
 
 class Fakes:
-    """load_engine and train_adapter stand-ins that record what they were given: each engine's adapters and
-    whether it was asked to give its memory back when closed (vLLM's sleep mode). Training with an engine
-    still open fails, as it would on a GPU that engine holds."""
+    """load_engine and train_adapter stand-ins that record what they were given: each engine's adapters.
+    Training with an engine still open fails, as it would on a GPU that engine holds."""
 
     def __init__(self, monkeypatch, scripted_engine):
-        self.adapters, self.sleep_modes, self.engines, self.open, self.trained = [], [], [], [], []
+        self.adapters, self.engines, self.open, self.trained = [], [], [], []
 
         def answer(request):
             if request.role is None:  # self-instruct: a new query
@@ -67,7 +73,6 @@ class Fakes:
             engine = scripted_engine(answer)
             engine.close = lambda: self.open.remove(engine)  # a second close fails too
             self.adapters.append(adapters)
-            self.sleep_modes.append(params.engine.vllm.enable_sleep_mode)
             self.engines.append(engine)
             self.open.append(engine)
             return engine
@@ -196,16 +201,15 @@ def _set(run_dir, **overrides):
 
 def test_every_generation_before_training_shares_one_engine_closed_before_training(run_dir, monkeypatch,
                                                                                   scripted_engine):
-    """On vLLM a closed engine gives its GPU memory back only through sleep mode, and only one engine per
-    process can have it: the collection (the Generator) and the model rewrites (the base model) share one
-    engine, built with sleep mode and closed before training (the stand-in trainer fails while an engine is
-    open); the scoring engine after training holds the new adapter and is built without sleep mode."""
+    """In the stage's own process (backends other than vLLM): the collection (the Generator) and the model
+    rewrites (the base model) share one engine, closed before training (the stand-in trainer fails while an
+    engine is open); the scoring engine after training holds the new adapter."""
     _set(run_dir, **{"length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK)})
     fakes = Fakes(monkeypatch, scripted_engine)
     summary = length_control_stage(run_dir, 1)
     final = str(run_dir / "length_control" / "adapters" / "generator")
     assert fakes.adapters == [{"generator": _adapter(run_dir, 1)}, {"generator": final}]
-    assert fakes.sleep_modes == [True, False] and len(fakes.trained) == 1 and not fakes.open
+    assert len(fakes.trained) == 1 and not fakes.open
     before, scoring = fakes.engines
     assert {r.role for r in before.requests} == {None, "generator"}  # self-instruct and rewrites; drafts
     assert {r.role for r in scoring.requests} == {"generator"}  # so every rewrite ran on the first engine:
@@ -213,23 +217,139 @@ def test_every_generation_before_training_shares_one_engine_closed_before_traini
     assert summary["length_after"]["n"] > 0
 
 
-def test_on_vllm_training_and_scoring_fit_in_the_memory_the_first_engine_gave_back(run_dir, monkeypatch, fake_vllm):
-    """The stage on slkit's vLLM engine over a fake vLLM with its memory rules (conftest.FakeGPU): an engine
-    takes 85% of the card and a closed one keeps it unless it slept. Training finds the whole card free and
-    the scoring engine starts; before, the collection's second engine already found 15% free."""
+def _on_vllm_in_children(run_dir, monkeypatch, tmp_path, **overrides):
+    """The run on engine.backend vllm with the fake vLLM importable in child processes only (on a CPU this
+    process cannot import vllm, so an engine started here fails), logging each engine start and request with
+    its process id. Returns the log's path."""
     _set(run_dir, **{"engine.backend": "vllm", "length_control.rewrite": "model",
-                     "evaluation.benchmark": str(BENCHMARK)})
-    free_while_training = []
+                     "evaluation.benchmark": str(BENCHMARK), **overrides})
+    log = tmp_path / "fake_vllm.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE_VLLM), os.environ.get("PYTHONPATH")])))
+    return log
+
+
+def _events(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _train_here(monkeypatch, log):
+    """A stand-in trainer in this process; returns the list of what the engines had logged when each training
+    started."""
+    seen = []
 
     def train_adapter(params, examples_path, output_dir, init_adapter=None):
-        free_while_training.append(fake_vllm.total - fake_vllm.reserved)
+        seen.append(_events(log))
         output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"samples": len(read_jsonl(examples_path)), "trained": True}
+        summary = {"samples": len(read_jsonl(examples_path)), "trained": True, "init_adapter": init_adapter}
         (output_dir / "slkit-train.json").write_text(json.dumps(summary))
         return summary
 
     monkeypatch.setattr("slkit.stages.length_control.train_adapter", train_adapter)
+    return seen
+
+
+def _adapters_used(events, pid):
+    return {a for e in events if e["event"] == "generate" and e["pid"] == pid for a in e["adapters"]}
+
+
+def test_on_vllm_each_engine_phase_runs_in_a_child_process_of_its_own(run_dir, monkeypatch, tmp_path,
+                                                                       tiny_model_path, fake_vllm):
+    """vLLM keeps a closed engine's GPU memory until its process ends, and a second engine after a slept one
+    crashed on the H200: the collection and rewrites run in one child, the scoring in another, training here
+    between them; this process starts no engine. What the stage writes is what the phases called in this
+    process write (as the stage did before; the fake's answers depend on the request's seed only)."""
+    here = tmp_path / "here" / run_dir.name
+    shutil.copytree(run_dir, here)
+    log = _on_vllm_in_children(run_dir, monkeypatch, tmp_path)  # the recipe's 85% of the card per engine
+    trained = _train_here(monkeypatch, log)
     summary = length_control_stage(run_dir, 1)
-    assert free_while_training == [fake_vllm.total]
-    assert [llm.kwargs["enable_sleep_mode"] for llm in fake_vllm.llms] == [True, False]
-    assert summary["collection"]["drafts"] > 0 and summary["length_after"]["n"] > 0
+    events = _events(log)
+    starts = [e["pid"] for e in events if e["event"] == "start"]
+    assert len(starts) == len(set(starts)) == 2 and os.getpid() not in starts
+    constrain, score = starts
+    # Training started once, when only the first child's engine had started (and its process had ended).
+    assert len(trained) == 1 and [e["pid"] for e in trained[0] if e["event"] == "start"] == [constrain]
+    final = str(run_dir / "length_control" / "adapters" / "generator")
+    assert _adapters_used(events, constrain) == {None, _adapter(run_dir, 1)}  # self-instruct + rewrites; drafts
+    assert _adapters_used(events, score) == {final}
+    assert summary["collection"]["drafts"] > 0 and sum(summary["model_rewrites_refused"].values()) == summary["pairs"]
+    assert summary["length_after"]["n"] > 0 and summary["training"]["init_adapter"] == _adapter(run_dir, 1)
+
+    # The same run in this process: two engines of 45% fit one process of the fake.
+    monkeypatch.delenv("FAKE_VLLM_LOG")
+    _set(here, **{"engine.backend": "vllm", "length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK),
+                  "engine.vllm.gpu_memory_utilization": 0.45})
+    monkeypatch.setattr("slkit.stages.length_control.run_in_child", lambda phase, run, k: PHASES[phase](run, k))
+    length_control_stage(here, 1)
+    assert len(fake_vllm.llms) == 2
+    for name in ["queries.jsonl", "drafts.jsonl", "constrained.jsonl", "generator_sft.jsonl", "benchmark_outputs.jsonl"]:
+        assert read_jsonl(run_dir / "length_control" / name) == read_jsonl(here / "length_control" / name), name
+    in_children, in_process = (read_json(d / "length_control" / "length_control.json") for d in (run_dir, here))
+    assert in_children.pop("training")["init_adapter"] == _adapter(run_dir, 1)  # paths of each run directory
+    assert in_process.pop("training")["init_adapter"] == _adapter(here, 1)
+    assert in_children == in_process
+
+
+def test_a_failing_child_stops_the_stage_with_its_error_and_a_rerun_resumes(run_dir, monkeypatch, tmp_path,
+                                                                            tiny_model_path):
+    """The scoring child fails as the second engine did on the H200: the stage raises the child's error, keeps
+    the constrained pairs and the trained adapter, and a rerun starts only the scoring engine."""
+    log = _on_vllm_in_children(run_dir, monkeypatch, tmp_path)
+    trained = _train_here(monkeypatch, log)
+    out = run_dir / "length_control"
+    monkeypatch.setenv("FAKE_VLLM_FAIL_ON_ADAPTER", str(out / "adapters" / "generator"))
+    with pytest.raises(ChildPhaseError, match="the score phase failed in its child process: RuntimeError: CUDA error: "
+                                              "an illegal memory access was encountered"):
+        length_control_stage(run_dir, 1)
+    assert (out / "constrained.json").exists() and not stage_done(run_dir, 1, "length_control")
+    kept = {name: (out / name).read_text() for name in ["queries.jsonl", "drafts.jsonl", "constrained.jsonl"]}
+    monkeypatch.delenv("FAKE_VLLM_FAIL_ON_ADAPTER")
+    before = len(_events(log))
+    summary = length_control_stage(run_dir, 1)
+    again = _events(log)[before:]
+    assert [e["event"] for e in again if e["event"] == "start"] == ["start"]
+    assert _adapters_used(again, again[0]["pid"]) == {str(out / "adapters" / "generator")}
+    assert len(trained) == 1 and all((out / name).read_text() == text for name, text in kept.items())
+    assert summary["length_after"]["n"] > 0 and stage_done(run_dir, 1, "length_control")
+
+
+def test_out_of_memory_in_a_child_stops_the_stage_with_the_params_to_lower(run_dir, monkeypatch):
+    def phase(name, run, k, backend):
+        raise ChildPhaseError(name, "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("slkit.stages.length_control.run_phase", phase)
+    with pytest.raises(MemoryError, match="out of GPU memory in stage length_control .*lower engine.batch_size"):
+        length_control_stage(run_dir, 1)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_phase_child_ends_when_its_stage_process_is_killed():
+    """`slkit run` stops an orphaned kernel with SIGKILL: the kernel's phase child must not live on holding the
+    GPU's memory."""
+    child_code = ("from slkit.stages.length_control import _end_with_parent; _end_with_parent(); import time; "
+                  "print('ready', flush=True); time.sleep(120)")
+    stage_code = (f"import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
+                  "print(child.pid, flush=True); child.wait()")
+    stage = subprocess.Popen([sys.executable, "-c", stage_code], stdout=subprocess.PIPE, text=True)
+    child = int(stage.stdout.readline())
+    try:
+        assert stage.stdout.readline().strip() == "ready"
+        stage.kill()
+        stage.wait()
+        for _ in range(100):
+            if not _alive(child):
+                break
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -47,7 +47,6 @@ def test_engine_kwargs_follow_the_recipe(tmp_path):
     assert (kw["model"], kw["tokenizer"], kw["dtype"], kw["seed"]) == (str(tmp_path), str(tmp_path), "bfloat16", 0)
     assert (kw["gpu_memory_utilization"], kw["max_loras"], kw["max_model_len"]) == (0.85, 2, 20000)
     assert kw["enable_lora"] and kw["quantization"] == "bitsandbytes" and kw["trust_remote_code"] is False
-    assert kw["enable_sleep_mode"] is False  # vLLM serves one sleep-mode engine per process: stages choose which
     # the served LoRA rank is the one the adapters are trained with, rounded up to one vLLM takes
     assert params.training.lora_r == 8 and kw["max_lora_rank"] == 8
     trained_at_17 = params.model_copy(update={"training": params.training.model_copy(update={"lora_r": 17})})
@@ -82,25 +81,4 @@ def test_the_engine_logs_its_start_and_decoding_time_to_the_run(tmp_path, fake_v
     lines = [json.loads(line) for line in (params.run_dir / "engine_timings.jsonl").read_text().splitlines()]
     assert [line["event"] for line in lines] == ["ready", "closed"]
     assert lines[0]["start_s"] >= 0 and lines[1]["requests"] == 3 and lines[1]["generated_tokens"] == 120
-    assert lines[1]["generate_s"] >= 0 and lines[1]["sleep_s"] >= 0
-
-
-def test_an_engine_with_sleep_mode_gives_its_gpu_memory_back_when_closed(tmp_path, fake_vllm):
-    """vLLM keeps a closed engine's memory until the process ends (on the H200 a second engine found 20 of
-    140 GiB free), so the length-control stage could neither train nor score after its first engine. Built
-    with sleep mode, close() puts the engine to sleep (level 2: nothing is kept for a wake-up) and the
-    memory is free again in the same process."""
-    from slkit.engines.vllm import VLLMEngine
-
-    engine = VLLMEngine(_growth_params(tmp_path, **{"engine.vllm.enable_sleep_mode": True}), {})
-    llm = engine.llm
-    assert llm.kwargs["enable_sleep_mode"] is True and fake_vllm.reserved == pytest.approx(85)
-    engine.close()
-    assert llm.slept == 2 and fake_vllm.reserved == 0
-    # The next engine of the process starts in that memory; the sleep-mode allocator is the first one's, so
-    # this one is built without it (the scoring engine after training) and keeps its memory when closed.
-    later = VLLMEngine(_growth_params(tmp_path), {})
-    llm = later.llm
-    assert llm.kwargs["enable_sleep_mode"] is False
-    later.close()
-    assert llm.slept is None and fake_vllm.reserved == pytest.approx(85)
+    assert lines[1]["generate_s"] >= 0

@@ -5,9 +5,8 @@ of its role (Generator, Extender) or none (base model), so a batch mixes roles f
 of vLLM's SamplingParams that matters is set from the recipe (vLLM's own max_tokens default is 16).
 Prompts are token ids made by slkit's tokenizer, so a pre-filled answer is a raw completion and the
 BOS rule is the transformers engine's. A stage is one notebook process: vLLM's GPU memory goes back
-when the process ends, before the train notebook starts. A closed engine keeps it until then, unless it
-was built with engine.vllm.enable_sleep_mode: close() then puts it to sleep, which frees its weights and
-KV cache in the process (the length-control stage trains and starts its scoring engine after one).
+when the process ends, before the train notebook starts; a closed engine keeps it until then. The
+length-control stage, which trains between two engines, runs each in a child process of its own.
 
 vLLM installs on Linux with a CUDA GPU only (`pip install slkit[gpu]`); the request building below
 is plain Python so it is tested on CPU.
@@ -75,9 +74,6 @@ def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dic
         enforce_eager=vp.enforce_eager,
         tensor_parallel_size=vp.tensor_parallel_size,
         enable_prefix_caching=vp.enable_prefix_caching,
-        # Weights and KV cache in vLLM's cumem pool, which sleep() unmaps; CUDA graphs and the in-process
-        # engine core work with it (vLLM 0.25.1). The pool takes one engine per process.
-        enable_sleep_mode=vp.enable_sleep_mode,
     )
     if with_lora:
         kwargs.update(enable_lora=True, max_loras=vp.max_loras,
@@ -157,21 +153,14 @@ class VLLMEngine(LocalPrompts):
             pass  # a measurement only: never fail a stage over it
 
     def close(self) -> None:
-        """Free what can be freed. `del` alone gives back nothing before the process ends (on the H200 a second
-        engine found 20 of 140 GiB free): something in vLLM keeps the first one's tensors referenced. Sleep
-        unmaps the memory under them whatever refers to them."""
+        """Free what can be freed and log the GPU memory free then. `del` alone gives back nothing before the
+        process ends (on the H200 a second engine found 20 of 140 GiB free): something in vLLM keeps the
+        engine's tensors referenced, so a process runs one engine (vLLM's sleep mode did not help: a second
+        engine after a slept one crashed on the H200, vLLM 0.25.1)."""
         import gc
 
         import torch
 
-        started = time.monotonic()
-        if self.params.engine.vllm.enable_sleep_mode:
-            # Level 2 discards weights and KV cache; level 1 would first copy the weights to CPU memory, for a
-            # wake_up this engine never gets.
-            self.llm.sleep(level=2)
-        sleep_seconds = time.monotonic() - started
-        # If vLLM frees a slept engine's tensors here, its allocator may print "CUDA Error" for memory the sleep
-        # already released (vLLM issue 36651); the memory itself is gone either way.
         del self.llm
         gc.collect()
         memory = {}
@@ -180,8 +169,7 @@ class VLLMEngine(LocalPrompts):
             free, total = torch.cuda.mem_get_info()
             memory = {"gpu_free_gib": round(free / 2**30, 1), "gpu_total_gib": round(total / 2**30, 1)}
         self._log_timing("closed", start_s=round(self.start_seconds, 1), generate_s=round(self.generate_seconds, 1),
-                         requests=self.requests, generated_tokens=self.generated_tokens,
-                         sleep_s=round(sleep_seconds, 1), **memory)
+                         requests=self.requests, generated_tokens=self.generated_tokens, **memory)
 
 
 class FinishedRequests(tqdm):

@@ -102,12 +102,6 @@ class VLLMParams(_Section):
     enable_prefix_caching: bool = setting(True, "Reuse the KV cache of shared prompt prefixes (the extension "
                                                 "template, the self-instruct examples).", unit="none",
                                           reference=NO_REFERENCE)
-    enable_sleep_mode: bool = setting(
-        False, "True: close() puts the engine to sleep (vLLM's sleep mode, level 2), which frees its weights and KV "
-        "cache inside the process, so training or another engine can follow in it (a plain close frees nothing "
-        "until the process ends). vLLM's allocator serves one such engine per process: the length-control stage "
-        "turns it on for its engine before training and off for the scoring engine after; the other stages, one "
-        "engine per process, need none.", unit="none", reference=NO_REFERENCE)
 
 
 class EndpointParams(_Section):
@@ -476,12 +470,42 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+# Keys slkit no longer has, each with the value that did what slkit does now and why it went. A run directory's
+# params.yaml written while one existed holds it: at that value it is dropped as the file loads, so the run resumes.
+RETIRED_KEYS = {
+    "engine.vllm.enable_sleep_mode": (False, "the length-control stage runs each vLLM engine in a child process, "
+                                             "whose GPU memory goes back when it ends"),
+}
+
+
+def _without_retired_keys(data: dict[str, Any], source: str, text: str | None) -> dict[str, Any]:
+    """`data` without the RETIRED_KEYS at their last value; one at another value is an error that says why."""
+    for dotted, (value, why) in RETIRED_KEYS.items():
+        *parents, last = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        if node[last] != value:
+            line = _key_lines(text).get(tuple(dotted.split("."))) if text else None
+            raise ParamsError(f"{source}{f':{line}' if line else ''}: {dotted}: no longer a setting ({why}); remove it")
+        data = {**data}  # the caller's mapping stays as it was: copy the path down to the key
+        copy = data
+        for part in parents:
+            copy[part] = {**copy[part]}
+            copy = copy[part]
+        del copy[last]
+    return data
+
+
 def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None,
                      overridden: tuple[str, ...] = ()) -> Params:
     """Validate `data`; errors name source:line and the key, or `--set KEY` for a key in `overridden` (dotted keys
     set on the command line, which the file's lines would misplace)."""
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: the file must hold a mapping of parameters, got {type(data).__name__}")
+    data = _without_retired_keys(data, source, text)
     try:
         return Params.model_validate(data)
     except ValidationError as err:

@@ -46,7 +46,7 @@ STAGES: tuple[Stage, ...] = (
           writes=("benchmark_outputs.jsonl", "judgements.jsonl", "evaluation.json", "*.png"), params=("evaluation",),
           summary="the Generator answers the benchmark: length scores, stability, judge, filters, repetition"),
     Stage("length_control", "05_length_control.ipynb", reads=("every iteration's drafts.jsonl and extensions.jsonl",),
-          writes=("constrained.jsonl", "generator_sft.jsonl", "adapters/generator", "length_control.json"),
+          writes=("constrained.jsonl", "constrained.json", "generator_sft.jsonl", "adapters/generator", "length_control.json"),
           params=("length_control",), per_iteration=False,
           summary="long answers get a length constraint they meet; a last Generator learns to follow it"),
 )

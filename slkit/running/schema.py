@@ -261,7 +261,8 @@ class CollectionSummary(Record):
     rejected_drafts: dict[str, int] = Field(description="drafts rejected, by reason")
 
 
-class LengthControlSummary(Record):
+class ConstrainedCounts(Record):
+    """constrained.json: what the final stage's constrain phase made; written last, so a phase that has it is done."""
     pairs: int = Field(description="constrained pairs written")
     sources: dict[str, int] = Field(description="pairs per source file")
     skipped: dict[str, int] = Field(description="pairs left out, by reason (names_length: the query names a length)")
@@ -270,10 +271,13 @@ class LengthControlSummary(Record):
     fallbacks: dict[str, int] = Field(description="pairs per fallback taken")
     rewrites: dict[str, int] = Field(description="pairs per rewriter (template, model)")
     model_rewrites_refused: dict[str, int] = Field(description="model rewrites refused, by reason (number, query)")
+    capped: CappedByCap = Field(description="texts max_new_tokens cut in the phase's last process, per cap")
+
+
+class LengthControlSummary(ConstrainedCounts):
     training: AdapterTrainingSummary = Field(description="the final Generator's training (losses left empty)")
     length_before: LengthScores | None = Field(description="length scores of the last iteration's Generator")
     length_after: LengthScores | None = Field(description="length scores of the final Generator")
-    capped: CappedByCap = Field(description="texts max_new_tokens cut in this stage's last process, per cap")
 
 
 # The summary type of each stage: its done-marker's summary, and what the stage function returns.
@@ -338,6 +342,7 @@ FILES: tuple[RunFile, ...] = (
     RunFile("judgements.jsonl", Judgement, "evaluation", "the judge's scores of a benchmark answer"),
     RunFile("evaluation.json", EvaluationSummary, "evaluation", "the iteration's scores"),
     RunFile("constrained.jsonl", ConstrainedRecord, "length_control", "a pair with a length constraint it meets"),
+    RunFile("constrained.json", ConstrainedCounts, "length_control", "the counts of the constrain phase, written when it ends"),
     RunFile("length_control.json", LengthControlSummary, "length_control", "the final stage's summary and scores"),
     RunFile("after_iteration.json", AfterIteration, "length_control", "the iteration the final stage was built after"),
     RunFile(DONE_MARKER, DoneMarker, "every stage, last", "the stage finished, with its summary"),

@@ -51,7 +51,8 @@ def skip_when_done(stage: str) -> Callable:
             try:
                 return fn(run_dir, iteration)
             except Exception as err:
-                if type(err).__name__ != "OutOfMemoryError":
+                # by name: torch's, or one a child process of the stage reported (stages.length_control)
+                if "OutOfMemoryError" not in (type(err).__name__, getattr(err, "child_error", None)):
                     raise
                 p = load_run_params(run_dir)
                 advice = OOM_ADVICE["training" if stage == "training" else "generation"].format(
@@ -124,9 +125,8 @@ class StageEngine:
     """A stage's engine, started at its first use and closed once by the stage. vLLM keeps the GPU memory
     it reserved until its process ends, so a second engine started in the same stage process does not fit
     (measured on an H200: 20 of 140 GiB free after the first closed): the parts of a stage that run on the
-    same model and backend share this one (the base model is role None beside the LoRA roles). An engine
-    that training or another engine follows in the process is built with_sleep_mode, and then gives its
-    memory back when closed."""
+    same model and backend share this one (the base model is role None beside the LoRA roles). The
+    length-control stage, which trains between its engines, runs each on vLLM in a child process."""
 
     def __init__(self, params: Params, adapters: dict[str, str | None]):
         self.params, self.adapters, self.engine = params, adapters, None
@@ -157,13 +157,3 @@ def stage_engine(shared: StageEngine | None, params: Params, adapters: dict[str,
         return
     with StageEngine(params, adapters) as own:
         yield own.get()
-
-
-def with_sleep_mode(params: Params, on: bool) -> Params:
-    """`params` whose vLLM engine gives its GPU memory back when closed (on), or keeps it until the process
-    ends (off). vLLM's sleep-mode allocator takes one engine per process: only the first engine of a process
-    that is followed by more GPU work gets it. Other backends ignore it."""
-    vllm = params.engine.vllm.model_copy(update={"enable_sleep_mode": on})
-    return params.model_copy(update={"engine": params.engine.model_copy(update={"vllm": vllm})})
-
-

@@ -1,13 +1,33 @@
 """The final stage, after the last macro-iteration: long (query, response) pairs of the whole run get a length
 constraint their response meets, the query is rewritten to carry it, and a last Generator adapter is trained on
-them -> length_control/constrained.jsonl, generator_sft.jsonl, adapters/generator, length_control.json."""
+them -> length_control/constrained.jsonl, generator_sft.jsonl, adapters/generator, length_control.json.
+
+It runs in three phases, each resumable from its files in length_control/: "constrain" (the collection pass and
+the rewrites, on one engine -> queries.jsonl, drafts.jsonl, constrained.jsonl, generator_sft.jsonl and their counts
+in constrained.json, written last), the training of the final adapter, and "score" (that adapter on the benchmark ->
+benchmark_outputs.jsonl). vLLM keeps its GPU memory until its process ends, and a second engine in the same
+process failed on the H200 even after the first was put to sleep, so with engine.backend vllm each engine phase
+runs in a child process of its own:
+
+    python -m slkit.stages.length_control PHASE RUN_DIR ITERATION REPLY_DIR
+"""
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import CapTally
@@ -17,11 +37,11 @@ from slkit.method.length_control import (assign_constraint, names_length, rewrit
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
 from slkit.running.params import Params
-from slkit.running.records import mark_done, read_document, read_records, write_json_atomic, write_jsonl_atomic
-from slkit.running.schema import (AdapterTrainingSummary, AfterIteration, CollectionSummary, ConstrainedRecord,
-                                  EvaluationSummary, LengthControlSummary, StoredConstraint, TrainingExample,
-                                  record_type)
-from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done, with_sleep_mode
+from slkit.running.records import mark_done, read_document, read_json, read_records, write_json_atomic, write_jsonl_atomic
+from slkit.running.schema import (AdapterTrainingSummary, AfterIteration, CollectionSummary, ConstrainedCounts,
+                                  ConstrainedRecord, EvaluationSummary, LengthControlSummary, StoredConstraint,
+                                  TrainingExample, record_type)
+from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done
 from slkit.stages.evaluation import score_benchmark
 from slkit.training.adapters import train_adapter
 
@@ -54,7 +74,7 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
                    engines: StageEngine, caps: CapTally | None = None) -> CollectionSummary | None:
     """The collection pass of the final stage: length_control.collect_queries new self-instructed queries,
     answered by the last iteration's Generator -> out/queries.jsonl, out/drafts.jsonl (resumable). Both run on
-    `engines` (holding that Generator), left open for the rest of the stage; their texts count in `caps`. None
+    `engines` (holding that Generator), left open for the rest of the phase; their texts count in `caps`. None
     when the pass is off."""
     count = params.length_control.collect_queries
     if not count:
@@ -93,23 +113,19 @@ def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[
     return sorted(pairs, key=lambda p: p["id"])
 
 
-@skip_when_done("length_control")
-def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
-    """Every iteration's drafts and extensions, and the collection pass's drafts, in the word window ->
-    length_control/constrained.jsonl (queries carrying a length their response meets), a final Generator
-    adapter trained on them, length scores before and after. Records the iteration it ran after."""
+def constrain_pairs(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """Phase "constrain": the collection pass, then every pair in the word window gets a constraint its response
+    meets and a query that carries it -> constrained.jsonl, generator_sft.jsonl, and their counts in
+    constrained.json (written last: a phase that has it is done, and returns it)."""
+    out = stage_dir(run_dir, iteration, "length_control")
+    if (out / "constrained.json").exists():
+        return read_document(out / "constrained.json", ConstrainedCounts)
     params = load_run_params(run_dir)
     lc = params.length_control
-    out = stage_dir(run_dir, iteration, "length_control")
-    out.mkdir(parents=True, exist_ok=True)
-    _discard_stale_results(out, iteration)
-    # Every generation before training runs on one engine: the last iteration's Generator for the collection,
-    # the base model (role None) for the rewrites. It is closed before training and, built with vLLM's sleep
-    # mode, gives its GPU memory back to training and to the scoring engine; that one is the process's last
-    # and is built without it (vLLM's sleep-mode allocator takes one engine per process).
-    last = adapter_dir(run_dir, iteration, "generator")
-    caps = CapTally()  # of the texts generated before training: the collection pass and the model's rewrites
-    with StageEngine(with_sleep_mode(params, True), {"generator": str(last)}) as engines:
+    # Every generation of the phase runs on one engine: the last iteration's Generator for the collection, the
+    # base model (role None) for the rewrites.
+    caps = CapTally()  # of the texts generated in the phase: the collection pass and the model's rewrites
+    with StageEngine(params, {"generator": str(adapter_dir(run_dir, iteration, "generator"))}) as engines:
         collection = collect_drafts(run_dir, iteration, params, out, engines, caps)
         found = long_responses(run_dir, iteration, params)
         # A query that already names a length would carry two limits: skipped (and counted), not rewritten.
@@ -146,21 +162,119 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     write_jsonl_atomic(out / "constrained.jsonl", records)
     write_jsonl_atomic(out / "generator_sft.jsonl",
                        [TrainingExample(id=r.id, prompt=r.query, completion=r.completion) for r in records])
-    init = None if lc.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
-    final = out / "adapters" / "generator"
-    training = (read_document(final / "slkit-train.json", AdapterTrainingSummary)
-                if (final / "slkit-train.json").exists()
-                else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
-    before = read_document(iter_dir(run_dir, iteration) / "evaluation.json", EvaluationSummary)["length_following"]
-    after = score_benchmark(with_sleep_mode(params, False), {"generator": str(final)}, out, "length_control")
-    summary = LengthControlSummary(
+    counts = ConstrainedCounts(
         pairs=len(records), sources=dict(Counter(r.source for r in records)),
         skipped={"names_length": len(found) - len(pairs)}, collection=collection,
         kinds=dict(Counter(r.constraint.kind for r in records)),
         fallbacks=dict(Counter(r.fallback for r in records if r.fallback)),
-        rewrites=dict(Counter(how)), model_rewrites_refused=dict(refused),
-        training={**training, "losses": []}, length_before=before, length_after=after,
-        capped=caps.summary()).model_dump()
+        rewrites=dict(Counter(how)), model_rewrites_refused=dict(refused), capped=caps.summary())
+    write_json_atomic(out / "constrained.json", counts)
+    return counts.model_dump()
+
+
+def final_adapter_dir(run_dir: str | Path, iteration: int) -> Path:
+    return stage_dir(run_dir, iteration, "length_control") / "adapters" / "generator"
+
+
+def score_final_adapter(run_dir: str | Path, iteration: int) -> dict[str, Any] | None:
+    """Phase "score": the final adapter answers the benchmark -> benchmark_outputs.jsonl (resumable); its length
+    scores, or None without a benchmark."""
+    params = load_run_params(run_dir)
+    return score_benchmark(params, {"generator": str(final_adapter_dir(run_dir, iteration))},
+                           stage_dir(run_dir, iteration, "length_control"), "length_control")
+
+
+# The phases that start an engine, by the name a child process is given.
+PHASES: dict[str, Callable[[str | Path, int], Any]] = {"constrain": constrain_pairs, "score": score_final_adapter}
+
+
+class ChildPhaseError(RuntimeError):
+    """A phase failed in its child process: the child's error type and message, raised in the stage process."""
+
+    def __init__(self, phase: str, child_error: str, message: str):
+        super().__init__(f"length_control: the {phase} phase failed in its child process: {child_error}: {message}. "
+                         "Finished work is kept: rerun the stage to resume.")
+        self.child_error = child_error  # the type's name: skip_when_done turns an OutOfMemoryError into advice
+
+
+def run_phase(phase: str, run_dir: str | Path, iteration: int, backend: str) -> Any:
+    """The phase's result. On vLLM it runs in a child process, whose engine's memory goes back when it ends, so
+    this process starts no engine; other backends give a closed engine's memory back and run it here."""
+    if backend != "vllm":
+        return PHASES[phase](run_dir, iteration)
+    return run_in_child(phase, run_dir, iteration)
+
+
+def run_in_child(phase: str, run_dir: str | Path, iteration: int) -> Any:
+    """Run PHASES[phase] in a fresh Python process of this slkit: its output streams are this process's (logs and
+    tracebacks show as they come), its result or its error comes back as json through a temporary directory."""
+    if torch.cuda.is_initialized():  # training ran here: what the child's engine will find
+        free, total = torch.cuda.mem_get_info()
+        print(f"length_control: the {phase} phase starts in a child process; GPU memory free: "
+              f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB", flush=True)
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports the slkit this process runs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory(prefix="slkit-phase-") as reply:
+        done = subprocess.run([sys.executable, "-m", "slkit.stages.length_control", phase, str(run_dir),
+                               str(iteration), reply], env=env)
+        error, result = Path(reply) / "error.json", Path(reply) / "result.json"
+        if error.exists():
+            failure = read_json(error)
+            raise ChildPhaseError(phase, failure["type"], failure["message"])
+        if done.returncode or not result.exists():  # killed before it could say why (e.g. by the kernel's OOM killer)
+            raise ChildPhaseError(phase, "exit status", f"{done.returncode} without an error of its own; its output "
+                                  "above says how far it got")
+        return read_json(result)["result"]
+
+
+def _end_with_parent() -> None:
+    """A child ends when its stage process is killed (`slkit run` stops an orphaned kernel with SIGKILL), so that
+    its engine does not keep the GPU's memory (Linux: PR_SET_PDEATHSIG; vLLM runs on Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def main(argv: list[str]) -> None:
+    """A child process: run one phase, write {"result": ...} or its error's type and message to REPLY_DIR."""
+    phase, run_dir, iteration, reply = argv
+    _end_with_parent()
+    try:
+        result = PHASES[phase](run_dir, int(iteration))
+    except BaseException as err:  # KeyboardInterrupt too: the stage process says why its child stopped
+        (Path(reply) / "error.json").write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))
+        raise
+    (Path(reply) / "result.json").write_text(json.dumps({"result": result}))  # a temporary reply, not a run file
+
+
+@skip_when_done("length_control")
+def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+    """Every iteration's drafts and extensions, and the collection pass's drafts, in the word window ->
+    length_control/constrained.jsonl (queries carrying a length their response meets), a final Generator
+    adapter trained on them, length scores before and after. Records the iteration it ran after."""
+    params = load_run_params(run_dir)
+    out = stage_dir(run_dir, iteration, "length_control")
+    out.mkdir(parents=True, exist_ok=True)
+    _discard_stale_results(out, iteration)
+    counts = run_phase("constrain", run_dir, iteration, params.engine.backend)
+    last = adapter_dir(run_dir, iteration, "generator")
+    init = None if params.length_control.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
+    final = final_adapter_dir(run_dir, iteration)
+    # Training runs here: on vLLM no engine was started in this process (the constrain phase's child has ended,
+    # and its memory with it). What training leaves in torch's cache goes back before the scoring engine starts.
+    training = (read_document(final / "slkit-train.json", AdapterTrainingSummary)
+                if (final / "slkit-train.json").exists()
+                else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    before = read_document(iter_dir(run_dir, iteration) / "evaluation.json", EvaluationSummary)["length_following"]
+    after = run_phase("score", run_dir, iteration, params.engine.backend)
+    summary = LengthControlSummary(**counts, training={**training, "losses": []}, length_before=before,
+                                   length_after=after).model_dump()
     write_json_atomic(out / "length_control.json", summary)
     mark_done(out, "length_control", summary, iteration=iteration)
     return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
