@@ -59,4 +59,6 @@ def rejections(summary: dict) -> pd.DataFrame:
 def lengths(out: Path) -> pd.DataFrame:
     """Words of the drafts per language."""
     drafts = pd.DataFrame(read_jsonl(out / "drafts.jsonl"), columns=["language", "words", "tries"])
-    return drafts.groupby("language")[["words", "tries"]].describe().round(1)
+    return drafts.groupby("language").agg(drafts=("words", "size"), words_mean=("words", "mean"),
+                                          words_min=("words", "min"), words_max=("words", "max"),
+                                          tries_mean=("tries", "mean")).round(1)

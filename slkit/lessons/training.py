@@ -78,8 +78,8 @@ def walkthrough(out: Path, params: Params) -> None:
         ("2. Generator example, completion (the extended text)", generator["completion"]),
         ("3. Extender example, prompt (the template over the request and the draft with lines dropped)",
          extender["prompt"]),
-        (f"4. The draft's lines dropped from it: {len(dropped)} of {len(record['draft'].split(chr(10)))}",
-         "\n".join(dropped) if dropped else "(none: every line drew a keep)"),
+        (f"4. The draft's lines dropped from it: {len(dropped)} of {len(record['draft'].split(chr(10)))}"
+         + ("" if dropped else " (every line drew a keep)"), "\n".join(dropped) if dropped else None),
         ("5. Extender example, completion: the same extended text; where its prompt ends and its answer begins:",
          None),
     ]))
