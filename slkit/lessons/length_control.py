@@ -67,8 +67,8 @@ def kinds_table(summary: dict, params: Params) -> pd.DataFrame:
     """Constraint kinds of the pairs against the proportions they were drawn with."""
     kinds = summary.get("kinds", {})
     total = max(1, sum(kinds.values()))
-    return pd.DataFrame({k: {"pairs": kinds.get(k, 0), "share": round(kinds.get(k, 0) / total, 3), "drawn with": p}
-                         for k, p in params.length_control.proportions.items()}).T
+    return pd.DataFrame([{"kind": k, "pairs": kinds.get(k, 0), "share": round(kinds.get(k, 0) / total, 3),
+                          "drawn with": p} for k, p in params.length_control.proportions.items()]).set_index("kind")
 
 
 def scores_table(summary: dict) -> pd.DataFrame | str:
