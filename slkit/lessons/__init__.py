@@ -37,35 +37,25 @@ def setup(run_dir: str | Path, iteration: int, stage: str) -> tuple[Params, Path
     return load_run_params(run_dir), stage_dir(run_dir, iteration, stage)
 
 
-def _flatten(section: BaseModel, reference: BaseModel | None, prefix: str) -> list[dict[str, Any]]:
+def _flatten(section: BaseModel, reference: BaseModel, prefix: str) -> list[dict[str, Any]]:
     rows = []
     for name, field in type(section).model_fields.items():
-        value = getattr(section, name)
-        default = getattr(reference, name) if reference is not None else None
-        if isinstance(value, BaseModel):
-            rows += _flatten(value, default if isinstance(default, BaseModel) else None, f"{prefix}.{name}")
+        value, default = getattr(section, name), getattr(reference, name)
+        if isinstance(value, BaseModel) and isinstance(default, BaseModel):
+            rows += _flatten(value, default, f"{prefix}.{name}")
         else:
-            rows.append({"param": f"{prefix}.{name}", "this run": value,
-                         "reference": default if reference is not None else "", "changed": value != default
-                         if reference is not None else False, "what it is": field.description or ""})
+            rows.append({"param": f"{prefix}.{name}", "this run": _show(value), "reference": _show(default),
+                         "changed": value != default, "what it is": field.description or ""})
     return rows
 
 
 def params_table(params: Params, stage: str) -> pd.DataFrame:
     """Every param of the stage's params sections (slkit.running.registry): this run's value, the default
-    (the reference's value, where the method has one) and whether this run changed it."""
-    rows = []
-    for name in BY_NAME[stage].params:
-        section = getattr(params, name)
-        try:
-            reference = type(section)()
-        except Exception:  # a section without defaults for every field: no reference column
-            reference = None
-        rows += _flatten(section, reference, name)
+    (the reference's value, where the method has one), whether this run changed it, and its description."""
+    rows = [row for name in BY_NAME[stage].params
+            for row in _flatten(getattr(params, name), type(getattr(params, name))(), name)]
     table = pd.DataFrame(rows, columns=["param", "this run", "reference", "changed", "what it is"])
-    table["this run"] = table["this run"].map(_show)
-    table["reference"] = table["reference"].map(_show)
-    if not table["what it is"].any():
+    if not table["what it is"].any():  # descriptions are added to params.py field by field
         table = table.drop(columns="what it is")
     return table.set_index("param")
 
