@@ -148,3 +148,68 @@ def test_compare_puts_runs_side_by_side(smoke_run, tmp_path):
         assert (out / f"{figure}.png").stat().st_size > 5000, figure
     bad = subprocess.run([sys.executable, "-m", "slkit", "compare", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def _executed(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def _outputs(cell):
+    """The text a code cell showed: streams, text/plain, text/markdown and text/html."""
+    parts = []
+    for out in cell.get("outputs", []):
+        parts += out.get("text", [])
+        for kind in ("text/plain", "text/markdown", "text/html"):
+            value = out.get("data", {}).get(kind, "")
+            parts += value if isinstance(value, list) else [value]
+    return "".join(parts)
+
+
+def _section_outputs(cells, heading):
+    """The output of the code cells under `## heading`, up to the next `## ` heading."""
+    shown, inside = [], False
+    for cell in cells:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and source.startswith("## "):
+            inside = source.startswith(f"## {heading}")
+        elif inside and cell["cell_type"] == "code":
+            shown.append(_outputs(cell))
+    return "\n".join(shown)
+
+
+def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
+    """Each notebook has the lesson's sections in order, no markdown number that the params could set, and its
+    walk-through shows a real record of the run it belongs to."""
+    from slkit.lessons import SECTIONS
+    from slkit.running.records import read_jsonl
+
+    notebooks = [(smoke_run / f"iter_{k}" / name, k) for k in (1, 2) for name in
+                 ("00_queries.ipynb", "01_drafts.ipynb", "02_extensions.ipynb", "03_training.ipynb", "04_evaluation.ipynb")]
+    notebooks += [(smoke_run / "baseline" / "04_evaluation.ipynb", 0),
+                  (smoke_run / "length_control" / "05_length_control.ipynb", 2)]
+    # what each walk-through must show: a record id (or the query of a benchmark output) from the file it reads
+    shows = {"00_queries": ("queries.jsonl", "id"), "01_drafts": ("drafts.jsonl", "id"),
+             "02_extensions": ("extensions.jsonl", "id"), "03_training": ("resampled_extensions.jsonl", "id"),
+             "04_evaluation": ("benchmark_outputs.jsonl", "query"), "05_length_control": ("constrained.jsonl", "id")}
+    for path, k in notebooks:
+        cells = _executed(path)
+        headings = [line[3:] for c in cells if c["cell_type"] == "markdown"
+                    for line in "".join(c["source"]).splitlines() if line.startswith("## ")]
+        assert [h for h in headings if h in SECTIONS] == list(SECTIONS), path
+        # numbers in prose come from the params: the only digits of a lesson's markdown are in its title
+        prose = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+        prose[0] = prose[0].split("\n", 1)[1]
+        assert not any(ch.isdigit() and ch.isascii() for text in prose for ch in text), path
+        assert "extensions.micro_iterations" in _section_outputs(cells, "This run's params") or \
+            path.stem != "02_extensions"
+        name, field = shows[path.stem]
+        records = read_jsonl(path.parent / name)
+        walkthrough = _section_outputs(cells, "One item, step by step")
+        assert records and any(str(r[field]) in walkthrough for r in records), (path, walkthrough[:500])
+    # the extension walk-through goes round by round through a record's recorded texts
+    for k in (1, 2):
+        cells = _executed(smoke_run / f"iter_{k}" / "02_extensions.ipynb")
+        walkthrough = _section_outputs(cells, "One item, step by step")
+        shown = [r for r in read_jsonl(smoke_run / f"iter_{k}" / "extensions.jsonl") if f"`{r['id']}`" in walkthrough]
+        assert shown and shown[0]["rounds"]
+        assert all(r["continuation"].strip()[:40] in walkthrough for r in shown[0]["rounds"][:4])

@@ -8,12 +8,16 @@ and lets it continue. A round is accepted when the new text passes the quality c
 than the best so far. The job's result is kept only if words(best) > 1.2 x words(draft); otherwise
 the whole job is retried, up to `max_tries` times. All jobs advance together, so every engine call
 is one batch.
+
+A kept job's record lists every round it ran, of every attempt (`rounds`, see `round_trace`), so a
+reader can follow one draft through the stage; the texts that follow from these (the round's input,
+the stage-1 prompt, the kept head, the pre-fill) are rebuilt by slkit.lessons.extensions.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
@@ -31,12 +35,29 @@ def former_part(text: str) -> str:
     return join_paragraphs(paragraphs[: max(1, len(paragraphs) // 2)])
 
 
+def kept_paragraphs(text: str, fraction: float) -> int:
+    """How many paragraphs keep_head keeps of a stage-1 output: floor(n x fraction), at least one (none of
+    an empty text)."""
+    n = len(split_paragraphs(text))
+    # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
+    return min(n, max(1, math.floor(n * fraction + 1e-9)))
+
+
 def keep_head(text: str, fraction: float) -> str:
     """The first floor(n x fraction) of the n paragraphs of a stage-1 output, at least one (its tail
     tends to drift). With 2/3: 2, 4, 5, 8 paragraphs keep 1, 2, 3, 5, as the reference's n*2//3."""
-    paragraphs = split_paragraphs(text)
-    # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
-    return join_paragraphs(paragraphs[: max(1, math.floor(len(paragraphs) * fraction + 1e-9))])
+    return join_paragraphs(split_paragraphs(text)[:kept_paragraphs(text, fraction)])
+
+
+def round_trace(attempt: int, round_: int, stage1: str, kept: int, continuation: str, words: int,
+                verdict: str) -> dict:
+    """What one round leaves in its job's record: the attempt and round (from 1), the Extender's stage-1
+    output, how many of its paragraphs were kept (the kept head is the first `kept_paragraphs` of
+    split_paragraphs(stage1)), its continuation after the pre-fill, the words of kept head + continuation,
+    and the verdict ('accepted', a quality failure, or 'not_longer'). The round's input text, the prompts
+    and the pre-fill follow from these and the record's draft (slkit.lessons.extensions)."""
+    return {"attempt": attempt, "round": round_, "stage1": stage1, "kept_paragraphs": kept,
+            "continuation": continuation, "words": words, "verdict": verdict}
 
 
 def job_id(draft_id: str, sample: int) -> str:
@@ -53,6 +74,7 @@ class _Job:
     current: str = ""
     best_words: int = 0
     rounds_accepted: int = 0
+    rounds: list[dict] = field(default_factory=list)  # round_trace of every round of every attempt
 
     @property
     def id(self) -> str:
@@ -85,16 +107,20 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                      max2, s + 1, prefill=k + "\n\n" if k else "") for j, k, s in zip(jobs, kept, seeds)],
             params.sampling)
         remaining = []
-        for job, k, continuation in zip(jobs, kept, stage2):
+        for job, s1, k, continuation in zip(jobs, stage1, kept, stage2):
             new_text = join_paragraphs([p for p in (k, continuation) if p])
             words = count_words(new_text)
             failure = quality_failure(new_text, job.draft["language"], rules)
             if failure is None and words > job.best_words:
                 job.current, job.best_words = new_text, words
                 job.rounds_accepted += 1
+                verdict = "accepted"
                 counts["round_accepted"] += 1
             else:
-                counts[f"round_rejected_{failure or 'not_longer'}"] += 1
+                verdict = failure or "not_longer"
+                counts[f"round_rejected_{verdict}"] += 1
+            job.rounds.append(round_trace(job.attempt, job.round + 1, s1, kept_paragraphs(s1, ep.keep_fraction),
+                                          continuation, words, verdict))
             job.round += 1
             if job.round < ep.micro_iterations:
                 remaining.append(job)
@@ -105,7 +131,7 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                     id=job.id, draft_id=d["id"], sample=job.sample, query_id=d["query_id"], query=d["query"],
                     language=d["language"], draft=d["draft"], draft_words=d["words"], extended=job.current,
                     words=job.best_words, ratio=round(job.best_words / max(1, d["words"]), 3),
-                    attempts=job.attempt, rounds_accepted=job.rounds_accepted))
+                    attempts=job.attempt, rounds_accepted=job.rounds_accepted, rounds=job.rounds))
                 counts["accepted"] += 1
             elif job.attempt < ep.max_tries:
                 counts["retried"] += 1

@@ -90,12 +90,13 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
     while pending:
         # Examples and sampling depend only on (seed, iteration, slot, try): a resumed stage asks the same.
         seeds = [stable_seed(params.seed, iteration, s, tries[s]) for s in pending]
-        prompts = [self_instruct_prompt(random.Random(seed).sample(by_language[slots[s]], qp.examples_per_prompt), slots[s])
-                   for s, seed in zip(pending, seeds)]
-        requests = [Request(p, None, qp.max_new_tokens, seed) for p, seed in zip(prompts, seeds)]
-        raw = engine.generate(requests, sampling.model_copy(update={"trim_unfinished": False}))
+        shown = {s: random.Random(seed).sample(by_language[slots[s]], qp.examples_per_prompt)
+                 for s, seed in zip(pending, seeds)}
+        requests = [Request(self_instruct_prompt(shown[s], slots[s]), None, qp.max_new_tokens, seed)
+                    for s, seed in zip(pending, seeds)]
+        raw = dict(zip(pending, engine.generate(requests, sampling.model_copy(update={"trim_unfinished": False}))))
         candidates = {}
-        for s, completion in zip(pending, raw):
+        for s, completion in raw.items():
             tries[s] += 1
             query = parse_self_instruct(completion, slots[s])
             words = count_words(query)
@@ -106,18 +107,21 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
             else:
                 index.add(query)  # later candidates of this round must not repeat it either
                 candidates[s] = query
-        verdicts = {}
+        answers, verdicts = {}, {}
         if qp.judge and candidates:
             judged = engine.generate(
                 [Request(judge_request(engine, q, slots[s]), None, 4, 0) for s, q in candidates.items()], greedy)
-            verdicts = {s: parse_judge(a) for s, a in zip(candidates, judged)}
+            answers = dict(zip(candidates, judged))
+            verdicts = {s: parse_judge(a) for s, a in answers.items()}
         still_pending = []
         for s in pending:
             if s in candidates and (not qp.judge or verdicts.get(s) is True):
                 # The language of a query is what it is written in, whatever its slot asked for.
+                # exemplars, completion and judge_answer show how it was made (slkit.lessons.queries).
                 writer.write(QueryRecord(id=_query_id(iteration, s), query=candidates[s],
                                          language=detect_language(candidates[s]), words=count_words(candidates[s]),
-                                         tries=tries[s]))
+                                         tries=tries[s], exemplars=shown[s], completion=raw[s],
+                                         judge_answer=answers.get(s)))
                 if on_done:
                     on_done(1)
                 continue

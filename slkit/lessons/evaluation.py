@@ -1,0 +1,86 @@
+"""The evaluation lesson (notebooks/04_evaluation.ipynb): one benchmark answer scored by the formula, the judge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from IPython.display import Markdown
+
+from slkit.evaluation.benchmarks import longbench_write_score, longen_score
+from slkit.evaluation.judge import DIMENSIONS
+from slkit.lessons import steps
+from slkit.running.params import Params
+from slkit.running.records import read_jsonl
+
+
+def idea(params: Params) -> Markdown:
+    ev = params.evaluation
+    subset = "the whole benchmark" if ev.subset_size is None else f"**{ev.subset_size}** queries drawn evenly over language x type"
+    cap = ("" if ev.max_required_words is None
+           else f" (queries asking for more than **{ev.max_required_words:g}** words left out first)")
+    judge = (f"An LLM judge scores one in every query's first **{ev.judge.samples_per_query}** answer(s) 1-10 on "
+             f"{', '.join(DIMENSIONS)}, as JSON, told to ignore length (up to **{ev.judge.max_tries}** tries)."
+             if ev.judge.enabled else "The judge is off in this run (`evaluation.judge.enabled`).")
+    return Markdown(
+        f"- Benchmark `{ev.benchmark}`: {subset}{cap}, **{ev.samples_per_query}** answer(s) per query from this "
+        f"iteration's Generator.\n"
+        "- LonGen's length score for an answer of L words, with the constraint's accepted interval [a, b] "
+        "(about T: [0.8T, 1.2T]; between A and B: [A, B]; more than T: [T, 1.5T]; less than T: [0.5T, T]): "
+        "**1** inside, **max(2L/a - 1, 0)** below, **max(3 - 2L/b, 0)** above.\n"
+        "- LongBench-Write's S_l for y words produced, x required: 100 x max(0, 1 - (y/x - 1)/3) when y > x, "
+        "else 100 x max(0, 1 - (x/y - 1)/2).\n"
+        "- Length stability: per query, the coefficient of variation (sd / mean) of the words of its answers.\n"
+        f"- {judge}")
+
+
+def score_steps(record: dict) -> str:
+    """The score of one benchmark output, computed by the formula with its numbers."""
+    words = record["words"]
+    if "interval" in record:
+        a, b = record["interval"]
+        if words < a:
+            how = f"L = {words} < a = {a:g}: max(2 x {words} / {a:g} - 1, 0)"
+        elif words > b:
+            how = f"L = {words} > b = {b:g}: max(3 - 2 x {words} / {b:g}, 0)"
+        else:
+            how = f"L = {words} inside [{a:g}, {b:g}]"
+        score = longen_score(words, (a, b))
+    else:
+        how = f"y = {words}, x = {record['required']:g}"
+        score = longbench_write_score(words, record["required"])
+    return f"{how} = {score:.3f} (recorded: {record['score']:.3f})"
+
+
+def pick(records: list[dict]) -> dict | None:
+    """The answer the lesson follows: the first query's first sample."""
+    return min(records, key=lambda r: (r["index"], r["sample"])) if records else None
+
+
+def walkthrough(out: Path) -> Markdown:
+    """One benchmark item of this run: query, constraint, interval, the answer, its words, the score by the
+    formula, and the judge's reply."""
+    path = out / "benchmark_outputs.jsonl"
+    record = pick(read_jsonl(path)) if path.exists() else None
+    if record is None:
+        return Markdown("No benchmark output in this run (`evaluation.benchmark`).")
+    interval = f", accepted interval [{record['interval'][0]:g}, {record['interval'][1]:g}]" if "interval" in record else ""
+    items: list[tuple[str, str | None]] = [
+        (f"Benchmark item {record['index']}, sample {record['sample']} of benchmark_outputs.jsonl "
+         f"({record['language']}): constraint type {record['type']}, required {record['required']:g} words{interval}",
+         None),
+        ("1. The query", record["query"]),
+        ("2. The Generator's answer", record["output"]),
+        (f"3. Its length by the {record.get('counter', 'benchmark')} counter: {record['words']} words", None),
+        (f"4. The length score: {score_steps(record)}", None),
+    ]
+    judged = out / "judgements.jsonl"
+    verdict = next((j for j in read_jsonl(judged) if (j["index"], j["sample"]) == (record["index"], record["sample"]))
+                   , None) if judged.exists() else None
+    if verdict is None:
+        items.append(("5. The judge did not score this answer (judge off, or not among the judged samples)", None))
+    elif verdict["failed"]:
+        items.append((f"5. The judge's last reply after {verdict['tries']} tries held no valid JSON: counted as failed",
+                       verdict["last_reply"]))
+    else:
+        scores = ", ".join(f"{d} {v:g}" for d, v in verdict["scores"].items())
+        items.append((f"5. The judge's scores (try {verdict['tries']}): {scores}; mean {verdict['mean']}", None))
+    return steps(items)

@@ -1,0 +1,136 @@
+"""The extensions lesson (notebooks/02_extensions.ipynb): one draft through the two-stage extension, round by round.
+
+Every round of a kept job is in its extensions.jsonl record (`rounds`, slkit.method.extensions.round_trace):
+the stage-1 output, how many of its paragraphs were kept, the continuation, the words and the verdict. The
+rest is rebuilt here the way extend_drafts built it: each attempt starts from the draft, an accepted round's
+text is the next round's input, the stage-1 prompt is the template over the input's former half, stage 2's
+the template over the whole input, pre-filled with the kept head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Markdown
+
+from slkit.lessons import counts_table, steps
+from slkit.method.extensions import former_part
+from slkit.method.prompts import extension_prompt
+from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
+from slkit.running.params import Params
+from slkit.running.records import read_jsonl
+
+
+def idea(params: Params) -> Markdown:
+    e, r = params.extensions, params.resampling
+    resample = (f"- First the drafts are resampled by length: ranked within their language (r = 1 - rank/N, "
+                f"r near 1 for the shortest), a draft is kept when U(0,1) > **{r.coefficient}** x r^**{r.exponent}**.\n"
+                if params.drafts.resample else "- Draft resampling is off in this run (`drafts.resample`).\n")
+    return Markdown(
+        resample +
+        f"- Each kept draft gets **{e.samples_per_draft}** independent job(s); a job runs up to "
+        f"**{e.micro_iterations}** round(s).\n"
+        f"- Stage 1: the extension template over the request and the **former half** of the current text; of the "
+        f"n paragraphs the Extender returns, the first floor(n x **{e.keep_fraction:.3g}**) are kept (at least one).\n"
+        f"- Stage 2: the same template over the **whole** current text, the answer pre-filled with the kept head; "
+        f"the Extender continues. New text = kept head + continuation.\n"
+        f"- A round is accepted when the new text passes the quality check and is longer than the best so far.\n"
+        f"- The job is kept when words(best) > **{e.min_ratio}** x words(draft); else it starts again from the "
+        f"draft, up to **{e.max_tries}** attempts.")
+
+
+def replay(record: dict) -> list[dict]:
+    """Each round of an extension record with the texts it worked on: its input, the stage-1 prompt, the
+    kept head, the pre-fill, the stage-2 prompt and the new text, next to what the record holds."""
+    query, language = record["query"], record["language"]
+    shown, current, attempt = [], record["draft"], None
+    best = record["draft_words"]
+    for r in record["rounds"]:
+        if r["attempt"] != attempt:  # each attempt starts again from the draft
+            attempt, current, best = r["attempt"], record["draft"], record["draft_words"]
+        kept = join_paragraphs(split_paragraphs(r["stage1"])[:r["kept_paragraphs"]])
+        new_text = join_paragraphs([p for p in (kept, r["continuation"]) if p])
+        shown.append({**r, "input": current, "input_words": count_words(current), "best_before": best,
+                      "stage1_prompt": extension_prompt(query, former_part(current), language),
+                      "stage1_paragraphs": len(split_paragraphs(r["stage1"])), "kept": kept,
+                      "prefill": kept + "\n\n" if kept else "",
+                      "stage2_prompt": extension_prompt(query, current, language), "new_text": new_text})
+        if r["verdict"] == "accepted":
+            current, best = new_text, r["words"]
+    return shown
+
+
+def rounds_table(record: dict) -> pd.DataFrame:
+    """One row per round of an extension record: words in, paragraphs kept, words of the continuation and of
+    the new text, the best so far and the verdict."""
+    rows = [{"attempt": r["attempt"], "round": r["round"], "input words": r["input_words"],
+             "stage-1 words": count_words(r["stage1"]),
+             "kept paragraphs": f"{r['kept_paragraphs']} of {r['stage1_paragraphs']}",
+             "continuation words": count_words(r["continuation"]), "new words": r["words"],
+             "best before": r["best_before"], "verdict": r["verdict"]} for r in replay(record)]
+    return pd.DataFrame(rows).set_index(["attempt", "round"])
+
+
+def kept_extensions(out: Path) -> list[dict]:
+    """The records of extensions.jsonl (the kept jobs)."""
+    return read_jsonl(out / "extensions.jsonl")
+
+
+def pick(records: list[dict]) -> dict | None:
+    """The extension the lesson follows: the one with the most rounds (the most to show), first by id."""
+    return min(records, key=lambda r: (-len(r.get("rounds", [])), r["id"])) if records else None
+
+
+def walkthrough(record: dict, params: Params, max_rounds: int = 4) -> Markdown:
+    """The first `max_rounds` rounds of one extension, text by text, then the length rule on its best text."""
+    if "rounds" not in record:
+        return Markdown(f"Record `{record['id']}` predates the recorded rounds: rerun the stage to see them.")
+    items: list[tuple[str, str | None]] = [
+        (f"Record `{record['id']}` of extensions.jsonl: job {record['sample']} of draft `{record['draft_id']}` "
+         f"({record['language']}, {record['draft_words']} words), kept at attempt {record['attempts']}", None),
+        ("The request", record["query"])]
+    rounds = replay(record)
+    for r in rounds[:max_rounds]:
+        head = f"Attempt {r['attempt']}, round {r['round']}"
+        items += [
+            (f"{head}. Its input text", r["input"]),
+            (f"{head}. 1. The stage-1 prompt (the template over the input's former half)", r["stage1_prompt"]),
+            (f"{head}. 2. What the Extender wrote in stage 1", r["stage1"]),
+            (f"{head}. 3. The kept head: {r['kept_paragraphs']} of its {r['stage1_paragraphs']} paragraphs", r["kept"]),
+            (f"{head}. 4. Stage 2: the template over the whole input, and the pre-fill the answer starts with",
+             r["stage2_prompt"] + "\n\n[answer pre-filled with:]\n\n" + r["prefill"]),
+            (f"{head}. 5. The continuation the Extender wrote after the pre-fill", r["continuation"]),
+            (f"{head}. 6. New text = kept head + continuation: {r['words']} words against {r['best_before']} "
+             f"before; verdict: {r['verdict']}", None),
+        ]
+    if len(rounds) > max_rounds:
+        items.append((f"... {len(rounds) - max_rounds} more round(s): see the table below", None))
+    items.append((f"The length rule: {record['words']} words > {params.extensions.min_ratio} x "
+                  f"{record['draft_words']} = {params.extensions.min_ratio * record['draft_words']:.1f}: kept "
+                  f"(ratio {record['ratio']})", None))
+    return steps(items)
+
+
+def jobs_summary(summary: dict) -> Markdown:
+    """What happened to every job of the stage, failed ones included (they leave no record, only counts)."""
+    c = summary.get("counts", {})
+    return Markdown(
+        f"{summary['drafts']} drafts, {summary['resampled_drafts']} kept by the resampling, {summary['jobs']} "
+        f"extension jobs: **{summary['extensions']} kept**, {c.get('gave_up', 0)} gave up after their last "
+        f"attempt, {c.get('retried', 0)} restarts from the draft along the way. Failed jobs write no record; "
+        f"why their rounds failed is in the round verdicts below (all jobs, kept or not).")
+
+
+def round_verdicts(summary: dict) -> pd.DataFrame:
+    """Every round's verdict over all jobs of the stage (kept or not)."""
+    rounds = {k.removeprefix("round_"): n for k, n in summary.get("counts", {}).items() if k.startswith("round_")}
+    return counts_table(rounds, "rounds")
+
+
+def ratios(out: Path) -> pd.DataFrame:
+    """Words of the draft and of its extension per kept job, per language."""
+    ext = pd.DataFrame(read_jsonl(out / "extensions.jsonl"),
+                       columns=["language", "draft_words", "words", "ratio", "attempts", "rounds_accepted"])
+    return ext.groupby("language").agg(jobs=("words", "size"), draft_words=("draft_words", "mean"),
+                                       words=("words", "mean"), ratio_min=("ratio", "min"),
+                                       ratio_mean=("ratio", "mean"), attempts=("attempts", "mean")).round(2)
