@@ -1,6 +1,7 @@
 """The run directory: where each iteration, stage, adapter and lock lives.
 
     runs/<run>/params.yaml            the params the run started with
+    runs/<run>/environment.json       what it ran on; runs/<run>/slkit.log: what it did
     runs/<run>/baseline/              the untrained base model's evaluation (iteration 0)
     runs/<run>/iter_<k>/              macro-iteration k: every stage's records, adapters/<role>/, notebooks
     runs/<run>/length_control/        the final stage
@@ -16,6 +17,16 @@ ROLES = ("generator", "extender")
 
 
 BASELINE = 0  # the "iteration" of the untrained base model, evaluated before the first macro-iteration
+
+
+def environment_path(run_dir: str | Path) -> Path:
+    """runs/<run>/environment.json: what the run ran on (slkit.running.environment)."""
+    return Path(run_dir) / "environment.json"
+
+
+def log_path(run_dir: str | Path) -> Path:
+    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.running.logs)."""
+    return Path(run_dir) / "slkit.log"
 
 
 def iter_dir(run_dir: str | Path, iteration: int) -> Path:

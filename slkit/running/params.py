@@ -20,6 +20,7 @@ from slkit.models.loading import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # training.report_to: transformers' integrations slkit names
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -222,6 +223,22 @@ class TrainingParams(_Section):
     # below: ddp, fsdp or zero3 (shipped in slkit/accelerate_configs/) or the path of your own config.
     num_processes: int = Field(1, ge=1)
     accelerate_config: str = "ddp"
+    # Where transformers' Trainer sends the training metrics (loss, learning rate, grad norm per step): "none",
+    # or tensorboard / wandb / mlflow (one or a list), each when its package is installed (`slkit run` checks).
+    # tensorboard writes <iteration dir>/tensorboard/<role>/ (`tensorboard --logdir runs/<run>`); wandb and
+    # mlflow use their own settings (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...), one run per adapter.
+    # The losses are also in each adapter's slkit-train.json whatever this says.
+    report_to: str | list[str] = "none"
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        unknown = [n for n in names if n not in REPORT_TO or (n == "none" and len(names) > 1)]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: give \"none\" alone, or one or a list of "
+                             f"{', '.join(REPORT_TO[1:])}")
+        return value
 
 
 class LengthControlParams(_Section):
