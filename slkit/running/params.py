@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slkit.models.loading import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # training.report_to: transformers' integrations slkit names
 
@@ -58,7 +58,7 @@ class ModelParams(_Section):
                 raise ValueError(f"unknown builtin model {value!r}; known: "
                                  + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
         elif not Path(value).expanduser().is_dir():
-            if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
+            if value.startswith(("/", ".", "~")) or not HUB_ID.match(value):
                 raise ValueError(f"{value!r} is neither an existing model directory nor a hub id (org/name)")
         return value
 
