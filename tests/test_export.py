@@ -125,6 +125,8 @@ def test_sft_trainer_trains_one_step_on_an_exported_set(exported, tiny_model_pat
         train_dataset=datasets.load_dataset(str(out / "dataset"), "iter_1-generator", split="train"),
         args=trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, report_to="none",
                            use_cpu=True, max_length=128))
+    # TRL took the rows as conversations: it rendered them with the chat template before tokenizing
+    assert "[INST]" in tokenizer.decode(trainer.train_dataset[0]["input_ids"])
     trainer.train()
     assert trainer.state.global_step == 1
 
