@@ -1,7 +1,6 @@
 """Records of a run: slkit.log (the CLI's lines and every stage's, warnings, errors, no secrets), environment.json,
 and training metrics through transformers' report_to."""
 import importlib
-import json
 import os
 import re
 import subprocess
@@ -13,23 +12,15 @@ import pytest
 from conftest import REPO, ScriptedEngine
 from slkit.evaluation.reports import compare_runs, environment_table
 from slkit.running.environment import write_environment
-from slkit.running.layout import adapter_dir, environment_path, iter_dir, log_path
+from slkit.running.layout import environment_path, iter_dir, log_path
 from slkit.running.params import ParamsError, load_params
 from slkit.running.pipeline import check_inputs, prepare_run, run_pipeline
 from slkit.running.records import read_json, read_jsonl, write_jsonl_atomic
 from slkit.running.registry import STAGES
 from slkit.stages.queries import queries_stage
-from test_stages import _answer
+from test_stages import _answer, fake_train
 
 SECRET = "sk-this-key-must-never-be-logged"
-
-
-def _fake_train(params, examples_path, output_dir, init_adapter=None):
-    output_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"samples": len(read_jsonl(examples_path)), "init_adapter": init_adapter}
-    (output_dir / "adapter_config.json").write_text("{}")
-    (output_dir / "slkit-train.json").write_text(json.dumps(summary))
-    return summary
 
 
 @pytest.fixture
@@ -37,8 +28,8 @@ def scripted_pipeline(monkeypatch):
     """`slkit run` whose notebooks are their stage functions called in this process, generating with a scripted
     engine and training fake adapters (no kernel, no model)."""
     monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: ScriptedEngine(_answer))
-    monkeypatch.setattr("slkit.stages.training.train_adapter", _fake_train)
-    monkeypatch.setattr("slkit.stages.length_control.train_adapter", _fake_train)
+    monkeypatch.setattr("slkit.stages.training.train_adapter", fake_train)
+    monkeypatch.setattr("slkit.stages.length_control.train_adapter", fake_train)
     monkeypatch.setattr("slkit.stages.evaluation.write_iteration_figures", lambda *a: [])
     monkeypatch.setattr("slkit.running.pipeline.ensure_kernel", lambda: "slkit")
 
@@ -85,12 +76,12 @@ def test_a_failing_stage_logs_the_error_with_its_traceback(tmp_path, monkeypatch
 
 
 def test_warnings_shown_during_a_stage_reach_the_log_and_are_still_shown(tmp_path, monkeypatch):
-    class Warning(ScriptedEngine):
+    class Warns(ScriptedEngine):
         def generate(self, requests, sampling, on_done=None):
             warnings.warn("the engine is unsure", UserWarning)
             return super().generate(requests, sampling, on_done)
 
-    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: Warning(_answer))
+    monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: Warns(_answer))
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path)})
     with pytest.warns(UserWarning, match="the engine is unsure"):
         queries_stage(run_dir, 1)
