@@ -83,6 +83,22 @@ def test_the_base_model_is_evaluated_first_with_the_same_subset_and_seeds(smoke_
     assert list(summary_table([smoke_run])["iteration"]) == [0, 1, 2]
 
 
+def test_the_run_and_every_kernel_write_slkit_log_and_the_run_its_environment(smoke_run):
+    """`slkit run` (this process) logs each notebook it executes; the stage in the notebook's kernel, another
+    process, logs its start and end to the same file."""
+    import os
+    import re
+
+    log = (smoke_run / "slkit.log").read_text()
+    for label in ("baseline evaluation", "iteration 2 training", "length_control (after iteration 2)"):
+        [cli] = re.findall(rf"\[pid (\d+)\] {re.escape(label)}: executing", log)
+        [start] = re.findall(rf"\[pid (\d+)\] {re.escape(label)}: start", log)
+        [end] = re.findall(rf"\[pid (\d+)\] {re.escape(label)}: done in", log)
+        assert int(cli) == os.getpid() and start == end != cli
+    env = json.loads((smoke_run / "environment.json").read_text())
+    assert env["packages"]["torch"] and env["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
 def test_rerun_skips_finished_stages(smoke_run):
     before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")}
     run_pipeline(smoke_run / "params.yaml", show_progress=False)
@@ -139,8 +155,10 @@ def test_compare_puts_runs_side_by_side(smoke_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "slkit", "compare", str(smoke_run), str(other), "--out", str(out)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    table = (out / "summary.md").read_text().splitlines()
+    scores, environment = (out / "summary.md").read_text().split("\n## Environment\n\n")
+    table = scores.splitlines()
     assert len(table) == 2 + 6  # header, rule, 2 runs x (baseline + 2 iterations)
+    assert [line.split(" | ")[0] for line in environment.splitlines()[2:]] == [f"| {smoke_run.name}", "| smoke-copy"]
     assert sum(line.startswith(f"| {smoke_run.name} |") for line in table) == 3
     assert sum(line.startswith("| smoke-copy |") for line in table) == 3
     assert sum(line.startswith(f"| {smoke_run.name} | 0 |") for line in table) == 1  # the base model's row

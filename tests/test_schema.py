@@ -172,4 +172,6 @@ def test_every_file_the_readme_lists_is_in_the_schema_and_back():
 
     tree = _readme_section().split("```", 2)[1]
     listed = set(re.findall(r"[\w<>.-]+\.jsonl?\b", tree))
-    assert listed == {f.name for f in FILES}
+    # environment.json is written by `slkit run` itself before any stage (slkit.running.environment), like
+    # params.yaml and run.lock: the stages' schema does not cover it.
+    assert listed - {"environment.json"} == {f.name for f in FILES}

@@ -49,19 +49,20 @@ class RecordingEngine(ScriptedEngine):
         return super().generate(requests, sampling, on_done)
 
 
+def fake_train(params, examples_path, output_dir, init_adapter=None):
+    """train_adapter's files and summary, without a model: an adapter config and slkit-train.json."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"samples": len(read_jsonl(examples_path)), "trained": True, "init_adapter": init_adapter}
+    (output_dir / "adapter_config.json").write_text("{}")
+    (output_dir / "slkit-train.json").write_text(json.dumps(summary))
+    return summary
+
+
 @pytest.fixture
 def scripted_run(tmp_path, monkeypatch):
     """A smoke run directory whose stages generate with a RecordingEngine and train fake adapters."""
     log, where = [], [None, None]
     monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: RecordingEngine(adapters or {}, log, where))
-
-    def fake_train(params, examples_path, output_dir, init_adapter=None):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"samples": len(read_jsonl(examples_path)), "trained": True, "init_adapter": init_adapter}
-        (output_dir / "adapter_config.json").write_text("{}")
-        (output_dir / "slkit-train.json").write_text(json.dumps(summary))
-        return summary
-
     monkeypatch.setattr("slkit.stages.training.train_adapter", fake_train)
     monkeypatch.setattr("slkit.stages.evaluation.write_iteration_figures", lambda *a: [])
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {

@@ -23,9 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slkit.running.records import read_document, read_records
+from slkit.running.records import read_document, read_json, read_records
 from slkit.running.schema import BenchmarkOutput, DoneMarker, EvaluationSummary, record_type
-from slkit.running.layout import BASELINE, iter_dir
+from slkit.running.layout import BASELINE, environment_path, iter_dir
 from slkit.method.textstats import distinct_n
 
 
@@ -160,6 +160,25 @@ def summary_table(run_dirs: list[str | Path]):
     return pd.DataFrame(rows)
 
 
+def environment_table(run_dirs: list[str | Path]):
+    """One row per run: what it ran on (its environment.json): python, the packages, CUDA, GPUs, slkit's commit
+    ("+modified" when tracked files differed from it). A run started before slkit recorded it has blanks."""
+    import pandas as pd
+
+    rows = []
+    for run_dir in run_dirs:
+        path = environment_path(run_dir)
+        env = read_json(path) if path.exists() else {}
+        git = (env.get("slkit") or {}).get("git") or {}
+        rows.append({"run": Path(run_dir).name, "python": env.get("python"),
+                     **{name: (env.get("packages") or {}).get(name) for name in
+                        ("torch", "transformers", "peft", "vllm", "bitsandbytes")},
+                     "cuda": env.get("cuda"), "gpus": ", ".join(g["name"] for g in env.get("gpus", [])) or None,
+                     "slkit": (git["commit"][:10] + ("+modified" if git["modified"] else "")) if git
+                     else (env.get("slkit") or {}).get("version")})
+    return pd.DataFrame(rows)
+
+
 def show_figure(directory: str | Path, name: str) -> None:
     """Display a saved figure in a notebook, or say that there is none yet."""
     from IPython.display import Image, display
@@ -247,9 +266,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
               for key in per_run[0]}
     summary = summary_table(run_dirs)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(markdown_table(summary), encoding="utf-8")
+    environment = environment_table(run_dirs)
+    (out / "summary.md").write_text(markdown_table(summary) + "\n## Environment\n\n" + markdown_table(environment),
+                                    encoding="utf-8")
     figures = _figures(tables, out, max(_scale(r) for r in run_dirs))
-    return {"summary": summary, "figures": figures, "out": out}
+    return {"summary": summary, "environment": environment, "figures": figures, "out": out}
 
 
 WORD_FILES = ("queries", "drafts", "resampled_drafts", "extensions", "resampled_extensions")

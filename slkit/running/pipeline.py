@@ -10,6 +10,7 @@ writes params.yaml to its end; a second `slkit run` on the same directory is ref
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -21,18 +22,21 @@ from typing import Any
 
 import yaml
 
+from slkit.running.environment import write_environment
+from slkit.running.logs import run_log, stage_label
 from slkit.running.params import Params, ParamsError, dump_params, load_params, params_from_dict
 from slkit.running.runlock import boot_id, hold_run_dir
 from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
 from slkit.running.registry import BY_NAME, ITERATION_STAGES
 
 KERNEL_NAME = "slkit"
-# Keys a resumed run may change: how much is done, and how memory is spent (what an
-# out-of-memory message asks to lower). Every change is logged in params_changes.log.
+# Keys a resumed run may change: how much is done, how memory is spent (what an out-of-memory
+# message asks to lower), and where training metrics are reported (it changes no record).
+# Every change is logged in params_changes.log.
 RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
                   "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
                   "training.mlp_tile_tokens", "training.liger_kernels", "training.loss_chunk_tokens",
-                  "training.gradient_checkpointing", "training.save_steps"}
+                  "training.gradient_checkpointing", "training.save_steps", "training.report_to"}
 
 
 def notebooks_dir() -> Path:
@@ -126,6 +130,13 @@ def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = Non
     load_exemplars(params.queries.exemplar_files)
     if benchmark:
         load_benchmark(benchmark, params.evaluation.benchmark_format)
+    if params.training.report_to != "none":  # else training would fail on it after hours of generation
+        from slkit.training.adapters import unavailable_integrations
+
+        missing = unavailable_integrations(params.training.report_to)
+        if missing:
+            raise ParamsError(f"{params_path}: training.report_to: {', '.join(missing)} not installed "
+                              f"(pip install {' '.join(missing)}), or set training.report_to: none")
     return params
 
 
@@ -267,14 +278,26 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
     """Execute every stage notebook of every macro-iteration; returns the run directory.
     The run directory is held by this run alone (slkit.running.runlock): a second `slkit run` is refused."""
     params = check_inputs(params_path, overrides)
-    with hold_run_dir(make_run_dir(params, params_path)), \
+    with hold_run_dir(make_run_dir(params, params_path)) as lock, \
             tempfile.TemporaryDirectory(prefix="slkit-kernels-") as socket_dir:  # created with mode 0700
         run_dir = write_run_params(params, params_path)
-        _run_stages(params, run_dir, socket_dir, show_progress)
+        with run_log(run_dir) as log:
+            if lock.took_over:
+                log.warning("took over the run lock of %s, which is no longer running", lock.took_over)
+            env = write_environment(run_dir)
+            log.info("slkit run %s: %d macro-iterations, model %s, engine %s; python %s, torch %s, transformers %s",
+                     Path(params_path).name, params.macro_iterations, params.model.path, params.engine.backend,
+                     env["python"], env["packages"]["torch"], env["packages"]["transformers"])
+            try:
+                _run_stages(params, run_dir, socket_dir, show_progress, log)
+            except BaseException as err:
+                log.error("run stopped: %s: %s", type(err).__name__, err)
+                raise
+            log.info("run finished")
     return run_dir
 
 
-def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool) -> None:
+def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool, log: logging.Logger) -> None:
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -293,10 +316,12 @@ def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: b
         out = stage_dir(run_dir, k, stage)
         stages_bar.set_postfix_str(f"iter {k} {stage}")
         if stage_done(run_dir, k, stage):
+            log.info("%s: done before, skipped", stage_label(k, stage))
             continue
         out.mkdir(parents=True, exist_ok=True)
         stop_orphaned_stage(lock_path(run_dir, k, stage))
         executed = out / BY_NAME[stage].notebook
+        log.info("%s: executing %s", stage_label(k, stage), executed.name)
         with ProgressPoller(out, items_bar):
             try:
                 run_notebook(notebooks_dir() / BY_NAME[stage].notebook, executed, {"run_dir": str(run_dir), "iteration": k},

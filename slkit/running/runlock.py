@@ -44,6 +44,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_FILE
         self.holder = holder  # what holds it, for the message a refused run prints
         self.token = uuid.uuid4().hex
+        self.took_over: str | None = None  # the dead holder whose lock this one took over, for the run's log
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -61,6 +62,7 @@ class RunLock:
                                          f"{self.path}.") from None
             previous = read_record(fd)
             if previous:  # its holder died without releasing it: kill -9, a crash or a reboot
+                self.took_over = describe(previous)
                 print(f"warning: taking over the run lock of {self.run_dir}: {describe(previous)} "
                       "is no longer running", file=sys.stderr)
             record = {"pid": os.getpid(), "host": socket.gethostname(),

@@ -40,9 +40,10 @@ class QueryRecord(Record):
     language: str = Field(description="the language the query is written in (en, zh), detected from its text")
     words: int = Field(description="words of the query (textstats.count_words)")
     tries: int = Field(description="candidates its slot drew until this one was kept")
-    exemplars: list[str] = Field(description="the examples its self-instruct prompt showed")
-    completion: str = Field(description="what the model wrote for that prompt, before parsing")
-    judge_answer: str | None = Field(description="the judge's reply on the query; None with queries.judge off")
+    # How it was made, for the lessons (slkit.lessons.queries); empty in queries written by hand.
+    exemplars: list[str] = Field([], description="the examples its self-instruct prompt showed")
+    completion: str = Field("", description="what the model wrote for that prompt, before parsing")
+    judge_answer: str | None = Field(None, description="the judge's reply on the query; None with queries.judge off")
 
 
 class DraftRecord(Record):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,6 +23,7 @@ from slkit.engines.base import CapTally, Request
 from slkit.method.exemplars import load_exemplars
 from slkit.running.layout import (current_adapters, iter_dir, load_run_params, lock_path, prepare_iteration,
                                   stage_dir, stage_done)
+from slkit.running.logs import counts, run_log, stage_label
 from slkit.running.params import Params, SamplingParams
 from slkit.running.records import Progress, RecordWriter, done_marker, read_document, read_records
 from slkit.running.schema import DoneMarker, QueryRecord, record_type
@@ -48,21 +50,34 @@ def skip_when_done(stage: str) -> Callable:
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
             lock.write_text(f"{os.getpid()} {boot_id()}")  # the PID means something on this boot only
-            try:
-                return fn(run_dir, iteration)
-            except Exception as err:
-                # by name: torch's, or one a child process of the stage reported (stages.length_control)
-                if "OutOfMemoryError" not in (type(err).__name__, getattr(err, "child_error", None)):
-                    raise
-                p = load_run_params(run_dir)
-                advice = OOM_ADVICE["training" if stage == "training" else "generation"].format(
-                    t=p.training, e=p.engine, s=p.sampling)
-                raise MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
-                                  f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.") from err
-            finally:
-                lock.unlink(missing_ok=True)
-                if run_lock:
-                    run_lock.release()
+            # The stage runs in a notebook kernel: it logs to the run's slkit.log itself.
+            with run_log(run_dir) as log:
+                where, start = stage_label(iteration, stage), time.monotonic()
+                if run_lock and run_lock.took_over:
+                    log.warning("took over the run lock of %s, which is no longer running", run_lock.took_over)
+                log.info("%s: start", where)
+                try:
+                    summary = fn(run_dir, iteration)
+                except Exception as err:
+                    failure = err
+                    # by name: torch's, or one a child process of the stage reported (stages.length_control)
+                    if "OutOfMemoryError" in (type(err).__name__, getattr(err, "child_error", None)):
+                        p = load_run_params(run_dir)
+                        advice = OOM_ADVICE["training" if stage == "training" else "generation"].format(
+                            t=p.training, e=p.engine, s=p.sampling)
+                        failure = MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
+                                              f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.")
+                    log.error("%s: failed after %.1f s: %s: %s", where, time.monotonic() - start,
+                              type(failure).__name__, failure, exc_info=err)
+                    if failure is err:
+                        raise
+                    raise failure from err
+                finally:
+                    lock.unlink(missing_ok=True)
+                    if run_lock:
+                        run_lock.release()
+                log.info("%s: done in %.1f s: %s", where, time.monotonic() - start, counts(summary))
+                return summary
         return run
     return wrap
 

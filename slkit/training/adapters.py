@@ -12,8 +12,10 @@ gradient checkpointing, model.train() (eval mode silently skips checkpointing).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -63,6 +65,42 @@ def checkpointing_args(training_arguments: type, enabled: bool) -> dict[str, Any
     return {f"{kind}_checkpointing": enabled, f"{kind}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
+def reporting_integrations(report_to: str | list[str]) -> list[str]:
+    """training.report_to as transformers' list of integrations ([] for "none")."""
+    return [] if report_to == "none" else [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def unavailable_integrations(report_to: str | list[str]) -> list[str]:
+    """The integrations of training.report_to whose package is not installed (Trainer would fail on them
+    after the stages before training have run)."""
+    from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    return [name for name in reporting_integrations(report_to) if not installed[name]()]
+
+
+def tensorboard_dir(adapter_output: Path) -> Path:
+    """<iteration dir>/tensorboard/<role>/ for the adapter written to <iteration dir>/adapters/<role>/: beside the
+    run's other records (Trainer's default, under its checkpoint directory, is deleted after training)."""
+    return adapter_output.parent.parent / "tensorboard" / adapter_output.name
+
+
+@contextlib.contextmanager
+def _tensorboard_logging_dir(path: Path):
+    """transformers' TensorBoardCallback reads its directory from TENSORBOARD_LOGGING_DIR when Trainer is built;
+    a directory the user set there is kept."""
+    if os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+
+
+
+
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
     """The newest Trainer checkpoint that was saved to its end. Trainer writes trainer_state.json last,
     so a kill while saving leaves a checkpoint without it, which would fail to resume."""
@@ -88,7 +126,6 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
 def train_in_this_process(params: Params, examples_path: str | Path, output_dir: str | Path,
                           init_adapter: str | None = None) -> dict[str, Any]:
     """train_adapter's work, in this process (one rank of a distributed run, or the only one)."""
-    import os
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -130,18 +167,21 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
             save_strategy="steps" if tp.save_steps else "no",
             save_total_limit=2,  # a kill while saving leaves the one before complete; older ones are dead weight
-            report_to="none", remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
+            report_to=reporting_integrations(tp.report_to) or "none",
+            run_name=f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}",  # wandb's, mlflow's run
+            remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
             bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
             use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
             **checkpointing_args(TrainingArguments, tp.gradient_checkpointing),
             ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
         if "LOCAL_RANK" not in os.environ:
             args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host
-        trainer = LengthTrainer(
-            model=model, args=args, train_dataset=features,
-            data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
-            loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
-            callbacks=[step_timer := StepTimer()])
+        with _tensorboard_logging_dir(tensorboard_dir(output_dir)):
+            trainer = LengthTrainer(
+                model=model, args=args, train_dataset=features,
+                data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
+                loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
+                callbacks=[step_timer := StepTimer()])
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
