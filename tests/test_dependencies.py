@@ -1,7 +1,7 @@
 """pyproject.toml declares every package the code imports, in the list an install that runs that code gets, and
 a missing optional package is named with the extra that installs it.
 
-The scan reads the AST of slkit/**/*.py, the notebooks' code cells, bench/ and tests/, every `import x` and
+The scan reads the AST of slkit/**/*.py, the notebooks' code cells, bench/, tools/ and tests/, every `import x` and
 `from x import` at any depth, so it holds however slkit's modules are arranged."""
 import ast
 import functools
@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPO
 
+SCANNED = ("slkit", "bench", "tools", "tests")  # folders of .py files; the notebooks are read apart
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # Optional packages that may be missing where the tests run (vllm and liger-kernel on a CPU machine), which
 # packages_distributions() cannot know: import name -> distribution.
@@ -70,7 +71,7 @@ def _imports(source: str):
 
 def _sources():
     """(kind, where, source) of every file the scan covers; a notebook cell is a source of its own."""
-    for kind in ("slkit", "bench", "tests"):
+    for kind in SCANNED:
         for path in sorted((REPO / kind).rglob("*.py")):
             yield kind, str(path.relative_to(REPO)), path.read_text(encoding="utf-8")
     for path in sorted((REPO / "notebooks").glob("*.ipynb")):
@@ -84,7 +85,7 @@ def _sources():
 
 def _local_modules() -> set[str]:
     """Modules of the repository itself (conftest, bench scripts imported by tests): no distribution."""
-    return {p.stem for kind in ("slkit", "bench", "tests") for p in (REPO / kind).rglob("*.py")} | {"slkit"}
+    return {p.stem for kind in SCANNED for p in (REPO / kind).rglob("*.py")} | {"slkit"}
 
 
 @functools.cache
@@ -100,8 +101,8 @@ def _distributions(module: str) -> list[str]:
 
 def test_every_import_is_declared_in_the_list_that_installs_it_where_it_runs():
     """slkit's module-level imports and the notebooks': core dependencies (every `import slkit.x` and notebook
-    import works on a core install); slkit's imports inside functions and bench/: core or any extra (the feature
-    that needs one says which); tests/: core or the extras `make test` installs."""
+    import works on a core install); slkit's imports inside functions, bench/ and tools/: core or any extra (the
+    feature that needs one says which); tests/: core or the extras `make test` installs."""
     everywhere = CORE.union(*EXTRAS.values())
     for_tests = CORE.union(*(EXTRAS[e] for e in _make_test_extras()))
     local = _local_modules()
