@@ -32,18 +32,18 @@ def test_notebook_is_stripped_and_has_a_literal_parameters_cell(path):
         assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(tree))
 
 
-def _name(requirement: str) -> str:
-    return re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
-
-
-def test_environment_yml_matches_pyproject():
+def test_environment_yml_installs_pyproject_and_names_no_package_of_its_own():
+    """pyproject.toml is the one list of packages: environment.yml adds Python and pip only, and installs the
+    project with extras pyproject.toml defines."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    conda = [d for d in env["dependencies"] if isinstance(d, str)]
-    declared = {_name(r) for r in project["dependencies"]} | {_name(r) for r in project["optional-dependencies"]["dev"]}
-    in_env = {_name(r) for r in pip if not r.startswith("-e")} | {_name(r) for r in conda if r not in ("pip", "python=3.11")}
-    assert declared == in_env
+    [pip] = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    conda = sorted(d for d in env["dependencies"] if isinstance(d, str))
+    assert conda == ["pip", "python=" + project["requires-python"].removeprefix(">=")]  # the oldest Python allowed
+    [editable] = pip
+    match = re.fullmatch(r"-e \.\[([a-z,]+)\]", editable)
+    assert match, f"environment.yml: pip installs {editable!r}, not the project with its extras"
+    assert set(match[1].split(",")) <= set(project["optional-dependencies"])
 
 
 def test_no_recipe_default_or_user_command_names_the_shared_folder():

