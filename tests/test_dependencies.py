@@ -161,7 +161,7 @@ def test_without_gguf_the_builtin_model_names_the_demo_extra_before_downloading(
 
 
 def test_without_bitsandbytes_4bit_loading_names_the_gpu_extra(smoke_params, monkeypatch):
-    from slkit.models import load_model
+    from slkit.models.loading import load_model
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     four_bit = smoke_params.model.model_copy(update={"load_in_4bit": True, "dtype": "bfloat16"})

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 from slkit.running.params import NO_REFERENCE, Params
 
@@ -57,7 +56,7 @@ def settings(model: type[BaseModel], prefix: str = "") -> list[Setting]:
     out = []
     for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        default = REQUIRED if field.default is PydanticUndefined else field.default
+        default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
         out.append(Setting(prefix + name, field.description or "", extra.get("unit"), default,
                            extra.get("reference", NO_REFERENCE), section_type(field.annotation),
                            type(None) in typing.get_args(field.annotation)))
