@@ -7,7 +7,7 @@ before the rename (the GPU growth run of docs/results/).
 
 What it renames: done-markers, locks and executed notebooks of each stage; metrics.json (evaluation.json in
 iteration directories, length_control.json in length_control/); resampled.jsonl (resampled_extensions.jsonl) and
-its key in the training summary; the params sections in params.yaml; the stage named in progress.json. Records
+its key in the training summary; the params sections in params.yaml; progress.json is removed (the next stage writes it again). Records
 themselves keep their fields. Running it twice changes nothing the second time.
 """
 from __future__ import annotations
@@ -64,13 +64,9 @@ def migrate_stage_dir(directory: Path, metrics_name: str, done: list[str]) -> No
     rename(directory / "metrics.json", directory / metrics_name, done)
     rename(directory / "resampled.jsonl", directory / "resampled_extensions.jsonl", done)
     progress = directory / "progress.json"
-    if progress.exists():
-        record = json.loads(progress.read_text(encoding="utf-8"))
-        first, _, rest = record.get("stage", "").partition(" ")
-        if first in STAGES:
-            record["stage"] = " ".join(filter(None, [STAGES[first], rest]))
-            progress.write_text(json.dumps(record), encoding="utf-8")
-            done.append(f"{progress}: stage name")
+    if progress.exists():  # the running stage's progress bar: rewritten by the next stage that runs
+        progress.unlink()
+        done.append(f"{progress}: removed")
 
 
 def migrate(run_dir: Path) -> list[str]:

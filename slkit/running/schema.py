@@ -95,7 +95,8 @@ class BenchmarkOutput(Record):
     words_slkit: int = Field(description="words by slkit's counter (textstats.count_words)")
     words_longwriter: int = Field(description="words by LongWriter's counter (textstats.count_words_longwriter)")
     score: float = Field(description="the benchmark's length score of the output (LonGen 0-1, LongBench-Write 0-100)")
-    cut: bool = Field(description="max_new_tokens stopped the answer (its length is the cap's, not the model's)")
+    cut: bool | None = Field(None, description="max_new_tokens stopped the answer (its length is the cap's, not the "
+                                               "model's); None: not recorded (written before slkit recorded it)")
     output: str = Field(description="the Generator's answer")
 
 
@@ -192,7 +193,8 @@ class LengthScores(Record):
     per_language: dict[str, float] = Field(description="mean length score per language")
     n: int = Field(description="outputs scored")
     stability: LengthStability | None = Field(description="length stability; None with one sample per query")
-    capped: CappedShare = Field(description="benchmark outputs that max_new_tokens cut")
+    capped: CappedShare | None = Field(None, description="benchmark outputs that max_new_tokens cut; None: not "
+                                                         "recorded (written before slkit recorded it)")
 
 
 class JudgeSummary(Record):
@@ -207,14 +209,16 @@ class QueriesSummary(Record):
     queries: int = Field(description="queries written")
     rejected: dict[str, int] = Field(description="candidates rejected, by reason (gave_up: slots out of tries)")
     pool_size: int = Field(description="examples self-instruct imitated (exemplars, plus earlier queries)")
-    capped: CappedByCap = Field(description="texts max_new_tokens cut in this stage's last process, per cap")
+    capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
+                                                         "per cap; None: not recorded (an older run)")
 
 
 class DraftsSummary(Record):
     drafts: int = Field(description="drafts written")
     rejected: dict[str, int] = Field(description="generations rejected, by quality-check reason (gave_up: slots "
                                                  "that ran out of tries)")
-    capped: CappedByCap = Field(description="texts max_new_tokens cut in this stage's last process, per cap")
+    capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
+                                                         "per cap; None: not recorded (an older run)")
 
 
 class ExtensionsSummary(Record):
@@ -224,7 +228,8 @@ class ExtensionsSummary(Record):
     jobs: int = Field(description="extension jobs: resampled drafts x extensions.samples_per_draft")
     counts: dict[str, int] = Field(description="round and job outcomes (round_accepted, round_rejected_<why>, "
                                                "accepted, retried, gave_up)")
-    capped: CappedByCap = Field(description="texts max_new_tokens cut in this stage's last process, per cap")
+    capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
+                                                         "per cap; None: not recorded (an older run)")
 
 
 class TrainingSummary(Record):

@@ -62,7 +62,7 @@ def score_benchmark(params: Params, adapters: dict[str, str | None], out: Path, 
 def capped_share(scored: list[dict]) -> dict[str, Any]:
     """How many benchmark outputs max_new_tokens cut, of those that record it (records written before slkit
     recorded "cut" do not)."""
-    known = [r["cut"] for r in scored if "cut" in r]
+    known = [r["cut"] for r in scored if r.get("cut") is not None]
     return {"outputs": len(known), "cut": sum(known), "share": share(sum(known), len(known))}
 
 
