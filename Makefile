@@ -4,18 +4,14 @@
 # An extra is installed again when pyproject.toml changed since.
 #
 # TORCH_INDEX: the pip index torch comes from, which picks its build. Default: PyTorch's CPU wheels on a machine
-# without `nvidia-smi` that reaches it (no CUDA libraries: a ~2 GB .venv instead of ~6 GB), pip's own index (PyPI:
-# the CUDA build on Linux) on a machine with a GPU or without access to PyTorch's index. Others: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA version),
+# without `nvidia-smi` (no CUDA libraries: a ~2 GB .venv instead of ~6 GB), pip's own index (PyPI: the CUDA build
+# on Linux) on a machine with it. A machine that cannot reach PyTorch's index takes torch from its own
+# find-links or mirror (pip retries the index first, about a minute and a half of warnings). Others: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA version),
 # TORCH_INDEX= (pip's own index). When it, or torch's requirement in pyproject.toml, is not what .venv was made
 # with, .venv is made again from scratch.
 PY ?= python3
 VENV ?= .venv
-CPU_INDEX := https://download.pytorch.org/whl/cpu
-# The CPU index only when it answers within 5 s: on a machine that reaches PyPI alone (or a local mirror), pip's
-# own index is used as it is configured, instead of retrying an unreachable index.
-ifeq ($(origin TORCH_INDEX),undefined)
-TORCH_INDEX := $(if $(shell command -v nvidia-smi),,$(shell $(PY) -c "import urllib.request as u; u.urlopen('$(CPU_INDEX)/', timeout=5)" 2>/dev/null && echo $(CPU_INDEX)))
-endif
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
 EXTRAS ?= demo,dev
 BIN = $(VENV)/bin
 # torch's requirement as pyproject.toml writes it: its floor is named there only.
