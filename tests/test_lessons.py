@@ -152,6 +152,9 @@ def test_the_length_score_is_shown_by_its_formula():
     above = {"words": 150, "interval": [80, 120], "score": 0.5, "required": 100}
     assert evaluation_lesson.score_steps(below) == "L = 50 < a = 80: max(2 x 50 / 80 - 1, 0) = 0.250 (recorded: 0.250)"
     assert evaluation_lesson.score_steps(above).endswith("max(3 - 2 x 150 / 120, 0) = 0.500 (recorded: 0.500)")
+    # A LongBench-Write output is written with "interval": null (the schema writes every field): its own formula.
+    longbench = {"words": 100, "interval": None, "score": 100.0, "required": 100}
+    assert evaluation_lesson.score_steps(longbench).startswith("y = 100, x = 100")
     assert length_control_lesson.describe({"kind": "about", "low": 100, "high": None}) == \
         "about 100 (accepted interval [80, 120])"
     assert count_words("one two") == 2

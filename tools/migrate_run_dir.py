@@ -74,6 +74,7 @@ def migrate(run_dir: Path) -> list[str]:
         raise SystemExit(f"{run_dir} has no params.yaml: not a run directory")
     pairs = [(f"{old}{suffix}", f"{new}{suffix}") for old, new in STAGES.items() for suffix in (".done.json", ".lock")]
     pairs += [(f"{old}.ipynb", f"{new}.ipynb") for old, new in NOTEBOOKS.items()] + [("resampled.jsonl", "resampled_extensions.jsonl")]
+    pairs += [("metrics.json", "evaluation.json"), ("metrics.json", "length_control.json")]
     for directory in [d for d in run_dir.iterdir() if d.is_dir()]:
         for old, new in pairs:
             if (directory / old).exists() and (directory / new).exists():  # checked before anything is renamed

@@ -5,7 +5,7 @@ of its role (Generator, Extender) or none (base model), so a batch mixes roles f
 of vLLM's SamplingParams that matters is set from the recipe (vLLM's own max_tokens default is 16).
 Prompts are token ids made by slkit's tokenizer, so a pre-filled answer is a raw completion and the
 BOS rule is the transformers engine's. A stage is one notebook process: vLLM's GPU memory goes back
-when the process ends, before the train notebook starts; a closed engine keeps it until then. The
+when the process ends, before the training notebook starts; a closed engine keeps it until then. The
 length-control stage, which trains between two engines, runs each in a child process of its own.
 
 vLLM installs on Linux with a CUDA GPU only (`pip install slkit[gpu]`); the request building below

@@ -35,7 +35,7 @@ def idea(params: Params) -> Markdown:
 def score_steps(record: dict) -> str:
     """The score of one benchmark output, computed by the formula with its numbers."""
     words = record["words"]
-    if "interval" in record:
+    if record.get("interval") is not None:  # LonGen; LongBench-Write has none
         a, b = record["interval"]
         if words < a:
             how = f"L = {words} < a = {a:g}: max(2 x {words} / {a:g} - 1, 0)"
@@ -62,7 +62,7 @@ def walkthrough(out: Path) -> Markdown:
     record = pick(read_jsonl(path)) if path.exists() else None
     if record is None:
         return Markdown("No benchmark output in this run (`evaluation.benchmark`).")
-    interval = f", accepted interval [{record['interval'][0]:g}, {record['interval'][1]:g}]" if "interval" in record else ""
+    interval = f", accepted interval [{record['interval'][0]:g}, {record['interval'][1]:g}]" if record.get("interval") is not None else ""
     items: list[tuple[str, str | None]] = [
         (f"Benchmark item {record['index']}, sample {record['sample']} of benchmark_outputs.jsonl "
          f"({record['language']}): constraint type {record['type']}, required {record['required']:g} words{interval}",

@@ -83,7 +83,7 @@ def pick(records: list[dict]) -> dict | None:
 
 def walkthrough(record: dict, params: Params, max_rounds: int = 4) -> Markdown:
     """The first `max_rounds` rounds of one extension, text by text, then the length rule on its best text."""
-    if "rounds" not in record:
+    if not record.get("rounds"):
         return Markdown(f"Record `{record['id']}` predates the recorded rounds: rerun the stage to see them.")
     items: list[tuple[str, str | None]] = [
         (f"Record `{record['id']}` of extensions.jsonl: job {record['sample']} of draft `{record['draft_id']}` "

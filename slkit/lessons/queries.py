@@ -60,7 +60,7 @@ def walkthrough(out: Path, params: Params) -> Markdown:
     closest = max((similarity(record["query"], o) for o in others), default=0.0)
     shown = [(f"Record `{record['id']}` of queries.jsonl, accepted at try {record['tries']} "
               f"(slot language {language}, written in {record['language']})", None)]
-    if "exemplars" in record:
+    if record.get("exemplars"):
         shown.append(("1. The self-instruct prompt the model completed", self_instruct_prompt(record["exemplars"],
                                                                                              language)))
         shown.append(("2. What the model wrote", record["completion"]))

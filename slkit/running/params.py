@@ -326,7 +326,7 @@ class TrainingParams(_Section):
     num_processes: int = setting(1, ">1: the training stage runs `accelerate launch` with this many processes (one "
                                     "per GPU) and accelerate_config.", unit="processes", reference=NO_REFERENCE, ge=1)
     accelerate_config: str = setting("ddp", "With num_processes > 1: ddp, fsdp or zero3 (shipped in "
-                                            "slkit/accelerate_configs/) or the path of your own config.",
+                                            "slkit/training/accelerate_configs/) or the path of your own config.",
                                      unit="none", reference=NO_REFERENCE)
     report_to: str | list[str] = setting(
         "none", "Where transformers' Trainer sends the training metrics (loss, learning rate, grad norm per step): "

@@ -72,7 +72,7 @@ class ExtensionRecord(Record):
     attempts: int = Field(description="jobs run until one met the length rule (at most extensions.max_tries)")
     rounds_accepted: int = Field(description="rounds of the kept attempt whose text was accepted")
     rounds: list[dict[str, Any]] = Field(default_factory=list,
-                                         description="one entry per extension round of the kept attempt")
+                                         description="one entry per extension round of every attempt of the job, in order")
 
 
 class TrainingExample(Record):
@@ -138,7 +138,7 @@ class EngineTiming(Record):
     generate_s: float | None = Field(None, description="closed: seconds spent generating")
     requests: int | None = Field(None, description="closed: requests it answered")
     generated_tokens: int | None = Field(None, description="closed: tokens it generated")
-    sleep_s: float | None = Field(None, description="closed: seconds sleep mode took to free the GPU memory")
+    sleep_s: float | None = Field(None, description="closed: seconds sleep mode took (runs before sleep mode was removed)")
     gpu_free_gib: float | None = Field(None, description="closed: GPU memory free after it, GiB")
     gpu_total_gib: float | None = Field(None, description="closed: the GPU's memory, GiB")
 
@@ -280,7 +280,8 @@ class ConstrainedCounts(Record):
     fallbacks: dict[str, int] = Field(description="pairs per fallback taken")
     rewrites: dict[str, int] = Field(description="pairs per rewriter (template, model)")
     model_rewrites_refused: dict[str, int] = Field(description="model rewrites refused, by reason (number, query)")
-    capped: CappedByCap = Field(description="texts max_new_tokens cut in the phase's last process, per cap")
+    capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in the phase's last process, per cap; "
+                                                         "None: not recorded (an older run)")
 
 
 class LengthControlSummary(ConstrainedCounts):
