@@ -93,7 +93,7 @@ def _drafts_run(run_dir, smoke_params):
     iter_dir(run_dir, 1).mkdir(parents=True)
     dump_params(smoke_params, run_dir / "params.yaml")
     (iter_dir(run_dir, 1) / "queries.jsonl").write_text(
-        json.dumps({"id": "q0", "query": "Write about tea.", "language": "en"}) + "\n")
+        json.dumps({"id": "q0", "query": "Write about tea.", "language": "en", "words": 3, "tries": 1}) + "\n")
 
 
 def test_a_stage_run_by_hand_on_a_held_run_dir_is_refused(tmp_path, holder, smoke_params, scripted_engine,

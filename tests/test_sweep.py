@@ -177,7 +177,7 @@ def test_a_sweep_of_the_smoke_recipe_runs_resumes_and_compares(tmp_path, tiny_mo
         run_dir = tmp_path / f"smoke--seed-{seed}"
         assert (run_dir / "iter_1" / "evaluation.done.json").exists() and not (run_dir / "iter_2").exists()
         assert f"seed: {seed}\n" in (run_dir / "params.yaml").read_text()
-    table = (sweep_dir / "summary.md").read_text().splitlines()
+    table = (sweep_dir / "summary.md").read_text().split("\n\n")[0].splitlines()  # the scores; the environment follows
     assert [line.split(" | ")[0:2] for line in table[2:]] == [["| smoke--seed-0", "1"], ["| smoke--seed-1", "1"]]
     for figure in ("lengths", "required_vs_produced", "length_scores", "filter_rates", "distinct_n"):
         assert (sweep_dir / f"{figure}.png").stat().st_size > 5000, figure
