@@ -23,12 +23,17 @@ NOTEBOOKS = {"00_seed": "00_queries", "01_generate": "01_drafts", "02_extend": "
              "04_evaluate": "04_evaluation"}
 
 
-def rename(old: Path, new: Path, done: list[str]) -> None:
-    if old.exists():
-        if new.exists():
-            raise SystemExit(f"{new} exists beside {old}: a half-migrated or mixed run directory; fix it by hand")
-        old.rename(new)
-        done.append(f"{old} -> {new.name}")
+def file_renames(metrics_name: str) -> list[tuple[str, str]]:
+    """(old, new) file names in one stage directory; metrics.json becomes `metrics_name`."""
+    return ([(f"{old}{suffix}", f"{new}{suffix}") for old, new in STAGES.items() for suffix in (".done.json", ".lock")]
+            + [(f"{old}.ipynb", f"{new}.ipynb") for old, new in NOTEBOOKS.items()]
+            + [("metrics.json", metrics_name), ("resampled.jsonl", "resampled_extensions.jsonl")])
+
+
+def stage_dirs(run_dir: Path) -> list[tuple[Path, str]]:
+    """Each stage directory of the run with the name its metrics.json takes."""
+    dirs = [(d, "evaluation.json") for d in sorted(run_dir.glob("iter_*")) + [run_dir / "baseline"]]
+    return [(d, name) for d, name in dirs + [(run_dir / "length_control", "length_control.json")] if d.is_dir()]
 
 
 def migrate_params(path: Path, done: list[str]) -> None:
@@ -47,9 +52,11 @@ def migrate_params(path: Path, done: list[str]) -> None:
 
 
 def migrate_stage_dir(directory: Path, metrics_name: str, done: list[str]) -> None:
-    for old, new in STAGES.items():
-        rename(directory / f"{old}.done.json", directory / f"{new}.done.json", done)
-        rename(directory / f"{old}.lock", directory / f"{new}.lock", done)
+    for old, new in file_renames(metrics_name):
+        if (directory / old).exists():
+            (directory / old).rename(directory / new)
+            done.append(f"{directory / old} -> {new}")
+    for new in STAGES.values():
         marker = directory / f"{new}.done.json"
         if marker.exists():
             record = json.loads(marker.read_text(encoding="utf-8"))
@@ -59,10 +66,6 @@ def migrate_stage_dir(directory: Path, metrics_name: str, done: list[str]) -> No
                     record["summary"]["resampled_extensions"] = record["summary"].pop("resampled")
                 marker.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
                 done.append(f"{marker}: stage name and summary keys")
-    for old, new in NOTEBOOKS.items():
-        rename(directory / f"{old}.ipynb", directory / f"{new}.ipynb", done)
-    rename(directory / "metrics.json", directory / metrics_name, done)
-    rename(directory / "resampled.jsonl", directory / "resampled_extensions.jsonl", done)
     progress = directory / "progress.json"
     if progress.exists():  # the running stage's progress bar: rewritten by the next stage that runs
         progress.unlink()
@@ -72,21 +75,15 @@ def migrate_stage_dir(directory: Path, metrics_name: str, done: list[str]) -> No
 def migrate(run_dir: Path) -> list[str]:
     if not (run_dir / "params.yaml").is_file():
         raise SystemExit(f"{run_dir} has no params.yaml: not a run directory")
-    pairs = [(f"{old}{suffix}", f"{new}{suffix}") for old, new in STAGES.items() for suffix in (".done.json", ".lock")]
-    pairs += [(f"{old}.ipynb", f"{new}.ipynb") for old, new in NOTEBOOKS.items()] + [("resampled.jsonl", "resampled_extensions.jsonl")]
-    pairs += [("metrics.json", "evaluation.json"), ("metrics.json", "length_control.json")]
-    for directory in [d for d in run_dir.iterdir() if d.is_dir()]:
-        for old, new in pairs:
-            if (directory / old).exists() and (directory / new).exists():  # checked before anything is renamed
+    for directory, metrics_name in stage_dirs(run_dir):  # checked before anything is renamed
+        for old, new in file_renames(metrics_name):
+            if (directory / old).exists() and (directory / new).exists():
                 raise SystemExit(f"{directory / new} exists beside {directory / old}: a half-migrated or mixed run "
                                  f"directory; fix it by hand")
     done: list[str] = []
     migrate_params(run_dir / "params.yaml", done)
-    for directory in sorted(run_dir.glob("iter_*")) + [run_dir / "baseline"]:
-        if directory.is_dir():
-            migrate_stage_dir(directory, "evaluation.json", done)
-    if (run_dir / "length_control").is_dir():
-        migrate_stage_dir(run_dir / "length_control", "length_control.json", done)
+    for directory, metrics_name in stage_dirs(run_dir):
+        migrate_stage_dir(directory, metrics_name, done)
     return done
 
 
