@@ -5,8 +5,9 @@
 #
 # TORCH_INDEX: the pip index torch comes from, which picks its build. Default: PyTorch's CPU wheels on a machine
 # without `nvidia-smi` (no CUDA libraries: a ~2 GB .venv instead of ~6 GB), pip's own index (PyPI: the CUDA build
-# on Linux) on a machine with it. A machine that cannot reach PyTorch's index takes torch from its own
-# find-links or mirror (pip retries the index first, about a minute and a half of warnings). Others: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA version),
+# on Linux) on a machine with it. When TORCH_INDEX cannot be reached (checked once, 15 s at most), torch comes
+# from pip's own index and mirrors, with a warning: its build may then be CUDA's (pip retrying an unreachable
+# index for each of torch's dependencies took over 20 minutes). Others: TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA version),
 # TORCH_INDEX= (pip's own index). When it, or torch's requirement in pyproject.toml, is not what .venv was made
 # with, .venv is made again from scratch.
 PY ?= python3
@@ -26,7 +27,10 @@ $(VENV)/torch-build: FORCE
 	@if [ "$$(cat $@ 2>/dev/null)" != "$(TORCH_BUILD)" ]; then \
 	  echo "making $(VENV) with $(TORCH_BUILD)" && rm -rf $(VENV) && $(PY) -m venv $(VENV) && \
 	  $(BIN)/pip install -q --upgrade pip && \
-	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
+	  index="$(TORCH_INDEX)"; \
+	  if [ -n "$$index" ] && ! $(PY) -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=15)" "$$index" 2>/dev/null; then \
+	    echo "warning: $$index cannot be reached; torch comes from pip's own index (its build may be CUDA's)" >&2; index=; fi; \
+	  $(BIN)/pip install -q $${index:+--index-url $$index} "$(TORCH)" && \
 	  echo "$(TORCH_BUILD)" > $@; fi
 
 # slkit with the extras named after the dash ("core": none); torch is already there, so pip keeps its build.

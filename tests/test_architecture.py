@@ -83,6 +83,34 @@ def test_slkit_imports_form_no_cycle():
     assert cycles(graph) == []
 
 
+# Imported where they are used, each for its reason: optional extras (vllm: Linux + CUDA; bitsandbytes and
+# liger_kernel: the gpu extra; gguf: the demo extra) and fcntl (POSIX only, a module-level try); and the command
+# line, which imports the module of the command it runs (its docstring says why).
+LOCAL_IMPORTS_ALLOWED = {"vllm", "bitsandbytes", "liger_kernel", "gguf", "fcntl"}
+COMMAND_LINE = PACKAGE / "running" / "cli.py"
+
+
+def local_imports(path):
+    """(line, top-level package) of every import below a module's top level (in a function, class or try)."""
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    return [(node.lineno, (node.module if isinstance(node, ast.ImportFrom) else node.names[0].name).split(".")[0])
+            for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top]
+
+
+def test_local_imports_are_found(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    import torch\n    from slkit.x import y\n")
+    assert local_imports(module) == [(4, "torch"), (5, "slkit")]
+
+
+def test_imports_are_at_the_top_of_modules_but_the_optional_ones():
+    found = [f"{path.relative_to(REPO)}:{line}: {package}" for path in sorted(PACKAGE.rglob("*.py"))
+             for line, package in local_imports(path)
+             if package not in LOCAL_IMPORTS_ALLOWED and not (path == COMMAND_LINE and package == "slkit")]
+    assert found == []
+
+
 def test_the_foundation_imports_no_stage_and_no_engine():
     """Params, records and the run layout sit below everything; the method's steps never reach for stages."""
     graph = import_graph()

@@ -153,3 +153,17 @@ def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
     with pytest.raises(MemoryError, match=r"lower training.max_length \(now 256\).*activation_offload.*resume"):
         training_stage(run_dir, 1)
     assert not lock_path(run_dir, 1, "training").exists()
+
+
+def test_out_of_memory_advice_follows_where_the_error_was_raised():
+    """The final stage trains and generates in one process: the advice depends on the code that ran out of
+    memory (slkit.training: training params), not on the stage's name."""
+    from slkit.stages.common import raised_in_training
+    from slkit.training.batches import pad_batch
+
+    with pytest.raises(ValueError) as in_training:
+        pad_batch([], pad_id=0)  # max() of nothing, raised inside slkit.training.batches
+    assert raised_in_training(in_training.value)
+    with pytest.raises(ValueError) as elsewhere:
+        max([])
+    assert not raised_in_training(elsewhere.value)

@@ -15,6 +15,9 @@ OpenAI-compatible servers). Every engine is a context manager: `with load_engine
 from __future__ import annotations
 
 from slkit.engines.base import Engine, Request, stable_seed
+from slkit.engines.endpoint import EndpointEngine
+from slkit.engines.transformers import TransformersEngine
+from slkit.engines.vllm import VLLMEngine
 from slkit.running.params import Params
 
 __all__ = ["Engine", "Request", "load_engine", "stable_seed"]
@@ -22,17 +25,10 @@ __all__ = ["Engine", "Request", "load_engine", "stable_seed"]
 
 def load_engine(params: Params, adapters: dict[str, str | None] | None = None) -> Engine:
     """The engine of params.engine.backend with each role's adapter (None: that role uses the base model)."""
-    # Each backend is imported when chosen: they bring torch, vLLM or an HTTP client, which the others do not need.
     if params.engine.backend == "transformers":
-        from slkit.engines.transformers import TransformersEngine
-
         return TransformersEngine(params, adapters)
     if params.engine.backend == "vllm":
-        from slkit.engines.vllm import VLLMEngine
-
         return VLLMEngine(params, adapters)
     if params.engine.backend == "openai":
-        from slkit.engines.endpoint import EndpointEngine
-
         return EndpointEngine(params, adapters)
     raise ValueError(f"engine.backend: unknown backend {params.engine.backend!r}")

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from slkit.running.params import Params, SamplingParams
 from slkit.models.chat import render_user_turn, uses_chat_template
+from slkit.running.params import Params, SamplingParams
 
 _CLOSERS = "[\"')\\]”’」』》）】]*"
 # An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.

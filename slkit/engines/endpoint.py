@@ -33,7 +33,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
+from openai import OpenAI
+
 from slkit.engines.base import Generated, LocalPrompts, Request, finished
+from slkit.models.loading import load_tokenizer
 from slkit.running.params import EndpointParams, Params, SamplingParams
 
 
@@ -92,8 +96,6 @@ def request_body(request: Request, sampling: SamplingParams, model: str, api: st
 
 class EndpointEngine(LocalPrompts):
     def __init__(self, params: Params, adapters: dict[str, str | None] | None = None):
-        from openai import OpenAI
-
         self.params = params
         ep = self.endpoint = params.engine.endpoint
         key = api_key(ep)
@@ -102,8 +104,6 @@ class EndpointEngine(LocalPrompts):
         self.slots = [threading.Semaphore(ep.concurrency) for _ in ep.base_urls]
         self.tokenizer = None
         if ep.api == "completions":
-            from slkit.models.loading import load_tokenizer
-
             self.tokenizer = load_tokenizer(params.model)
         self.base_model = ep.model or params.model.path
         self.structured_outputs = True  # until a server refuses response_format
@@ -121,8 +121,6 @@ class EndpointEngine(LocalPrompts):
             if role not in ep.adapter_names:
                 raise ValueError(f"engine.endpoint.adapter_names: no served name for the {role} adapter")
             return ep.adapter_names[role]
-        import httpx
-
         name = adapter_name(role, path)
         for client in self.clients:
             try:
@@ -197,8 +195,6 @@ class EndpointEngine(LocalPrompts):
 
     def close(self) -> None:
         """Unload the adapters this engine loaded, so a long-running server pool does not fill up."""
-        import httpx
-
         for name in self.loaded:
             for client in self.clients:
                 try:

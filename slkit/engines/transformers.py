@@ -9,8 +9,8 @@ from typing import Any, Callable
 import torch
 from peft import PeftModel
 
-from slkit.models.chat import with_bos
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, stable_seed, stop_token_ids
+from slkit.models.chat import with_bos
 from slkit.models.loading import load_model, load_tokenizer, pick_device, quantize_int8_for_cpu
 from slkit.running.params import Params, SamplingParams
 

@@ -13,6 +13,7 @@ is plain Python so it is tested on CPU.
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -20,13 +21,15 @@ import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, stop_token_ids
+from slkit.models.chat import with_bos
 from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
 from slkit.running.params import Params, SamplingParams
 from slkit.running.schema import EngineTiming
-from slkit.models.chat import with_bos
 
 # Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
 CALL_SIZE = 1024
@@ -100,6 +103,7 @@ class VLLMEngine(LocalPrompts):
         # The engine core runs in this (stage) process: a separate core process hung under pytest on
         # our H100, and a stage is a process of its own already. Set the variable to 1 to override.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM is optional (the vllm extra, Linux + CUDA) and reads that variable on import: imported here.
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
@@ -118,7 +122,7 @@ class VLLMEngine(LocalPrompts):
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[Generated]:
-        from vllm import SamplingParams as VSamplingParams  # vLLM is imported only when this backend runs
+        from vllm import SamplingParams as VSamplingParams  # optional, as in __init__
         from vllm.sampling_params import StructuredOutputsParams
 
         outputs: list[Generated] = []
@@ -157,10 +161,6 @@ class VLLMEngine(LocalPrompts):
         process ends (on the H200 a second engine found 20 of 140 GiB free): something in vLLM keeps the
         engine's tensors referenced, so a process runs one engine (vLLM's sleep mode did not help: a second
         engine after a slept one crashed on the H200, vLLM 0.25.1)."""
-        import gc
-
-        import torch
-
         del self.llm
         gc.collect()
         memory = {}
@@ -186,8 +186,6 @@ class FinishedRequests(tqdm):
 
 
 def _generation_config(model_dir: str) -> Any:
-    from transformers import GenerationConfig
-
     try:
         return GenerationConfig.from_pretrained(model_dir)
     except OSError:  # a model saved without generation_config.json

@@ -22,9 +22,11 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
 
-from slkit.models.loading import BUILTIN_PREFIX
-from slkit.running.records import RecordFileError, read_jsonl_lines
+from datasets import load_dataset
+
 from slkit.method.textstats import count_words, count_words_longwriter, detect_language
+from slkit.models.builtin import BUILTIN_PREFIX
+from slkit.running.records import RecordFileError, read_jsonl_lines
 
 LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
 LONGEN_TYPES = ("about", "range", "above", "below")
@@ -114,8 +116,6 @@ def _rows(source: str) -> list[tuple[str, dict]]:
     location = locate_benchmark(source)
     if not is_hub_id(location):
         return [(f"{source}:{n}", r) for n, r in read_jsonl_lines(Path(location))]  # malformed JSON: file:line
-    from datasets import load_dataset
-
     name, _, split = location.partition(":")
     if split:
         dataset = load_dataset(name, split=split)

@@ -8,16 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import seaborn as sns
+from matplotlib.figure import Figure
+
 
 def _draw(table, draw: Callable, title: str, path: str | Path, width: float = 6.5, log: bool = False) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # A Figure of its own, not pyplot's: no global backend or state, so a notebook's inline plots are untouched.
     runs = sorted(table["run"].unique()) if "run" in table.columns and len(table) else [None]
-    fig, axes = plt.subplots(1, len(runs), figsize=(width * len(runs), 4.2), squeeze=False,
-                             sharex=log, sharey=True)
+    fig = Figure(figsize=(width * len(runs), 4.2))
+    axes = fig.subplots(1, len(runs), squeeze=False, sharex=log, sharey=True)
     for ax, run in zip(axes[0], runs):
         part = table if run is None else table[table["run"] == run]
         if len(part):
@@ -27,14 +26,11 @@ def _draw(table, draw: Callable, title: str, path: str | Path, width: float = 6.
         ax.set_title(title if run is None else f"{run}: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_lengths(table, path: str | Path) -> Path:
     """Words per text by stage, one group per iteration (box plot with the points over it)."""
-    import seaborn as sns
-
     def draw(t, ax):
         sns.boxplot(data=t, x="iteration", y="words", hue="stage", ax=ax, showfliers=False)
         sns.stripplot(data=t, x="iteration", y="words", hue="stage", dodge=True, ax=ax, size=3, color="black",
@@ -44,8 +40,6 @@ def plot_lengths(table, path: str | Path) -> Path:
 
 def plot_required_vs_produced(table, path: str | Path) -> Path:
     """Produced words against required words on log-log axes with the y = x line (LongWriter's plot)."""
-    import seaborn as sns
-
     def draw(t, ax):
         t = t.assign(produced=t["words"].clip(lower=1), iteration=t["iteration"].astype(str))
         sns.scatterplot(data=t, x="required", y="produced", hue="iteration", style="type", ax=ax, alpha=0.8)
@@ -58,8 +52,6 @@ def plot_required_vs_produced(table, path: str | Path) -> Path:
 
 
 def _bars_by_type(table, value: str, ylabel: str, title: str, path: str | Path, ylim=None) -> Path:
-    import seaborn as sns
-
     def draw(t, ax):
         sns.barplot(data=t, x="type", y=value, hue="iteration", ax=ax, errorbar=None)
         ax.set(ylim=ylim, ylabel=ylabel)
@@ -81,8 +73,6 @@ def plot_length_stability(table, path: str | Path) -> Path:
 
 def plot_filter_rates(table, path: str | Path) -> Path:
     """Share of candidates each filter accepted or rejected, per stage and iteration."""
-    import seaborn as sns
-
     def draw(t, ax):
         t = t.assign(filter=t["stage"] + ": " + t["check"], iteration=t["iteration"].astype(str))
         sns.barplot(data=t, y="filter", x="rate", hue="iteration", ax=ax, orient="h", errorbar=None)
@@ -92,8 +82,6 @@ def plot_filter_rates(table, path: str | Path) -> Path:
 
 def plot_distinct(table, path: str | Path) -> Path:
     """Distinct-n (share of distinct n-grams) per stage over iterations: repetition drift."""
-    import seaborn as sns
-
     def draw(t, ax):
         t = t.assign(series=t["stage"] + " " + t["language"], n=t["n"].map(lambda n: f"distinct-{n}"))
         sns.lineplot(data=t, x="iteration", y="distinct", hue="series", style="n", markers=True, ax=ax)

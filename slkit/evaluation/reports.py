@@ -21,12 +21,25 @@ Metric definitions (also in the README's "Evaluation" section):
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
+import pandas as pd
+from IPython.display import Image, display
+
+from slkit.evaluation.benchmarks import length_stability
+from slkit.evaluation.figures import (
+    plot_distinct,
+    plot_filter_rates,
+    plot_length_scores,
+    plot_length_stability,
+    plot_lengths,
+    plot_required_vs_produced,
+)
+from slkit.method.textstats import distinct_n
+from slkit.running.layout import BASELINE, environment_path, iter_dir
 from slkit.running.records import read_document, read_json, read_records
 from slkit.running.schema import BenchmarkOutput, DoneMarker, EvaluationSummary, record_type
-from slkit.running.layout import BASELINE, environment_path, iter_dir
-from slkit.method.textstats import distinct_n
 
 
 def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
@@ -51,8 +64,6 @@ def iteration_dirs(run_dir: str | Path, upto: int | None = None) -> dict[int, Pa
 def benchmark_table(run_dir: str | Path, upto: int | None = None, dirs: dict[int, Path] | None = None):
     """One row per benchmark output: iteration, index, sample, type, bin, language, required, words, score;
     from the run's iterations, or from `dirs` (iteration -> directory)."""
-    import pandas as pd
-
     columns = ["iteration", "index", "sample", "type", "bin", "language", "required", "words", "score"]
     rows = []
     for k, directory in (iteration_dirs(run_dir, upto) if dirs is None else dirs).items():
@@ -65,10 +76,6 @@ def benchmark_table(run_dir: str | Path, upto: int | None = None, dirs: dict[int
 def stability_table(benchmark):
     """One row per query with 2+ samples: iteration, index, type, cv (evaluation.length_stability of
     each iteration's rows of a benchmark_table)."""
-    import pandas as pd
-
-    from slkit.evaluation.benchmarks import length_stability
-
     rows = []
     for k, part in benchmark.groupby("iteration"):
         records = part.to_dict("records")
@@ -81,8 +88,6 @@ def stability_table(benchmark):
 def filter_table(run_dir: str | Path, upto: int | None = None):
     """Per iteration, what each check did to the candidates its stage examined: stage, check, count,
     out_of, rate ("accepted" rows give the share that passed)."""
-    import pandas as pd
-
     rows: list[dict[str, Any]] = []
 
     def add(k, stage, check, count, out_of):
@@ -117,8 +122,6 @@ def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, 
                    dirs: dict[int, Path] | None = None):
     """Distinct-n of each stage's texts per iteration and language: repetition drift; from the run's
     iterations, or from `dirs` (iteration -> directory)."""
-    import pandas as pd
-
     sources = {"drafts": ("drafts", "draft"), "extensions": ("extensions", "extended"),
                "benchmark": ("benchmark_outputs", "output")}
     rows = []
@@ -138,8 +141,6 @@ def distinct_table(run_dir: str | Path, upto: int | None = None, ns: tuple[int, 
 
 def summary_table(run_dirs: list[str | Path]):
     """One row per run and iteration: length score (overall and per type), stability, judge, words per stage."""
-    import pandas as pd
-
     rows = []
     for run_dir in run_dirs:
         name = Path(run_dir).name
@@ -163,8 +164,6 @@ def summary_table(run_dirs: list[str | Path]):
 def environment_table(run_dirs: list[str | Path]):
     """One row per run: what it ran on (its environment.json): python, the packages, CUDA, GPUs, slkit's commit
     ("+modified" when tracked files differed from it). A run started before slkit recorded it has blanks."""
-    import pandas as pd
-
     rows = []
     for run_dir in run_dirs:
         path = environment_path(run_dir)
@@ -181,8 +180,6 @@ def environment_table(run_dirs: list[str | Path]):
 
 def show_figure(directory: str | Path, name: str) -> None:
     """Display a saved figure in a notebook, or say that there is none yet."""
-    from IPython.display import Image, display
-
     path = Path(directory) / name
     if path.exists():
         display(Image(filename=str(path)))
@@ -203,8 +200,6 @@ def markdown_table(table) -> str:
 
 
 def _figures(tables: dict[str, Any], out: Path, scale: float) -> list[str]:
-    from slkit.evaluation.figures import (plot_distinct, plot_filter_rates, plot_length_scores, plot_length_stability, plot_lengths, plot_required_vs_produced)
-
     written = [plot_lengths(tables["lengths"], out / "lengths.png")] if "lengths" in tables else []
     if len(tables["benchmark"]):
         written.append(plot_required_vs_produced(tables["benchmark"], out / "required_vs_produced.png"))
@@ -254,8 +249,6 @@ def write_iteration_figures(run_dir: str | Path, iteration: int, scale: float) -
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Several runs side by side: summary.md / summary.csv and the same figures with one panel per run."""
-    import pandas as pd
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [Path(r).name for r in run_dirs]
@@ -278,7 +271,6 @@ WORD_FILES = ("queries", "drafts", "resampled_drafts", "extensions", "resampled_
 
 def stage_word_means(out: Path) -> dict[str, float]:
     """Mean words per record of each stage file in one iteration directory."""
-    from statistics import mean
 
     means = {}
     for name in WORD_FILES:
@@ -292,8 +284,6 @@ def stage_word_means(out: Path) -> dict[str, float]:
 def length_table(run_dir: str | Path, upto: int | None = None):
     """One row per text: iteration, stage (drafts / resampled_drafts / extensions / resampled_extensions) and words, for
     plots and tables."""
-    import pandas as pd
-
     rows = []
     k = 1
     while iter_dir(run_dir, k).exists() and (upto is None or k <= upto):

@@ -6,11 +6,11 @@ from collections import Counter
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.running.params import Params, QualityParams
 from slkit.method.quality import quality_failure
+from slkit.method.textstats import count_words
+from slkit.running.params import Params, QualityParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import DraftRecord
-from slkit.method.textstats import count_words
 
 
 def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration: int | str, writer: RecordWriter,

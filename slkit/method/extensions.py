@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.running.params import Params, QualityParams
 from slkit.method.prompts import extension_prompt
 from slkit.method.quality import quality_failure
+from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
+from slkit.running.params import Params, QualityParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import ExtensionRecord
-from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
 
 
 def former_part(text: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-
 SELF_INSTRUCT_HEADER = {
     "en": "Below are writing requests. Each one asks for a long, detailed piece of writing.\n\n",
     "zh": "下面是一些写作请求，每一条都要求写出一篇内容充实的长文。\n\n",

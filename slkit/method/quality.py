@@ -1,8 +1,8 @@
 """The quality check every generated text must pass (METHOD.md, "Quality check on every text")."""
 from __future__ import annotations
 
-from slkit.running.params import QualityParams
 from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
+from slkit.running.params import QualityParams
 
 # Sentence ends, closing quotes and brackets, CJK full stops and closers, an ellipsis (the Chinese
 # reference accepts a final "…" or "……"); a code fence is checked apart.

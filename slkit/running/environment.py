@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slkit.running.layout import environment_path
 from slkit.running.records import read_json, write_json_atomic
 
@@ -56,11 +58,7 @@ def slkit_commit() -> dict[str, Any] | None:
 
 def cuda_build() -> str | None:
     """The CUDA version torch was built with (None: a CPU build), read without starting CUDA."""
-    try:
-        from torch.version import cuda
-    except ImportError:
-        return None
-    return cuda
+    return torch.version.cuda
 
 
 def gpus() -> list[dict[str, Any]]:

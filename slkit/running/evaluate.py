@@ -18,12 +18,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tqdm.auto import tqdm
 
 from slkit.evaluation.benchmarks import locate_benchmark
 from slkit.evaluation.reports import evaluation_report, write_output_figures
 from slkit.running.params import Params, ParamsError, apply_overrides, dump_params, load_params, params_from_dict
-from slkit.running.pipeline import RESUMABLE_KEYS, ProgressPoller, changed_keys
+from slkit.running.pipeline import ProgressPoller, changes_since
 from slkit.running.records import RecordFileError, write_json_atomic
 from slkit.running.schema import ModelEvaluation
 from slkit.stages.evaluation import evaluate_model
@@ -33,29 +33,6 @@ PARAMS_FILE = "evaluate.yaml"
 # An endpoint named on the command line may be any OpenAI-compatible server: its chat API applies the served
 # model's own template (no local tokenizer needed), and only the standard OpenAI fields are sent.
 SERVED = {"api": "chat", "adapters": "none", "vllm_sampling": False}
-
-
-def add_parser(sub: Any) -> None:
-    """The `evaluate` subcommand of slkit.running.cli."""
-    p = sub.add_parser("evaluate", help="score a model, adapter or OpenAI-compatible endpoint on a benchmark, without a run")
-    p.add_argument("--model", required=True,
-                   help="model directory, hub id or builtin:NAME; with --endpoint, the served model's name")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--adapter", help="a LoRA adapter directory to load on --model (e.g. runs/x/iter_2/adapters/generator)")
-    where.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server serving --model, e.g. http://host:8000/v1")
-    p.add_argument("--benchmark", help="jsonl file, hub id org/name[:split] or builtin:lengths-mini "
-                                       "(default: the recipe's, else quanshr/LonGen)")
-    p.add_argument("--out", required=True, help="directory for the outputs, figures and report.md (a rerun resumes)")
-    p.add_argument("--recipe", help="a params file to take sampling, engine and evaluation settings from")
-    p.add_argument("--samples", type=int, help="answers per query (2 or more: length stability)")
-    p.add_argument("--subset", type=int, help="queries drawn evenly over language x type (default: all)")
-    p.add_argument("--max-new-tokens", type=int, help="cap on each answer's tokens")
-    p.add_argument("--judge-model", help="the judge's model (default: --model); served by --judge-endpoint, else run "
-                                         "where --model runs")
-    p.add_argument("--judge-endpoint", metavar="URL", help="an OpenAI-compatible server for the judge")
-    p.add_argument("--no-judge", action="store_true", help="length scores only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any other param")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def evaluation_params(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Params:
@@ -92,8 +69,7 @@ def _hold_params(params: Params, out: Path) -> None:
     """Write out/evaluate.yaml, or refuse when out holds an evaluation with other params."""
     saved = out / PARAMS_FILE
     if saved.exists():
-        changed = [k for k in changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), params.to_dict())
-                   if k not in RESUMABLE_KEYS]
+        _, changed = changes_since(saved, params)
         if changed:
             raise ParamsError(f"{out} holds an evaluation with other params ({', '.join(changed)} differ); "
                               f"resuming would mix results: use another --out or delete {out}")
@@ -103,8 +79,6 @@ def _hold_params(params: Params, out: Path) -> None:
 def run_evaluation(params: Params, adapter: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Score params.model (with `adapter` as its Generator, or on params' endpoint) on params.evaluation's
     benchmark into params.run_dir; returns the metrics written to evaluation.json."""
-    from tqdm.auto import tqdm
-
     out = params.run_dir
     adapters = {}
     if adapter:

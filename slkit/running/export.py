@@ -27,13 +27,14 @@ from statistics import mean
 from typing import Any
 
 import yaml
+from huggingface_hub import HfApi
+from peft import PeftModel
 
-from slkit.method.textstats import count_words
-from slkit.models.builtin import SPLIT_GGUF_MODELS
-from slkit.models.loading import BUILTIN_PREFIX, is_builtin
 from slkit.evaluation.reports import markdown_table, summary_table
-from slkit.running.layout import (ROLES, adapter_dir, environment_path, iter_dir, load_run_params, stage_dir,
-                                  stage_done)
+from slkit.method.textstats import count_words
+from slkit.models.builtin import BUILTIN_PREFIX, SPLIT_GGUF_MODELS, is_builtin
+from slkit.models.loading import load_model, load_tokenizer
+from slkit.running.layout import ROLES, adapter_dir, environment_path, iter_dir, load_run_params, stage_dir, stage_done
 from slkit.running.logs import run_log
 from slkit.running.params import HUB_ID, Params
 from slkit.running.records import read_json, read_jsonl
@@ -283,10 +284,6 @@ def merge_adapter(params: Params, adapter: Path, out: Path) -> None:
     """Base model + LoRA adapter -> one model's weights (peft's merge_and_unload), saved with the tokenizer. The
     base is loaded unquantised on the CPU (merging into 4-bit weights would round the update away) in the run's
     dtype, bfloat16 for "auto"."""
-    from peft import PeftModel
-
-    from slkit.models.loading import load_model, load_tokenizer
-
     full = params.model.model_copy(update={"load_in_4bit": False})
     base = load_model(full, device="cpu", dtype="bfloat16" if params.model.dtype == "auto" else params.model.dtype)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
@@ -298,8 +295,6 @@ def push_to_hub(out: Path, repo: str, private: bool = False, api: Any = None, me
     """Upload out/dataset to the dataset repository `repo` and out/model to the model repository `repo`, created
     when missing. The token is huggingface_hub's to find (HF_TOKEN, or the one `hf auth login` stored)."""
     if api is None:
-        from huggingface_hub import HfApi
-
         api = HfApi()
     urls = {}
     for folder in ("dataset", "model"):
@@ -348,20 +343,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool =
             urls = push_to_hub(out, hub_repo, private, api, f"slkit export of run {params.run_name}")
             log.info("export pushed to %s", ", ".join(urls.values()))
     return {"out": out, "sets": [ts.name for ts in sets], "final": final.name, "merged": merge, "urls": urls}
-
-
-def add_parser(sub: Any) -> None:
-    """`slkit export`'s arguments, on the CLI's subcommands."""
-    export = sub.add_parser("export", help="a run's training sets as Hugging Face datasets (and LLaMA-Factory's "
-                                           "dataset_info.json), its adapters with model cards; merge, push to the Hub")
-    export.add_argument("run", help="run directory, e.g. runs/demo")
-    export.add_argument("--out", help="where dataset/ and model/ go (default RUN/export)")
-    export.add_argument("--merge", action="store_true",
-                        help="also merge the final Generator into the base model's weights (model/), for serving")
-    export.add_argument("--push-to-hub", metavar="USER/NAME",
-                        help="upload dataset/ and model/ to the Hub repositories USER/NAME (token: HF_TOKEN or "
-                             "`hf auth login`)")
-    export.add_argument("--private", action="store_true", help="create the Hub repositories private")
 
 
 def export_command(args: argparse.Namespace) -> int:

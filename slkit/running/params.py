@@ -9,6 +9,7 @@ the line.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -17,8 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slkit.models.loading import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
-
+from slkit.models.builtin import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
@@ -568,6 +568,12 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
                 raise ParamsError(f"--set {dotted}: unknown key ({'.'.join(parents[:depth + 1])} is a value, "
                                   "not a section)")
         node[last] = value
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """The `--set KEY=VALUE` option every command that reads a recipe takes (parse_overrides reads it)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set macro_iterations=1 --set run_name=try2")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ writes params.yaml to its end; a second `slkit run` on the same directory is ref
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,14 +21,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import papermill as pm
 import yaml
+import zmq
+from ipykernel.kernelspec import install as install_kernel
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from tqdm.auto import tqdm
+from traitlets.config import Config
 
+from slkit.evaluation.benchmarks import load_benchmark, locate_benchmark
+from slkit.method.exemplars import load_exemplars
+from slkit.models.loading import resolve_model_path
 from slkit.running.environment import write_environment
+from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
 from slkit.running.logs import run_log, stage_label
 from slkit.running.params import Params, ParamsError, dump_params, load_params, params_from_dict
-from slkit.running.runlock import boot_id, hold_run_dir
-from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
+from slkit.running.records import RecordFileError
 from slkit.running.registry import BY_NAME, ITERATION_STAGES
+from slkit.running.runlock import boot_id, hold_run_dir
+from slkit.training.adapters import unavailable_integrations
 
 KERNEL_NAME = "slkit"
 # Keys a resumed run may change: how much is done, how memory is spent (what an out-of-memory
@@ -45,8 +57,6 @@ def notebooks_dir() -> Path:
 
 def ensure_kernel() -> str:
     """Register this interpreter as the `slkit` Jupyter kernel (inside the environment), once."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     def current() -> str | None:
         try:
             return KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv[0]
@@ -54,9 +64,7 @@ def ensure_kernel() -> str:
             return None
 
     if current() != sys.executable:
-        from ipykernel.kernelspec import install
-
-        install(kernel_name=KERNEL_NAME, display_name="Python (slkit)", prefix=sys.prefix)
+        install_kernel(kernel_name=KERNEL_NAME, display_name="Python (slkit)", prefix=sys.prefix)
         if current() != sys.executable:
             raise RuntimeError(f"a Jupyter kernel named {KERNEL_NAME!r} outside this environment shadows "
                                f"slkit's; remove it with: jupyter kernelspec remove {KERNEL_NAME}")
@@ -81,8 +89,6 @@ def absolute_paths(params: Params, base: Path) -> Params:
 
 def _benchmark_source(source: str | None, base: Path) -> str | None:
     """A builtin or local benchmark as an absolute file path (relative to `base`), a hub id as it is."""
-    from slkit.evaluation.benchmarks import locate_benchmark
-
     return locate_benchmark(source, base) if source else None
 
 
@@ -108,10 +114,17 @@ def with_current_defaults(snapshot: Any) -> Any:
         return snapshot
 
 
+def changes_since(snapshot: Path, params: Params) -> tuple[list[str], list[str]]:
+    """(every key that differs, the keys among them a resume may not change) between a params snapshot written
+    earlier (a run's params.yaml, an evaluation's evaluate.yaml) and `params`; keys added to slkit since the
+    snapshot count as their defaults (with_current_defaults)."""
+    old = with_current_defaults(yaml.safe_load(snapshot.read_text(encoding="utf-8")))
+    changed = changed_keys(old, params.to_dict())
+    return changed, [k for k in changed if k not in RESUMABLE_KEYS]
+
+
 def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Validate params and read the data files they name; nothing is written."""
-    from slkit.running.records import RecordFileError
-
     try:
         params = absolute_paths(load_params(params_path, overrides), Path.cwd())
     except RecordFileError as err:  # a benchmark that is neither a builtin, a file nor a hub id
@@ -120,19 +133,14 @@ def check_inputs(params_path: str | Path, overrides: dict[str, Any] | None = Non
     for key, path in [(f"queries.exemplar_files.{i}", p) for i, p in enumerate(params.queries.exemplar_files)]:
         if path and not Path(path).is_file():
             raise ParamsError(f"{params_path}: {key}: file {path} does not exist")
-    # Seed and benchmark files are read now, so a broken line stops the run before any model loads.
-    from slkit.evaluation.benchmarks import load_benchmark
-    from slkit.method.exemplars import load_exemplars
-
     model_dir = Path(params.model.path).expanduser()
+    # Exemplar and benchmark files are read now, so a broken line stops the run before any model loads.
     if model_dir.is_dir() and not (model_dir / "config.json").is_file():
         raise ParamsError(f"{params_path}: model.path: {model_dir} has no config.json: not a transformers model directory")
     load_exemplars(params.queries.exemplar_files)
     if benchmark:
         load_benchmark(benchmark, params.evaluation.benchmark_format)
     if params.training.report_to != "none":  # else training would fail on it after hours of generation
-        from slkit.training.adapters import unavailable_integrations
-
         missing = unavailable_integrations(params.training.report_to)
         if missing:
             raise ParamsError(f"{params_path}: training.report_to: {', '.join(missing)} not installed "
@@ -156,10 +164,9 @@ def write_run_params(params: Params, params_path: str | Path) -> Path:
     snapshot = run_dir / "params.yaml"
     changed: list[str] = []
     if snapshot.exists():
-        old = with_current_defaults(yaml.safe_load(snapshot.read_text(encoding="utf-8")))
-        changed = changed_keys(old, params.to_dict())
+        changed, refused = changes_since(snapshot, params)
         # The final stage runs after every iteration: its params cannot change finished work.
-        diff = [k for k in changed if k not in RESUMABLE_KEYS and k.split(".")[0] != "length_control"]
+        diff = [k for k in refused if k.split(".")[0] != "length_control"]
         if diff:
             raise ParamsError(
                 f"{run_dir} was started with other params ({', '.join(diff)} differ); resuming would mix "
@@ -227,8 +234,6 @@ class ProgressPoller:
         self._update()
 
     def _update(self) -> None:
-        import json
-
         try:
             state = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -256,8 +261,6 @@ class ProgressPoller:
 def kernel_connection(socket_dir: str | Path) -> dict[str, str]:
     """How a notebook's kernel talks to papermill: Unix sockets in `socket_dir` (private, mode 0700),
     so no other local user can reach it as they could a TCP port; TCP on 127.0.0.1 where zmq has no ipc."""
-    import zmq
-
     if zmq.has("ipc"):
         return {"transport": "ipc", "ip": str(Path(socket_dir) / "kernel")}
     return {"transport": "tcp", "ip": "127.0.0.1"}
@@ -266,9 +269,6 @@ def kernel_connection(socket_dir: str | Path) -> dict[str, str]:
 def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str, Any], kernel: str,
                  socket_dir: str | Path) -> None:
     """Execute one notebook with papermill in a fresh kernel connected by `kernel_connection`."""
-    import papermill as pm
-    from traitlets.config import Config
-
     pm.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel, progress_bar=False,
                         cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}))
 
@@ -298,12 +298,7 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
 
 
 def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool, log: logging.Logger) -> None:
-    import papermill as pm
-    from tqdm.auto import tqdm
-
     kernel = ensure_kernel()
-    from slkit.models.loading import resolve_model_path
-
     resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
     plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in ITERATION_STAGES]
     if params.evaluation.baseline and params.evaluation.benchmark:

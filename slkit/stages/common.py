@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,14 +22,20 @@ from typing import Any, Callable, Iterator
 from slkit.engines import load_engine
 from slkit.engines.base import CapTally, Request
 from slkit.method.exemplars import load_exemplars
-from slkit.running.layout import (current_adapters, iter_dir, load_run_params, lock_path, prepare_iteration,
-                                  stage_dir, stage_done)
+from slkit.running.layout import (
+    current_adapters,
+    iter_dir,
+    load_run_params,
+    lock_path,
+    prepare_iteration,
+    stage_dir,
+    stage_done,
+)
 from slkit.running.logs import counts, run_log, stage_label
 from slkit.running.params import Params, SamplingParams
 from slkit.running.records import Progress, RecordWriter, done_marker, read_document, read_records
-from slkit.running.schema import DoneMarker, QueryRecord, record_type
 from slkit.running.runlock import boot_id, lock_for_stage
-
+from slkit.running.schema import DoneMarker, QueryRecord, record_type
 
 OOM_ADVICE = {
     "training": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "
@@ -36,6 +43,13 @@ OOM_ADVICE = {
     "generation": ("lower engine.batch_size (now {e.batch_size}) or the stage's max_new_tokens "
                    "(sampling.max_new_tokens is {s.max_new_tokens}), or set model.load_in_4bit: true"),
 }
+
+
+def raised_in_training(err: BaseException) -> bool:
+    """Whether `err` came out of adapter training (slkit.training) rather than generation: the final stage does
+    both in one process, so its name alone cannot say which params to lower."""
+    return any(frame.f_globals.get("__name__", "").startswith("slkit.training")
+               for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
 def skip_when_done(stage: str) -> Callable:
@@ -63,7 +77,7 @@ def skip_when_done(stage: str) -> Callable:
                     # by name: torch's, or one a child process of the stage reported (stages.length_control)
                     if "OutOfMemoryError" in (type(err).__name__, getattr(err, "child_error", None)):
                         p = load_run_params(run_dir)
-                        advice = OOM_ADVICE["training" if stage == "training" else "generation"].format(
+                        advice = OOM_ADVICE["training" if stage == "training" or raised_in_training(err) else "generation"].format(
                             t=p.training, e=p.engine, s=p.sampling)
                         failure = MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
                                               f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.")

@@ -9,8 +9,15 @@ from typing import Any
 
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import share
-from slkit.evaluation.benchmarks import (SCALES, length_stability, load_benchmark, output_lengths, score_length,
-                                         stratified_subset, summarize_scores)
+from slkit.evaluation.benchmarks import (
+    SCALES,
+    length_stability,
+    load_benchmark,
+    output_lengths,
+    score_length,
+    stratified_subset,
+    summarize_scores,
+)
 from slkit.evaluation.judge import judge_responses, summarize_judgements
 from slkit.evaluation.reports import WORD_FILES, stage_word_means, write_iteration_figures
 from slkit.running.layout import BASELINE, ROLES, adapter_dir, prepare_iteration

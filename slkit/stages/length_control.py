@@ -32,19 +32,40 @@ import torch
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
-from slkit.method.length_control import (assign_constraint, names_length, rewrite_failure, rewrite_prompt, satisfies,
-                                         template_rewrite)
+from slkit.method.length_control import (
+    assign_constraint,
+    names_length,
+    rewrite_failure,
+    rewrite_prompt,
+    satisfies,
+    template_rewrite,
+)
 from slkit.method.queries import synthesize_queries
 from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
 from slkit.running.params import Params
-from slkit.running.records import mark_done, read_document, read_json, read_records, write_json_atomic, write_jsonl_atomic
-from slkit.running.schema import (AdapterTrainingSummary, AfterIteration, CollectionSummary, ConstrainedCounts,
-                                  ConstrainedRecord, EvaluationSummary, LengthControlSummary, StoredConstraint,
-                                  TrainingExample, record_type)
+from slkit.running.records import (
+    mark_done,
+    read_document,
+    read_json,
+    read_records,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from slkit.running.schema import (
+    AdapterTrainingSummary,
+    AfterIteration,
+    CollectionSummary,
+    ConstrainedCounts,
+    ConstrainedRecord,
+    EvaluationSummary,
+    LengthControlSummary,
+    StoredConstraint,
+    TrainingExample,
+    record_type,
+)
 from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done
 from slkit.stages.evaluation import score_benchmark
 from slkit.training.adapters import train_adapter
-
 
 # The final stage's collection pass: names its query ids (collect-q<slot>) and seeds its sampling.
 COLLECTION = "collect"

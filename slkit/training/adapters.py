@@ -12,6 +12,7 @@ gradient checkpointing, model.train() (eval mode silently skips checkpointing).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -21,7 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slkit.running.params import Params
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import TrainingArguments, set_seed
+from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+from slkit.models.loading import load_model, load_tokenizer
+from slkit.running.params import Params, load_params
 from slkit.running.records import read_jsonl, write_json_atomic
 from slkit.running.schema import AdapterTrainingSummary
 from slkit.training.batches import pad_batch, tokenize_example
@@ -32,14 +39,10 @@ from slkit.training.trainer import LengthTrainer, StepTimer
 
 def build_lora_model(params: Params, init_adapter: str | None):
     """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from slkit.models.loading import load_model
-
     tp = params.training
     model = load_model(params.model, device=params.engine.device, for_training=True)
     if tp.liger_kernels:
-        try:
+        try:  # optional (the gpu extra, CUDA only), hence imported here
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
         except ImportError:
             raise RuntimeError("training.liger_kernels needs the liger-kernel package (CUDA only): "
@@ -73,8 +76,6 @@ def reporting_integrations(report_to: str | list[str]) -> list[str]:
 def unavailable_integrations(report_to: str | list[str]) -> list[str]:
     """The integrations of training.report_to whose package is not installed (Trainer would fail on them
     after the stages before training have run)."""
-    from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
-
     installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
     return [name for name in reporting_integrations(report_to) if not installed[name]()]
 
@@ -126,11 +127,6 @@ def train_adapter(params: Params, examples_path: str | Path, output_dir: str | P
 def train_in_this_process(params: Params, examples_path: str | Path, output_dir: str | Path,
                           init_adapter: str | None = None) -> dict[str, Any]:
     """train_adapter's work, in this process (one rank of a distributed run, or the only one)."""
-    import torch
-    from transformers import TrainingArguments, set_seed
-
-    from slkit.models.loading import load_tokenizer
-
     tp = params.training
     main_process = int(os.environ.get("RANK", 0)) == 0
     output_dir = Path(output_dir)
@@ -211,10 +207,6 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
 
 def main() -> None:
     """Entry point of one process under `accelerate launch` (see launch_distributed)."""
-    import argparse
-
-    from slkit.running.params import load_params
-
     parser = argparse.ArgumentParser(description="train one slkit adapter (one process of a distributed run)")
     parser.add_argument("--params", required=True)
     parser.add_argument("--examples", required=True)

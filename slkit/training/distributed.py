@@ -11,7 +11,6 @@ from slkit.running.params import Params, dump_params
 from slkit.running.records import read_document
 from slkit.running.schema import AdapterTrainingSummary
 
-
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 
 

@@ -53,7 +53,7 @@ def backbone_and_head(model: Any):
 
 
 def liger_loss(hidden, head, labels, num_items):
-    try:
+    try:  # optional (the gpu extra, CUDA only), hence imported here
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         raise RuntimeError("training.loss: 'liger' needs the liger-kernel package (CUDA only): "

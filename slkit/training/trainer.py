@@ -24,8 +24,6 @@ class LengthTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.activation_offload:
             return self._loss(model, inputs, return_outputs, num_items_in_batch)
-        import torch
-
         # Tensors autograd keeps for backward (with checkpointing: each layer's input) wait in
         # pinned CPU memory and come back to the GPU when backward reaches them.
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slkit.running.records import RecordFileError, read_jsonl
 from slkit.method.textstats import detect_language
+from slkit.running.records import RecordFileError, read_jsonl
 
 EXEMPLAR_DIR = Path(__file__).parent
 
