@@ -1,6 +1,7 @@
 """Peak GPU memory and tokens/s of a QLoRA training step at long lengths: the common recipe vs slkit's.
 
     python bench/train_memory.py --workdir /tmp/slkit-bench --shapes qwen2-7b --lengths 4096 8192 16384 32768
+    python bench/train_memory.py --shapes qwen2-7b --lengths 16384 32768 --variants slkit trl trl+liger
     python bench/train_memory.py --tiny --workdir /tmp/b --lengths 64 128     # CPU check (tests run it)
 
 Models are randomly initialised with the real shapes (honest for memory and speed, not for text).
@@ -9,7 +10,11 @@ steps of batch 1 on one sequence of exactly `length` tokens; tokens/s is taken f
 - naive: peft's prepare_model_for_kbit_training (fp32 upcast) + the model's own loss, paged AdamW 8-bit.
 - slkit*: slkit.training.adapters.train_adapter, the function the 03_training notebook calls, with the GPU recipe
   params/qwen2.5-7b-24gb.yaml and the variant's overrides.
-Both: nf4 with double quant, bf16 compute, LoRA r=16 alpha=32 on all linear layers.
+- trl*: TRL's SFTTrainer on the same samples (prompt, completion): its chunked loss (loss_type "nll", which
+  TRL >= 1.x computes chunked; "chunked_nll" is its deprecated alias), its activation offloading, non-reentrant
+  checkpointing, paged AdamW 8-bit; trl+liger adds Liger's kernels through transformers' public switch
+  (TrainingArguments.use_liger_kernel; TRL leaves out Liger's fused cross-entropy, as slkit does).
+All: nf4 with double quant, bf16 compute, LoRA r=16 alpha=32 dropout 0.05 on all linear layers (LORA).
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ SHAPES = {  # the published configs' dimensions
                        max_position_embeddings=4096, tie_word_embeddings=False),
 }
 RECIPE = REPO / "params" / "qwen2.5-7b-24gb.yaml"
+# The adapter every variant trains (the recipes' own default is rank 8; the tables were measured at rank 16).
+LORA = {"training.lora_r": 16, "training.lora_alpha": 32, "training.lora_dropout": 0.05}
+TRL_VARIANTS = {"trl": {"use_liger_kernel": False}, "trl+liger": {"use_liger_kernel": True}}
 VARIANTS = {
     "naive": None,
     "slkit": {},  # the GPU recipe as shipped (chunked loss + activation offload + Liger kernels)
@@ -47,6 +55,7 @@ VARIANTS = {
     "slkit+offload+liger": {"training.activation_offload": True, "training.liger_kernels": True},
     "slkit+offload+liger+tiled": {"training.activation_offload": True, "training.liger_kernels": True,
                                   "training.mlp_tile_tokens": 4096},
+    **TRL_VARIANTS,
 }
 
 
@@ -90,7 +99,7 @@ def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) 
 
     on_gpu = torch.cuda.is_available()
     params = load_params(RECIPE, {"model.path": str(model_dir), "training.max_length": length,
-                                  "training.epochs": 1.0, "training.warmup_ratio": 0.0,
+                                  "training.epochs": 1.0, "training.warmup_ratio": 0.0, **LORA,
                                   **({} if on_gpu else {"training.optimizer": "adamw_torch", "model.dtype": "bfloat16"}),
                                   **overrides})
     data = workdir / f"samples-{length}.jsonl"
@@ -142,6 +151,50 @@ def measure_naive(model_dir: Path, length: int, workdir: Path) -> dict:
     return {"peak_gib": peak, "step_s": round(seconds[-1], 4), "steps": 2}
 
 
+def measure_trl(model_dir: Path, length: int, options: dict, workdir: Path) -> dict:
+    """TRL's SFTTrainer with its own long-sequence switches, on the samples slkit trains on (2 of `length` tokens)."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from slkit.training.adapters import checkpointing_args
+    from slkit.training.trainer import StepTimer
+
+    on_gpu = torch.cuda.is_available()
+    # slkit's load_model's quantisation, so that only the trainer differs
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0 if on_gpu else "cpu"})
+    model.config.use_cache = False
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    data = workdir / f"samples-{length}.jsonl"
+    write_samples(data, tok, length)
+    dataset = Dataset.from_list([json.loads(line) for line in data.read_text().splitlines()])
+    args = SFTConfig(
+        output_dir=str(workdir / "trl-out"), per_device_train_batch_size=1, gradient_accumulation_steps=1,
+        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
+        optim="paged_adamw_8bit" if on_gpu else "adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, seed=0, bf16=on_gpu, use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
+        max_length=length, packing=False, loss_type="nll",
+        activation_offloading=on_gpu,  # TRL's offloading needs an accelerator (CUDA streams); off for --tiny on CPU
+        **checkpointing_args(SFTConfig, True), **options)
+    lora = LoraConfig(r=LORA["training.lora_r"], lora_alpha=LORA["training.lora_alpha"],
+                      lora_dropout=LORA["training.lora_dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora,
+                         callbacks=[timer := StepTimer()])
+    seq_tokens = sorted({len(ids) for ids in trainer.train_dataset["input_ids"]})
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train()
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None
+    return {"peak_gib": peak, "step_s": timer.seconds[-1], "steps": result.global_step, "seq_tokens": seq_tokens,
+            "trl": trl.__version__}
+
+
 def measure_one(shape: str, variant: str, length: int, workdir: Path) -> dict:
     import torch
 
@@ -150,6 +203,8 @@ def measure_one(shape: str, variant: str, length: int, workdir: Path) -> dict:
     try:
         if VARIANTS[variant] is None:
             row.update(measure_naive(model_dir, length, workdir))
+        elif variant in TRL_VARIANTS:
+            row.update(measure_trl(model_dir, length, TRL_VARIANTS[variant], workdir))
         else:
             row.update(measure_slkit(model_dir, length, VARIANTS[variant], workdir))
         row["tok_s"] = round(length / row["step_s"], 1)
@@ -191,6 +246,18 @@ def table(rows: list[dict]) -> str:
             cells = {r["length"]: fmt(r) for r in rows if r["shape"] == shape and r["variant"] == variant}
             out.append(f"| {shape} | {variant} | " + " | ".join(cells.get(n, "") for n in lengths) + " |")
     return "\n".join(out)
+
+
+def ratios(rows: list[dict], base: str = "slkit") -> list[str]:
+    """Each TRL variant against `base` at the same shape and length: peak memory and tokens/s, TRL / base."""
+    done = {(r["shape"], r["variant"], r["length"]): r for r in rows if r.get("tok_s")}
+    out = []
+    for (shape, variant, length), r in done.items():
+        b = done.get((shape, base, length))
+        if variant in TRL_VARIANTS and b:
+            mem = f"memory {r['peak_gib'] / b['peak_gib']:.3f}x, " if r.get("peak_gib") and b.get("peak_gib") else ""
+            out.append(f"{shape} {length:,} tokens, {variant} / {base}: {mem}tok/s {r['tok_s'] / b['tok_s']:.3f}x")
+    return out
 
 
 def search_longest(shape: str, variant: str, rows: list[dict], budget_gib: float, workdir: Path, timeout: int,
@@ -239,21 +306,26 @@ def main() -> None:
         return
     shapes = ["tiny-llama"] if args.tiny else args.shapes
     rows = []
+
+    def keep(new: list[dict]) -> None:  # to --out as they come: a run cut short keeps its rows
+        rows.extend(new)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+
     for shape in shapes:
         build_checkpoint(shape, args.workdir)
         for variant in args.variants:
             for length in sorted(args.lengths):
                 row = run_child(shape, variant, length, args.workdir, args.timeout)
-                rows.append(row)
+                keep([row])
                 print(json.dumps(row), flush=True)
                 if row.get("oom"):
                     break  # longer ones cannot fit either
         if args.search_gib:
-            rows += search_longest(shape, args.search_variant, rows, args.search_gib, args.workdir, args.timeout)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            keep(search_longest(shape, args.search_variant, rows, args.search_gib, args.workdir, args.timeout))
     print(table([r for r in rows if not r.get("search")]))
+    print("\n".join(ratios(rows)))
     found = [r for r in rows if r.get("search") and r.get("peak_gib") and r["peak_gib"] <= (args.search_gib or 0)]
     for r in found:
         print(f"longest within {args.search_gib} GiB ({r['shape']}, {r['variant']}): {r['length']:,} tokens "
