@@ -9,7 +9,8 @@ Each measurement runs in a fresh process (clean CUDA peak, survives an OOM) and 
 steps of batch 1 on one sequence of exactly `length` tokens; tokens/s is taken from the second step.
 - naive: peft's prepare_model_for_kbit_training (fp32 upcast) + the model's own loss, paged AdamW 8-bit.
 - slkit*: slkit.training.adapters.train_adapter, the function the 03_training notebook calls, with the GPU recipe
-  params/qwen2.5-7b-24gb.yaml and the variant's overrides.
+  params/qwen2.5-7b-24gb.yaml and the variant's overrides (TRL's SFTTrainer since 2026-12-01: the rows before that
+  date measured slkit's own trainer, a chunked fp32 cross-entropy and torch's save_on_cpu).
 - trl*: TRL's SFTTrainer on the same samples (prompt, completion): its chunked loss (loss_type "nll", which
   TRL >= 1.x computes chunked; "chunked_nll" is its deprecated alias), its activation offloading, non-reentrant
   checkpointing, paged AdamW 8-bit; trl+liger adds Liger's kernels through transformers' public switch
@@ -160,7 +161,7 @@ def measure_trl(model_dir: Path, length: int, options: dict, workdir: Path) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from slkit.training.adapters import checkpointing_args
+    from slkit.training.trainer import checkpointing_args
     from slkit.training.trainer import StepTimer
 
     on_gpu = torch.cuda.is_available()

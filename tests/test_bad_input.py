@@ -159,10 +159,10 @@ def test_out_of_memory_advice_follows_where_the_error_was_raised():
     """The final stage trains and generates in one process: the advice depends on the code that ran out of
     memory (slkit.training: training params), not on the stage's name."""
     from slkit.stages.common import raised_in_training
-    from slkit.training.batches import pad_batch
+    from slkit.training.batches import tokenize_example
 
-    with pytest.raises(ValueError) as in_training:
-        pad_batch([], pad_id=0)  # max() of nothing, raised inside slkit.training.batches
+    with pytest.raises(AttributeError) as in_training:
+        tokenize_example(None, "a prompt", "a completion", 8)  # no tokenizer: fails below slkit.training.batches
     assert raised_in_training(in_training.value)
     with pytest.raises(ValueError) as elsewhere:
         max([])

@@ -1,6 +1,7 @@
 """End to end: `slkit run` executes the five notebooks with papermill for 2 macro-iterations on the
 smoke recipe (tiny random model), then a rerun skips every finished stage."""
 import json
+import re
 import subprocess
 import sys
 
@@ -231,3 +232,21 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
         shown = [r for r in read_jsonl(smoke_run / f"iter_{k}" / "extensions.jsonl") if f"`{r['id']}`" in walkthrough]
         assert shown and shown[0]["rounds"]
         assert all(r["continuation"].strip()[:40] in walkthrough for r in shown[0]["rounds"][:4])
+
+
+def test_the_readme_lessons_block_is_made_from_a_run(smoke_run, tmp_path):
+    """tools/lessons_readme.py: one example per notebook, taken from the run's records, replaces the README's block."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- lessons:begin -->\nold\n<!-- lessons:end -->\nrest\n")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "lessons_readme.py"), str(smoke_run),
+                           "--readme", str(readme)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- lessons:begin -->\n") and text.endswith("<!-- lessons:end -->\nrest\n")
+    assert "old" not in text
+    for notebook in ("00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation", "05_length_control"):
+        assert f"**{notebook}**" in text
+    ids = {json.loads(line)["id"] for line in (smoke_run / "iter_2" / "extensions.jsonl").read_text().splitlines()}
+    shown = re.search(r"\*\*02_extensions\*\*: the rounds of extension `([^`]+)`", text)
+    assert shown and shown.group(1) in ids  # a real record of the run's last iteration
+    assert (tmp_path / "docs" / "lessons" / "required_vs_produced.png").stat().st_size > 1000

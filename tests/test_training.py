@@ -2,35 +2,43 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slkit.training.adapters import train_adapter
 from slkit.training.batches import tokenize_example
 from slkit.training.long_context import IGNORE
-from slkit.training.long_context import chunked_causal_lm_loss
 
 
-def test_chunked_loss_equals_full_cross_entropy_with_same_gradients():
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
-    hidden = torch.randn(2, 9, 16, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 9))
-    labels[0, :4] = IGNORE  # a prompt
-    full = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    g_full = torch.autograd.grad(full, [hidden, head.weight])
-    chunked = chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=3)
-    g_chunk = torch.autograd.grad(chunked, [hidden, head.weight])
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
-    for a, b in zip(g_full, g_chunk):
-        assert torch.allclose(a, b, atol=1e-6)
+def _examples(path, n=1, completion="alpha beta gamma delta."):
+    path.write_text("".join(json.dumps({"prompt": "Say the words.", "completion": completion}) + "\n" for _ in range(n)))
+    return path
 
 
-def test_chunked_loss_divides_by_num_items_for_accumulation():
-    head = torch.nn.Linear(4, 7, bias=False)
-    hidden = torch.randn(1, 5, 4)
-    labels = torch.randint(0, 7, (1, 5))
-    mean = chunked_causal_lm_loss(hidden, head, labels)
-    assert chunked_causal_lm_loss(hidden, head, labels, num_items=8).item() == pytest.approx(mean.item() * 4 / 8)
+def test_trl_trains_on_slkits_tokens_and_labels_as_they_are(smoke_params, tiny_model_path, tmp_path):
+    """TRL gets slkit's token ids (the prompt as generation renders it) and labels (response only) and keeps them."""
+    from slkit.models.loading import load_tokenizer
+    from slkit.training.adapters import build_lora_model
+    from slkit.training.trainer import sft_trainer
+
+    tok = load_tokenizer(smoke_params.model)
+    features = [tokenize_example(tok, "Write about rivers.", f"Rivers flow {i}.", max_length=512) for i in range(2)]
+    trainer, _ = sft_trainer(smoke_params, build_lora_model(smoke_params, None), tok, features, tmp_path / "c", "t")
+    assert [row["input_ids"] for row in trainer.train_dataset] == [f["input_ids"] for f in features]
+    assert [row["labels"] for row in trainer.train_dataset] == [f["labels"] for f in features]
+    assert trainer.args.max_length == smoke_params.training.max_length and trainer.args.use_liger_kernel is False
+
+
+def test_the_first_loss_is_the_models_cross_entropy_on_the_response(smoke_params, tiny_model_path, tmp_path):
+    """TRL's fused LM-head loss at step 1 (a fresh LoRA adds nothing yet) equals the base model's own loss over
+    the response tokens of the one example."""
+    from slkit.models.loading import load_model, load_tokenizer
+
+    summary = train_adapter(smoke_params, _examples(tmp_path / "sft.jsonl"), tmp_path / "a")
+    tok = load_tokenizer(smoke_params.model)
+    ex = tokenize_example(tok, "Say the words.", "alpha beta gamma delta.", max_length=512)
+    model = load_model(smoke_params.model, for_training=True)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss.item()
+    assert summary["first_loss"] == pytest.approx(expected, rel=2e-2)
 
 
 def test_tokenize_masks_prompt_and_cuts(smoke_params, tiny_model_path):
@@ -81,17 +89,29 @@ def test_qlora_4bit_path_trains(smoke_params, tiny_model_path, tmp_path):
     assert (tmp_path / "q" / "adapter_model.safetensors").exists()
 
 
-def test_activation_offload_gives_the_same_training(smoke_params, tiny_model_path, tmp_path):
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "Say.", "completion": f"word {i} and more words."}) + "\n"
-                            for i in range(3)))
-    runs = []
-    for offload in (False, True):
-        params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
-            update={"activation_offload": offload})})
-        runs.append(train_adapter(params, data, tmp_path / f"o{offload}"))
-    assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-4)
-    assert len(runs[1]["step_seconds"]) == runs[1]["steps"] == 3
+def test_long_context_switches_reach_trls_trainer(smoke_params, tiny_model_path, tmp_path):
+    """training.mlp_tile_tokens tiles every MLP when training begins (after Liger would have patched them) and
+    trains the same as untiled (tiling is exact); activation offloading goes to TRL on a GPU only (its copies
+    run on CUDA streams)."""
+    from slkit.models.loading import load_tokenizer
+    from slkit.training.adapters import build_lora_model
+    from slkit.training.trainer import TileMLPs, sft_trainer
+
+    tok = load_tokenizer(smoke_params.model)
+    features = [tokenize_example(tok, "Say.", f"word {i} and more words.", max_length=512) for i in range(3)]
+    losses = []
+    for tile in (0, 4):
+        params = smoke_params.model_copy(update={"seed": 1, "training": smoke_params.training.model_copy(
+            update={"mlp_tile_tokens": tile, "activation_offload": True})})
+        torch.manual_seed(0)
+        trainer, timer = sft_trainer(params, build_lora_model(params, None), tok, features, tmp_path / f"c{tile}", "t")
+        tilers = [c for c in trainer.callback_handler.callbacks if isinstance(c, TileMLPs)]
+        trainer.train()
+        assert [t.tiled for t in tilers] == ([2] if tile else [])  # the smoke model's two layers
+        assert len(timer.seconds) == trainer.state.global_step == 3
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert params.training.activation_offload and trainer.args.activation_offloading is False  # a CPU here
 
 
 def test_tiled_mlp_is_exact_and_covers_every_layer(smoke_params, tiny_model_path):
@@ -177,7 +197,7 @@ def test_checkpointing_keywords_fit_the_installed_transformers_and_the_gpu_image
 
     from transformers import TrainingArguments
 
-    from slkit.training.adapters import checkpointing_args
+    from slkit.training.trainer import checkpointing_args
 
     @dataclasses.dataclass
     class TrainingArguments517:  # the fields 5.17's TrainingArguments has for it

@@ -300,18 +300,14 @@ class TrainingParams(_Section):
     gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (non-reentrant): "
                                                  "trades ~30% speed for activation memory.", unit="none",
                                            reference=NO_REFERENCE)
-    loss: Literal["chunked", "liger", "model"] = setting(
-        "chunked", "How the cross-entropy is computed: chunked never holds full-vocabulary fp32 logits; liger: "
-        "Liger's fused linear cross-entropy; model: the model's own loss. The same loss either way.",
-        unit="none", reference=NO_REFERENCE)
-    loss_chunk_tokens: int = setting(2048, "chunked loss: fp32 logits exist for this many tokens at a time.",
-                                     unit="tokens", reference=NO_REFERENCE, ge=1)
-    activation_offload: bool = setting(False, "Keep checkpointed layer inputs in pinned CPU memory (GPU): longer "
-                                              "samples fit, ~10% slower.", unit="none", reference=NO_REFERENCE)
+    activation_offload: bool = setting(False, "TRL's activation offloading: checkpointed layer inputs wait in pinned "
+                                              "CPU memory, copied on a side stream (GPU): longer samples fit.",
+                                       unit="none", reference=NO_REFERENCE)
     mlp_tile_tokens: int = setting(0, ">0: run each MLP over the sequence in tiles this long, checkpointed (long "
                                       "samples); 0: off.", unit="tokens", reference=NO_REFERENCE, ge=0)
-    liger_kernels: bool = setting(False, "Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA, pip install "
-                                         "liger-kernel).", unit="none", reference=NO_REFERENCE)
+    liger_kernels: bool = setting(False, "Liger's fused RMSNorm / SwiGLU / RoPE kernels through transformers' "
+                                         "use_liger_kernel (CUDA, pip install liger-kernel).", unit="none",
+                                  reference=NO_REFERENCE)
     optimizer: str = setting("adamw_torch", "transformers' optim name; paged_adamw_8bit on a GPU saves optimizer "
                                             "memory.", unit="none", reference=NO_REFERENCE)
     line_keep_prob: float = setting(0.8, "Extender set: each draft line is kept with this probability, so the "
@@ -489,9 +485,13 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
 
 # Keys slkit no longer has, each with the value that did what slkit does now and why it went. A run directory's
 # params.yaml written while one existed holds it: at that value it is dropped as the file loads, so the run resumes.
+ANY_VALUE = object()  # a retired key dropped whatever it was set to: no value of it changed a result
 RETIRED_KEYS = {
     "engine.vllm.enable_sleep_mode": (False, "the length-control stage runs each vLLM engine in a child process, "
                                              "whose GPU memory goes back when it ends"),
+    # TRL's SFTTrainer trains since 2026-12-01; every value of these computed the same loss, with other memory.
+    "training.loss": (ANY_VALUE, "TRL's trainer computes the loss through its fused LM head"),
+    "training.loss_chunk_tokens": (ANY_VALUE, "TRL's trainer computes the loss through its fused LM head"),
 }
 
 
@@ -504,7 +504,7 @@ def _without_retired_keys(data: dict[str, Any], source: str, text: str | None) -
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or last not in node:
             continue
-        if node[last] != value:
+        if value is not ANY_VALUE and node[last] != value:
             line = _key_lines(text).get(tuple(dotted.split("."))) if text else None
             raise ParamsError(f"{source}{f':{line}' if line else ''}: {dotted}: no longer a setting ({why}); remove it")
         data = {**data}  # the caller's mapping stays as it was: copy the path down to the key

@@ -47,7 +47,7 @@ KERNEL_NAME = "slkit"
 # Every change is logged in params_changes.log.
 RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
                   "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
-                  "training.mlp_tile_tokens", "training.liger_kernels", "training.loss_chunk_tokens",
+                  "training.mlp_tile_tokens", "training.liger_kernels",
                   "training.gradient_checkpointing", "training.save_steps", "training.report_to"}
 
 

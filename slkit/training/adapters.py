@@ -3,18 +3,15 @@
     train_adapter(params, "runs/x/iter_1/generator_sft.jsonl", "runs/x/iter_1/adapters/generator",
                   init_adapter="runs/x/iter_0/adapters/generator")
 
-Built on transformers' Trainer (schedule, accumulation, optimizers incl. paged 8-bit AdamW) with
-one change: the loss. The model's own loss materialises full-vocabulary fp32 logits for the whole
-sequence (16k tokens x 152k vocab x 4 B = 10 GB for Qwen2); `chunked_causal_lm_loss` runs the LM
-head on response tokens only, a chunk at a time, recomputing each chunk in backward, so logits
-never exist for more than one chunk. Memory recipe: no whole-model fp32 upcast, non-reentrant
-gradient checkpointing, model.train() (eval mode silently skips checkpointing).
+slkit loads the base model (4-bit when asked), adds or continues the LoRA adapter and tokenizes the
+examples (slkit.training.batches); TRL's SFTTrainer trains (slkit.training.trainer). Memory recipe: no
+whole-model fp32 upcast, non-reentrant gradient checkpointing, TRL's fused LM-head loss (no full-sequence
+logits), activation offloading and Liger's kernels when asked.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import shutil
@@ -24,53 +21,28 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from slkit.models.loading import load_model, load_tokenizer
 from slkit.running.params import Params, load_params
 from slkit.running.records import read_jsonl, write_json_atomic
 from slkit.running.schema import AdapterTrainingSummary
-from slkit.training.batches import pad_batch, tokenize_example
+from slkit.training.batches import tokenize_example
 from slkit.training.distributed import launch_distributed
-from slkit.training.long_context import IGNORE, tile_mlps
-from slkit.training.trainer import LengthTrainer, StepTimer
+from slkit.training.long_context import IGNORE
+from slkit.training.trainer import reporting_integrations, sft_trainer
 
 
 def build_lora_model(params: Params, init_adapter: str | None):
     """Base model (4-bit when asked) with a trainable LoRA adapter: fresh, or continued from `init_adapter`."""
     tp = params.training
     model = load_model(params.model, device=params.engine.device, for_training=True)
-    if tp.liger_kernels:
-        try:  # optional (the gpu extra, CUDA only), hence imported here
-            from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        except ImportError:
-            raise RuntimeError("training.liger_kernels needs the liger-kernel package (CUDA only): "
-                               "pip install liger-kernel, or set it to false") from None
-        # Kernels only; the loss stays slkit's (training.loss picks chunked or Liger's fused one).
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=False)
-    if tp.mlp_tile_tokens:
-        tile_mlps(model, tp.mlp_tile_tokens)
     if init_adapter:
         return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                         target_modules=tp.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def checkpointing_args(training_arguments: type, enabled: bool) -> dict[str, Any]:
-    """TrainingArguments' activation checkpointing keywords: transformers 5.23 renamed gradient_checkpointing
-    to activation_checkpointing (the old name is deprecated there), and the GPU image has 5.17, which knows only
-    the old one (a TypeError at the training stage)."""
-    names = {f.name for f in dataclasses.fields(training_arguments)}
-    kind = "activation" if "activation_checkpointing" in names else "gradient"
-    return {f"{kind}_checkpointing": enabled, f"{kind}_checkpointing_kwargs": {"use_reentrant": False}}
-
-
-def reporting_integrations(report_to: str | list[str]) -> list[str]:
-    """training.report_to as transformers' list of integrations ([] for "none")."""
-    return [] if report_to == "none" else [report_to] if isinstance(report_to, str) else list(report_to)
 
 
 def unavailable_integrations(report_to: str | list[str]) -> list[str]:
@@ -98,7 +70,6 @@ def _tensorboard_logging_dir(path: Path):
         yield
     finally:
         os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
-
 
 
 
@@ -156,28 +127,10 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
         model = build_lora_model(params, init_adapter)
         on_gpu = next(model.parameters()).device.type == "cuda"
         checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
-        args = TrainingArguments(
-            output_dir=str(checkpoints), save_steps=tp.save_steps or 500,
-            per_device_train_batch_size=tp.batch_size, gradient_accumulation_steps=tp.gradient_accumulation,
-            num_train_epochs=tp.epochs, learning_rate=tp.learning_rate, lr_scheduler_type=tp.lr_scheduler,
-            warmup_steps=tp.warmup_ratio, optim=tp.optimizer, logging_steps=1,
-            save_strategy="steps" if tp.save_steps else "no",
-            save_total_limit=2,  # a kill while saving leaves the one before complete; older ones are dead weight
-            report_to=reporting_integrations(tp.report_to) or "none",
-            run_name=f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}",  # wandb's, mlflow's run
-            remove_unused_columns=False, seed=params.seed, disable_tqdm=True,
-            bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
-            use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
-            **checkpointing_args(TrainingArguments, tp.gradient_checkpointing),
-            ddp_find_unused_parameters=False)  # LoRA freezes the base: DDP must not look for unused weights
-        if "LOCAL_RANK" not in os.environ:
-            args._n_gpu = 1  # one process trains on one GPU; Trainer would wrap nn.DataParallel on a multi-GPU host
+        run_name = f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}"  # wandb's, mlflow's run
         with _tensorboard_logging_dir(tensorboard_dir(output_dir)):
-            trainer = LengthTrainer(
-                model=model, args=args, train_dataset=features,
-                data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
-                loss_kind=tp.loss, loss_chunk_tokens=tp.loss_chunk_tokens, activation_offload=tp.activation_offload,
-                callbacks=[step_timer := StepTimer()])
+            trainer, step_timer = sft_trainer(params, model, tokenizer, features, checkpoints, run_name)
+        args = trainer.args
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
