@@ -64,6 +64,7 @@ def test_train_adapter_learns_and_continues(smoke_params, tiny_model_path, tmp_p
     assert first["trained"] and first["final_loss"] < first["first_loss"]
     assert (tmp_path / "adapters" / "generator" / "adapter_config.json").exists()
     assert (tmp_path / "adapters" / "generator" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapters" / "generator" / "tokenizer.json").exists()  # the base model's, not copied
     second = train_adapter(params, data, tmp_path / "next", init_adapter=str(tmp_path / "adapters" / "generator"))
     assert second["first_loss"] < first["first_loss"]  # started from the trained adapter
 

@@ -144,6 +144,7 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
                        losses=losses, step_seconds=step_timer.seconds,
                        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None)
         summary["processes"] = args.world_size
+        trainer.processing_class = None  # the adapter alone: the tokenizer is the base model's (7 MB for Qwen)
         trainer.save_model(str(tmp_dir))  # gathers FSDP / ZeRO-3 shards; rank 0 writes
         del trainer, model
         if not main_process:
