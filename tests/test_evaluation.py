@@ -212,7 +212,7 @@ def test_a_hub_dataset_with_one_split_needs_no_split_name(monkeypatch):
         table = datasets.Dataset.from_list(rows)
         return table if split else datasets.DatasetDict({"test": table})
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr("slkit.evaluation.benchmarks.load_dataset", fake_load)
     fmt, items = load_benchmark("quanshr/LonGen")
     assert fmt == "longen" and items[0]["interval"] == (1600.0, 2400.0) and calls == [("quanshr/LonGen", None)]
     load_benchmark("quanshr/LonGen:test")
@@ -223,6 +223,6 @@ def test_a_hub_dataset_with_several_splits_asks_for_one(monkeypatch):
     import datasets
 
     table = datasets.Dataset.from_list([{"prompt": "p", "type": "t", "length": 100}])
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: datasets.DatasetDict({"train": table, "test": table}))
+    monkeypatch.setattr("slkit.evaluation.benchmarks.load_dataset", lambda name, split=None: datasets.DatasetDict({"train": table, "test": table}))
     with pytest.raises(RecordFileError, match="splits train, test; name one as org/bench:SPLIT"):
         load_benchmark("org/bench")

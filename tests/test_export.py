@@ -229,11 +229,9 @@ class FakeHfApi:
 
 
 def test_push_to_hub_uploads_both_folders_and_never_writes_the_token(tmp_path, tiny_model_path, monkeypatch, capsys):
-    import huggingface_hub
-
     secret = "hf_thisIsTheUsersSecretToken123"
     monkeypatch.setenv("HF_TOKEN", secret)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr("slkit.running.export.HfApi", FakeHfApi)
     FakeHfApi.calls = []
     run_dir, _ = _trained_run(tmp_path, tiny_model_path, adapters=False)
     assert main(["export", str(run_dir), "--push-to-hub", "me/long-writer", "--private"]) == 0

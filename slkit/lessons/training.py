@@ -13,7 +13,7 @@ from slkit.models.loading import load_tokenizer
 from slkit.running.layout import ROLES
 from slkit.running.params import Params
 from slkit.running.records import read_jsonl
-from slkit.training.adapters import tokenize_example
+from slkit.training.batches import tokenize_example
 from slkit.training.long_context import IGNORE
 
 
