@@ -116,6 +116,24 @@ def test_resume_of_a_run_started_while_a_removed_key_existed(tmp_path):
         load_params(recipe)
 
 
+def test_the_retired_loss_keys_are_read_away_at_any_value(tmp_path):
+    """training.loss and loss_chunk_tokens went with slkit's own trainer (TRL's computes the loss): every value
+    computed the same loss, so a run directory holding any of them resumes, and a recipe with them loads."""
+    import yaml
+
+    _, run_dir = _prepare(tmp_path)
+    snapshot = run_dir / "params.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    older["training"].update(loss="liger", loss_chunk_tokens=256)
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    _prepare(tmp_path)
+    assert not (run_dir / "params_changes.log").exists()
+    assert not {"loss", "loss_chunk_tokens"} & set(yaml.safe_load(snapshot.read_text())["training"])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump(older, sort_keys=False))
+    assert "loss" not in load_params(recipe).to_dict()["training"]
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     exemplars = tmp_path / "exemplars.jsonl"
     exemplars.write_text("not json\n")
