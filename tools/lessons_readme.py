@@ -18,16 +18,11 @@ import pandas as pd
 
 from slkit.evaluation.reports import markdown_table
 from slkit.lessons import drafts, extensions, length_control, quality_table, queries, training
-from slkit.running.layout import load_run_params, stage_dir
-from slkit.running.records import done_marker, read_document, read_jsonl
-from slkit.running.schema import DoneMarker
+from slkit.running.layout import load_run_params, stage_dir, stage_summary
+from slkit.running.records import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- lessons:begin -->", "<!-- lessons:end -->"
-
-
-def summary(run_dir: Path, iteration: int, stage: str) -> dict:
-    return read_document(done_marker(stage_dir(run_dir, iteration, stage), stage), DoneMarker)["summary"]
 
 
 def table(frame, label: str) -> str:
@@ -45,7 +40,7 @@ def block(run_dir: Path, figures: Path | None, link: str) -> str:
     out = stage_dir(run_dir, k, "drafts")
     where = f"`{run_dir.name}` run, iteration {k}"
     parts = [f"**00_queries**: what became of the self-instruct candidates ({where}).\n\n"
-             + table(queries.rejections(summary(run_dir, k, "queries")), "outcome")]
+             + table(queries.rejections(stage_summary(run_dir, k, "queries")), "outcome")]
     draft = drafts.pick(read_jsonl(out / "drafts.jsonl"))
     if draft:
         parts.append(f"**01_drafts**: the quality check on draft `{draft['id']}` ({draft['language']}, accepted at try "
@@ -57,7 +52,7 @@ def block(run_dir: Path, figures: Path | None, link: str) -> str:
                      f"{extension['words']} words; every round is in its `extensions.jsonl` record, the notebook shows "
                      "each text).\n\n" + table(extensions.rounds_table(extension), ""))
     parts.append(f"**03_training**: both adapters of iteration {k}.\n\n"
-                 + table(training.training_table(summary(run_dir, k, "training")).drop(columns=["started from"]), "adapter"))
+                 + table(training.training_table(stage_summary(run_dir, k, "training")).drop(columns=["started from"]), "adapter"))
     figure = stage_dir(run_dir, k, "evaluation") / "required_vs_produced.png"
     if figure.exists():
         if figures is not None:
@@ -67,7 +62,7 @@ def block(run_dir: Path, figures: Path | None, link: str) -> str:
                      f"and of iteration {k} ({Path(params.evaluation.benchmark or '').name}).\n\n"
                      f"![required vs produced words]({link}/{figure.name})")
     if params.length_control.enabled and (run_dir / "length_control").is_dir():
-        final = summary(run_dir, k, "length_control")
+        final = stage_summary(run_dir, k, "length_control")
         scores = length_control.scores_table(final)
         parts.append("**05_length_control**: the constraint kinds of the pairs against the proportions they were "
                      "drawn with, and the length scores before and after.\n\n"

@@ -37,9 +37,9 @@ from slkit.evaluation.figures import (
     plot_required_vs_produced,
 )
 from slkit.method.textstats import distinct_n
-from slkit.running.layout import BASELINE, environment_path, iter_dir
+from slkit.running.layout import BASELINE, environment_path, iter_dir, stage_summary
 from slkit.running.records import read_document, read_json, read_records
-from slkit.running.schema import BenchmarkOutput, DoneMarker, EvaluationSummary, record_type
+from slkit.running.schema import BenchmarkOutput, EvaluationSummary, record_type
 
 
 def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
@@ -50,11 +50,6 @@ def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
         found.append(k)
         k += 1
     return found
-
-
-def _done_summary(run_dir: str | Path, k: int, stage: str) -> dict:
-    path = iter_dir(run_dir, k) / f"{stage}.done.json"
-    return read_document(path, DoneMarker)["summary"] if path.exists() else {}
 
 
 def iteration_dirs(run_dir: str | Path, upto: int | None = None) -> dict[int, Path]:
@@ -97,7 +92,7 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
 
     for k in iterations(run_dir, upto):
         for stage, accepted_key in (("queries", "queries"), ("drafts", "drafts")):
-            summary = _done_summary(run_dir, k, stage)
+            summary = stage_summary(run_dir, k, stage)
             if not summary:
                 continue
             rejected = {r: n for r, n in summary.get("rejected", {}).items() if r != "gave_up"}
@@ -105,14 +100,14 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
             add(k, stage, "accepted", summary[accepted_key], candidates)
             for reason, n in sorted(rejected.items()):
                 add(k, stage, f"rejected: {reason}", n, candidates)
-        extend = _done_summary(run_dir, k, "extensions")
+        extend = stage_summary(run_dir, k, "extensions")
         rounds = {r: n for r, n in extend.get("counts", {}).items() if r.startswith("round_")}
         for reason, n in sorted(rounds.items()):
             add(k, "extension round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
         if extend:
             add(k, "draft resampling", "kept", extend["resampled_drafts"], extend["drafts"])
             add(k, "extension job", "accepted", extend["extensions"], extend["jobs"])
-        train = _done_summary(run_dir, k, "training")
+        train = stage_summary(run_dir, k, "training")
         if train:
             add(k, "extension resampling", "kept", train["resampled_extensions"], train["extensions"])
     return pd.DataFrame(rows, columns=["iteration", "stage", "check", "count", "out_of", "rate"])

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from slkit.running.params import Params, load_params
-from slkit.running.records import done_marker, read_json
+from slkit.running.records import done_marker, read_document, read_json
+from slkit.running.schema import DoneMarker
 
 ROLES = ("generator", "extender")
 
@@ -63,6 +64,12 @@ def stage_dir(run_dir: str | Path, iteration: int, stage: str) -> Path:
 def lock_path(run_dir: str | Path, iteration: int, stage: str) -> Path:
     """Holds the PID of the process running a stage, so a resumed run can stop an orphaned kernel."""
     return stage_dir(run_dir, iteration, stage) / f"{stage}.lock"
+
+
+def stage_summary(run_dir: str | Path, iteration: int, stage: str) -> dict:
+    """A finished stage's summary, read from its done-marker ({} when the stage has none yet)."""
+    marker = done_marker(stage_dir(run_dir, iteration, stage), stage)
+    return read_document(marker, DoneMarker)["summary"] if marker.exists() else {}
 
 
 def stage_done(run_dir: str | Path, iteration: int, stage: str) -> bool:

@@ -39,7 +39,7 @@ from slkit.running.params import Params, ParamsError, dump_params, load_params, 
 from slkit.running.records import RecordFileError
 from slkit.running.registry import BY_NAME, ITERATION_STAGES
 from slkit.running.runlock import boot_id, hold_run_dir
-from slkit.training.adapters import unavailable_integrations
+from slkit.training.trainer import unavailable_integrations
 
 KERNEL_NAME = "slkit"
 # Keys a resumed run may change: how much is done, how memory is spent (what an out-of-memory

@@ -28,14 +28,14 @@ from slkit.running.layout import (
     load_run_params,
     lock_path,
     prepare_iteration,
-    stage_dir,
     stage_done,
+    stage_summary,
 )
 from slkit.running.logs import counts, run_log, stage_label
 from slkit.running.params import Params, SamplingParams
-from slkit.running.records import Progress, RecordWriter, done_marker, read_document, read_records
+from slkit.running.records import Progress, RecordWriter, read_records
 from slkit.running.runlock import boot_id, lock_for_stage
-from slkit.running.schema import DoneMarker, QueryRecord, record_type
+from slkit.running.schema import QueryRecord, record_type
 
 OOM_ADVICE = {
     "training": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "
@@ -59,7 +59,7 @@ def skip_when_done(stage: str) -> Callable:
         @functools.wraps(fn)
         def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
             if stage_done(run_dir, iteration, stage):
-                return read_document(done_marker(stage_dir(run_dir, iteration, stage), stage), DoneMarker)["summary"]
+                return stage_summary(run_dir, iteration, stage)
             run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)

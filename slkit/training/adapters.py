@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import set_seed
-from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from slkit.models.loading import load_model, load_tokenizer
 from slkit.running.params import Params, load_params
@@ -31,7 +30,7 @@ from slkit.running.schema import AdapterTrainingSummary
 from slkit.training.batches import tokenize_example
 from slkit.training.distributed import launch_distributed
 from slkit.training.long_context import IGNORE
-from slkit.training.trainer import reporting_integrations, sft_trainer
+from slkit.training.trainer import sft_trainer
 
 
 def build_lora_model(params: Params, init_adapter: str | None):
@@ -43,13 +42,6 @@ def build_lora_model(params: Params, init_adapter: str | None):
     config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                         target_modules=tp.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def unavailable_integrations(report_to: str | list[str]) -> list[str]:
-    """The integrations of training.report_to whose package is not installed (Trainer would fail on them
-    after the stages before training have run)."""
-    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
-    return [name for name in reporting_integrations(report_to) if not installed[name]()]
 
 
 def tensorboard_dir(adapter_output: Path) -> Path:
@@ -125,12 +117,12 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
         summary.update(trained=False, reason=f"{len(features)} usable samples < training.min_samples={tp.min_samples}")
     else:
         model = build_lora_model(params, init_adapter)
-        on_gpu = next(model.parameters()).device.type == "cuda"
         checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
         run_name = f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}"  # wandb's, mlflow's run
         with _tensorboard_logging_dir(tensorboard_dir(output_dir)):
             trainer, step_timer = sft_trainer(params, model, tokenizer, features, checkpoints, run_name)
         args = trainer.args
+        on_gpu = not args.use_cpu
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.time()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
 from transformers.utils import is_liger_kernel_available
 from trl import SFTConfig, SFTTrainer
 
@@ -41,6 +42,13 @@ def checkpointing_args(training_arguments: type, enabled: bool) -> dict[str, Any
 def reporting_integrations(report_to: str | list[str]) -> list[str]:
     """training.report_to as transformers' list of integrations ([] for "none")."""
     return [] if report_to == "none" else [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def unavailable_integrations(report_to: str | list[str]) -> list[str]:
+    """The integrations of training.report_to whose package is not installed (Trainer would fail on them
+    after the stages before training have run)."""
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    return [name for name in reporting_integrations(report_to) if not installed[name]()]
 
 
 def sft_config(params: Params, checkpoints: Path, run_name: str, on_gpu: bool) -> SFTConfig:
