@@ -24,9 +24,9 @@ def test_a_stop_string_in_a_text_at_the_cap_means_the_model_ended_it():
 def test_the_tally_counts_cut_texts_per_cap():
     tally = CapTally()
     tally.add([Request("p", None, 64), Request("p", None, 64), Request("p", None, 4)],
-              [Generated("a", cut=True), Generated("b"), Generated("yes", cut=True)])
+              [Generated("a", cut=True), Generated("b", stopped_early=True), Generated("yes", cut=True)])
     tally.add([Request("p", None, 64)], ["plain text from a scripted engine"])
-    assert tally.summary() == {"outputs": 4, "cut": 2, "share": 0.5, "by_max_new_tokens": {
+    assert tally.summary() == {"outputs": 4, "cut": 2, "share": 0.5, "stopped_early": 1, "by_max_new_tokens": {
         "4": {"outputs": 1, "cut": 1, "share": 1.0}, "64": {"outputs": 3, "cut": 1, "share": 0.3333}}}
 
 

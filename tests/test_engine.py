@@ -34,6 +34,23 @@ def test_batched_left_padded_generation_matches_one_by_one(engine, smoke_params)
     assert any(batched)
 
 
+def test_stop_early_ends_its_row_only_and_the_others_are_sampled_as_without_it(engine, smoke_params):
+    sampling = smoke_params.sampling.model_copy(update={"stop": [], "trim_unfinished": False})
+    plain = [Request(engine.render(p), None, 80, seed=3) for p in ("Write about tea.", "Write about rivers.")]
+    checked = []
+
+    def after_40_chars(text):
+        checked.append(len(text))
+        return len(text) > 40
+
+    watched = [plain[0], Request(plain[1].prompt, None, 80, seed=3, stop_early=after_40_chars)]
+    before, after = engine.generate(plain, sampling), engine.generate(watched, sampling)
+    assert after[0] == before[0] and not after[0].stopped_early
+    assert after[1].stopped_early and not after[1].cut
+    assert len(after[1]) < len(before[1]) and before[1].startswith(after[1][:20])
+    assert checked and all(n > 0 for n in checked)  # checked every 32 tokens, on the text so far
+
+
 def test_sampling_is_reproducible_by_seed(engine, smoke_params):
     r = [Request(engine.render("Write."), None, 16, seed=7)]
     assert engine.generate(r, smoke_params.sampling) == engine.generate(r, smoke_params.sampling)

@@ -27,6 +27,10 @@ class Request:
     # A JSON schema the answer must follow (the judge's scores): backends with structured outputs (vLLM, most
     # servers) constrain decoding to it; the others ignore it and their callers check and retry.
     json_schema: dict | None = field(default=None, compare=False)
+    # A check of the text so far (prefill + generated): True ends the generation at once, because the text
+    # already breaks a rule that only gets worse as it grows (a repeated n-gram): whatever came next, it
+    # would be rejected. Engines that stream their texts apply it (the endpoint engine); the rest ignore it.
+    stop_early: Callable[[str], bool] | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -89,19 +93,20 @@ class Generated(str):
     """A generated text that knows whether max_new_tokens ended it (`cut`): then the cap, not the model,
     set its length. Every engine returns these; as a str it goes wherever a text goes."""
     cut: bool
+    stopped_early: bool  # the request's stop_early check ended it early: the text is rejected whatever came next
 
-    def __new__(cls, text: str, cut: bool = False) -> Generated:
+    def __new__(cls, text: str, cut: bool = False, stopped_early: bool = False) -> Generated:
         self = super().__new__(cls, text)
-        self.cut = cut
+        self.cut, self.stopped_early = cut, stopped_early
         return self
 
 
-def finished(raw: str, sampling: SamplingParams, at_cap: bool) -> Generated:
+def finished(raw: str, sampling: SamplingParams, at_cap: bool, stopped_early: bool = False) -> Generated:
     """The postprocessed text of a raw completion, cut when the backend stopped at the token cap (`at_cap`) and
     no stop string ended the text before it: a backend that applies stop strings only here (transformers, an
     endpoint sent 4 of them) generates on to the cap although the answer ended at the stop string."""
     stopped = cut_at_stop(raw, sampling.stop) != raw
-    return Generated(postprocess(raw, sampling), at_cap and not stopped)
+    return Generated(postprocess(raw, sampling), at_cap and not stopped and not stopped_early, stopped_early)
 
 
 def share(part: int, whole: int) -> float | None:
@@ -111,21 +116,23 @@ def share(part: int, whole: int) -> float | None:
 class CapTally:
     """How many generated texts max_new_tokens cut, per cap (one stage may ask for several lengths: the queries
     stage's judge answers in 4 tokens, its self-instruct in more). A text that is not a Generated (a scripted
-    engine's) counts as not cut."""
+    engine's) counts as not cut. It also counts the texts their request's stop_early check ended (stopped_early)."""
 
     def __init__(self) -> None:
         self.outputs: Counter = Counter()
         self.cut: Counter = Counter()
+        self.stopped_early = 0
 
     def add(self, requests: list[Request], texts: list[str]) -> None:
         for request, text in zip(requests, texts):
             self.outputs[request.max_new_tokens] += 1
             self.cut[request.max_new_tokens] += bool(getattr(text, "cut", False))
+            self.stopped_early += bool(getattr(text, "stopped_early", False))
 
     def summary(self) -> dict[str, Any]:
-        """{"outputs", "cut", "share", "by_max_new_tokens": {cap: {"outputs", "cut", "share"}}}."""
+        """{"outputs", "cut", "share", "stopped_early", "by_max_new_tokens": {cap: {"outputs", "cut", "share"}}}."""
         outputs, cut = sum(self.outputs.values()), sum(self.cut.values())
-        return {"outputs": outputs, "cut": cut, "share": share(cut, outputs),
+        return {"outputs": outputs, "cut": cut, "share": share(cut, outputs), "stopped_early": self.stopped_early,
                 "by_max_new_tokens": {str(cap): {"outputs": n, "cut": self.cut[cap], "share": share(self.cut[cap], n)}
                                       for cap, n in sorted(self.outputs.items())}}
 

@@ -26,9 +26,10 @@ engine.endpoint.api_key_env; it is never stored in params, records, logs or note
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -109,6 +110,11 @@ class EndpointEngine(LocalPrompts):
         self.structured_outputs = True  # until a server refuses response_format
         self.models: dict[str, str] = {}
         self.loaded: list[str] = []
+        # submit(): one request at a time, each on a worker thread of its own while it runs.
+        self.max_in_flight = ep.concurrency * len(self.clients)
+        self._workers: ThreadPoolExecutor | None = None
+        self._order = itertools.count()
+        self._abandon: dict[Future, threading.Event] = {}
         for role, path in (adapters or {}).items():
             if path:
                 self.models[role] = self._serve_adapter(role, str(path))
@@ -141,17 +147,37 @@ class EndpointEngine(LocalPrompts):
     def render(self, message: str) -> str:
         return message if self.tokenizer is None else super().render(message)  # chat API: the server's template
 
-    def _complete(self, index: int, request: Request, sampling: SamplingParams) -> Generated:
+    def _complete(self, index: int, request: Request, sampling: SamplingParams,
+                  abandoned: threading.Event | None = None) -> Generated:
         if request.json_schema is not None and self.structured_outputs:
             try:
-                return self._send(index, request, sampling)
+                return self._send(index, request, sampling, abandoned)
             except RefusedRequest:
                 # Most likely the schema (servers word it differently); a request refused for another reason is
                 # refused again below, and that error is raised.
                 self.structured_outputs = False
-        return self._send(index, replace(request, json_schema=None), sampling)
+        return self._send(index, replace(request, json_schema=None), sampling, abandoned)
 
-    def _send(self, index: int, request: Request, sampling: SamplingParams) -> Generated:
+    def submit(self, request: Request, sampling: SamplingParams) -> Future:
+        """Send one request now; its Generated text comes in the Future. It is streamed, so abandon() can end
+        it on the server, and its stop_early check ends it as soon as the check says so."""
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="slkit-request")
+        abandoned = threading.Event()
+        future = self._workers.submit(self._complete, next(self._order), request, sampling, abandoned)
+        self._abandon[future] = abandoned
+        future.add_done_callback(lambda f: self._abandon.pop(f, None))
+        return future
+
+    def abandon(self, futures: list[Future]) -> None:
+        """Stop streaming these submitted requests: the server ends a request whose client went away."""
+        for future in futures:
+            event = self._abandon.get(future)
+            if event is not None:
+                event.set()
+
+    def _send(self, index: int, request: Request, sampling: SamplingParams,
+              abandoned: threading.Event | None = None) -> Generated:
         ep = self.endpoint
         body = request_body(request, sampling, self.models.get(request.role, self.base_model), ep.api,
                             ep.vllm_sampling, getattr(self.tokenizer, "bos_token", None))
@@ -162,6 +188,8 @@ class EndpointEngine(LocalPrompts):
             client = self.clients[server]
             try:
                 with self.slots[server]:
+                    if abandoned is not None:
+                        return self._stream(client, standard, body, request, sampling, abandoned)
                     if ep.api == "completions":
                         choice = client.completions.create(**standard, extra_body=body or None).choices[0]
                         text = choice.text
@@ -175,6 +203,33 @@ class EndpointEngine(LocalPrompts):
                 errors.append(f"{client.base_url}: {type(err).__name__}: {err}")
         raise RuntimeError(f"every server failed for one request ({ep.max_retries + 1} tries each); the records "
                            "written so far are kept: rerun once a server answers\n  " + "\n  ".join(errors))
+
+    def _stream(self, client: OpenAI, standard: dict, body: dict, request: Request, sampling: SamplingParams,
+                abandoned: threading.Event) -> Generated:
+        """One streamed request: ended early when abandoned or when its stop_early check fires (closing the
+        stream aborts the request on a vLLM server)."""
+        create = client.completions.create if self.endpoint.api == "completions" else client.chat.completions.create
+        stream = create(**standard, stream=True, extra_body=body or None)
+        text, reason, unchecked, stopped_early = "", None, 0, False
+        try:
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = (choice.text if self.endpoint.api == "completions" else choice.delta.content) or ""
+                text += delta
+                reason = choice.finish_reason or reason
+                if abandoned.is_set():
+                    return Generated("")
+                unchecked += len(delta)
+                if request.stop_early is not None and unchecked >= STOP_EARLY_EVERY_CHARS and reason is None:
+                    unchecked = 0
+                    if request.stop_early(request.prefill + text):
+                        stopped_early = True
+                        break
+        finally:
+            stream.close()
+        return finished(text, sampling, reason == "length", stopped_early)
 
     def generate(self, requests: list[Request], sampling: SamplingParams,
                  on_done: Callable[[int], None] | None = None) -> list[Generated]:
@@ -195,6 +250,10 @@ class EndpointEngine(LocalPrompts):
 
     def close(self) -> None:
         """Unload the adapters this engine loaded, so a long-running server pool does not fill up."""
+        if self._workers is not None:
+            self.abandon(list(self._abandon))
+            self._workers.shutdown(wait=True, cancel_futures=True)
+            self._workers = None
         for name in self.loaded:
             for client in self.clients:
                 try:
@@ -203,6 +262,11 @@ class EndpointEngine(LocalPrompts):
                     pass
         for client in self.clients:
             client.close()
+
+
+# How much new text a streamed request receives between two stop_early checks: each check reads the whole
+# text so far, so checking at every token would cost time quadratic in the text's length.
+STOP_EARLY_EVERY_CHARS = 400
 
 
 class RefusedRequest(RuntimeError):

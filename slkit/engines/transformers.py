@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import torch
 from peft import PeftModel
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, stable_seed, stop_token_ids
 from slkit.models.chat import with_bos
@@ -42,6 +43,24 @@ class TopKSampler:
         probs, ids = top_k_top_p_probs(scores, self.temperature, self.top_k, self.top_p)
         chosen = ids.gather(-1, torch.multinomial(probs, 1))
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+
+class StopEarly(StoppingCriteria):
+    """Ends the rows of a batch whose request's stop_early check fires on its text so far (prefill + generated),
+    checked every `every` tokens; the other rows generate on, sampled exactly as without it."""
+
+    def __init__(self, tokenizer: Any, requests: list[Request], prompt_length: int, every: int = 32):
+        self.tokenizer, self.requests, self.prompt_length, self.every = tokenizer, requests, prompt_length, every
+        self.stopped = [False] * len(requests)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        new = input_ids.shape[1] - self.prompt_length
+        if new % self.every == 0:
+            for row, request in enumerate(self.requests):
+                if request.stop_early is not None and not self.stopped[row]:
+                    text = self.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True)
+                    self.stopped[row] = request.stop_early(request.prefill + text)
+        return torch.tensor(self.stopped, device=input_ids.device)
 
 
 class TransformersEngine(LocalPrompts):
@@ -100,6 +119,9 @@ class TransformersEngine(LocalPrompts):
             )
             if top_k_sampler:
                 kwargs["logits_processor"] = [TopKSampler(sampling.temperature, sampling.top_k, sampling.top_p)]
+            stop_early = StopEarly(self.tokenizer, [requests[j] for j in batch], enc["input_ids"].shape[1])
+            if any(requests[j].stop_early for j in batch):
+                kwargs["stopping_criteria"] = StoppingCriteriaList([stop_early])
             torch.manual_seed(stable_seed(*(requests[j].seed for j in batch)))
             with torch.inference_mode(), self._adapter(role):
                 out = self.model.generate(**enc, **kwargs)
@@ -110,7 +132,8 @@ class TransformersEngine(LocalPrompts):
                 # Cut: all max_new_tokens were generated and none ended the answer (a finished row is padded after
                 # its end token, so it holds one).
                 at_cap = len(ids) == requests[j].max_new_tokens and not torch.isin(ids, eos).any().item()
-                outputs[j] = finished(self.tokenizer.decode(ids, skip_special_tokens=True), sampling, at_cap)
+                outputs[j] = finished(self.tokenizer.decode(ids, skip_special_tokens=True), sampling, at_cap,
+                                      stop_early.stopped[row])
             if on_done:
                 on_done(len(batch))
         return outputs

@@ -15,6 +15,7 @@ from statistics import mean
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
+from slkit.engines.jobs import Job, run_jobs
 from slkit.running.params import JudgeParams, SamplingParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import Judgement
@@ -85,34 +86,31 @@ def parse_judgement(text: str) -> dict[str, float] | None:
 def judge_responses(engine: Engine, items: list[dict], jp: JudgeParams, seed: int, writer: RecordWriter,
                     on_done: Callable[[int], None] | None = None) -> None:
     """Append one record per item ({"index", "sample", "query", "output"}) to `writer`: its scores, or
-    failed with the last reply. Items already in the writer (a resumed stage) are skipped."""
-    done = {(r["index"], r["sample"]) for r in writer.records}
-    pending = [it for it in items if (it["index"], it["sample"]) not in done]
-    for attempt in range(1, jp.max_tries + 1):
-        if not pending:
-            break
-        # Asked again each try: an endpoint that refused the schema stops offering structured outputs.
-        structured = getattr(engine, "structured_outputs", False)
-        # A schema-constrained reply starts the object itself, so it gets no pre-filled start.
-        prefill = "" if engine.is_chat or structured else BASE_MODEL_PREFILL
-        sampling = SamplingParams(temperature=0.0 if attempt == 1 else 0.7, top_p=0.95, top_k=0,
-                                  repetition_penalty=1.0, max_new_tokens=jp.max_new_tokens, stop=[])
-        requests = [Request(engine.render(JUDGE_PROMPT.format(query=it["query"], response=it["output"])), None,
-                            jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], attempt),
-                            prefill=prefill, json_schema=JUDGEMENT_SCHEMA if structured else None) for it in pending]
-        replies = engine.generate(requests, sampling)
-        retry = []
-        for it, reply in zip(pending, replies):
+    failed with the last reply. Items already in the writer (a resumed stage) are skipped. Each item is a job
+    (slkit.engines.jobs) that asks again as soon as its reply was not the JSON asked for."""
+
+    def judge_job(it: dict) -> Job:
+        for attempt in range(1, jp.max_tries + 1):
+            # Asked again each try: an endpoint that refused the schema stops offering structured outputs.
+            structured = getattr(engine, "structured_outputs", False)
+            # A schema-constrained reply starts the object itself, so it gets no pre-filled start.
+            prefill = "" if engine.is_chat or structured else BASE_MODEL_PREFILL
+            sampling = SamplingParams(temperature=0.0 if attempt == 1 else 0.7, top_p=0.95, top_k=0,
+                                      repetition_penalty=1.0, max_new_tokens=jp.max_new_tokens, stop=[])
+            reply = yield (Request(engine.render(JUDGE_PROMPT.format(query=it["query"], response=it["output"])), None,
+                                   jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], attempt),
+                                   prefill=prefill, json_schema=JUDGEMENT_SCHEMA if structured else None), sampling)
             scores = parse_judgement(prefill + reply)
-            if scores is None and attempt < jp.max_tries:
-                retry.append(it)
-                continue
-            writer.write(Judgement(index=it["index"], sample=it["sample"], scores=scores,
-                                   mean=round(mean(scores.values()), 4) if scores else None, tries=attempt,
-                                   failed=scores is None, last_reply=None if scores else (prefill + reply)[:500]))
-            if on_done:
-                on_done(1)
-        pending = retry
+            if scores is not None or attempt == jp.max_tries:
+                break
+        writer.write(Judgement(index=it["index"], sample=it["sample"], scores=scores,
+                               mean=round(mean(scores.values()), 4) if scores else None, tries=attempt,
+                               failed=scores is None, last_reply=None if scores else (prefill + reply)[:500]))
+        if on_done:
+            on_done(1)
+
+    done = {(r["index"], r["sample"]) for r in writer.records}
+    run_jobs(engine, [judge_job(it) for it in items if (it["index"], it["sample"]) not in done])
 
 
 def summarize_judgements(records: list[dict]) -> dict:

@@ -1,47 +1,59 @@
 """Stage 1, drafts: the Generator answers each query `samples_per_query` times; each sample is
-retried up to `max_tries` times until it passes the quality check."""
+retried up to `max_tries` times until it passes the quality check.
+
+Each (query, sample) is a job (slkit.engines.jobs) that retries at its own pace; its record is written when
+it passes. A draft that already repeats an n-gram stops generating there (its request's stop_early check):
+it would fail the check whatever it wrote next.
+"""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.method.quality import quality_failure
+from slkit.engines.jobs import Job, JobsRun, run_jobs
+from slkit.method.quality import quality_failure, repetition_watch
 from slkit.method.textstats import count_words
 from slkit.running.params import Params, QualityParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import DraftRecord
 
 
+def draft_id(query_id: str, sample: int) -> str:
+    return f"{query_id}-d{sample}"
+
+
 def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration: int | str, writer: RecordWriter,
                  rules: QualityParams, on_done: Callable[[int], None] | None = None) -> Counter:
-    """Append one record per accepted draft to `writer`; returns rejection counts by reason."""
+    """Append one record per accepted draft to `writer`; returns rejection counts by reason, and `dropped`: the
+    drafts still being retried when drafts.finish_share of them had ended."""
     dp = params.drafts
     max_new = dp.max_new_tokens or params.sampling.max_new_tokens
     written = {r["id"] for r in writer.records}
-    slots = [(q, k) for q in queries for k in range(dp.samples_per_query) if f"{q['id']}-d{k}" not in written]
-    prompts = {q["id"]: engine.render(q["query"]) for q in queries}
-    tries: Counter = Counter()
     rejected: Counter = Counter()
-    while slots:
-        requests = [Request(prompts[q["id"]], "generator", max_new, stable_seed(params.seed, iteration, q["id"], k, tries[q["id"], k]))
-                    for q, k in slots]
-        texts = engine.generate(requests, params.sampling)
-        retry = []
-        for (q, k), text in zip(slots, texts):
-            tries[q["id"], k] += 1
-            failure = quality_failure(text, q["language"], rules)
+
+    def draft_job(query: dict, sample: int, prompt: str) -> Job:
+        for attempt in range(dp.max_tries):
+            seed = stable_seed(params.seed, iteration, query["id"], sample, attempt)
+            text = yield (Request(prompt, "generator", max_new, seed,
+                                  stop_early=repetition_watch(query["language"], rules, params.sampling)),
+                          params.sampling)
+            failure = quality_failure(text, query["language"], rules)
             if failure is None:
-                writer.write(DraftRecord(id=f"{q['id']}-d{k}", query_id=q["id"], query=q["query"],
-                                         language=q["language"], sample=k, draft=text, words=count_words(text),
-                                         tries=tries[q["id"], k]))
-            else:
-                rejected[failure] += 1
-                if tries[q["id"], k] < dp.max_tries:
-                    retry.append((q, k))
-                    continue
-                rejected["gave_up"] += 1
-            if on_done:
-                on_done(1)
-        slots = retry
+                writer.write(DraftRecord(id=draft_id(query["id"], sample), query_id=query["id"], query=query["query"],
+                                         language=query["language"], sample=sample, draft=text,
+                                         words=count_words(text), tries=attempt + 1))
+                break
+            rejected[failure] += 1
+        else:
+            rejected["gave_up"] += 1
+        if on_done:
+            on_done(1)
+
+    prompts = {q["id"]: engine.render(q["query"]) for q in queries}
+    slots = [(q, k) for q in queries for k in range(dp.samples_per_query)]
+    jobs = [draft_job(q, k, prompts[q["id"]]) for q, k in slots if draft_id(q["id"], k) not in written]
+    run: JobsRun = run_jobs(engine, jobs, dp.finish_share, ended_before=len(slots) - len(jobs))
+    if run.dropped:
+        rejected["dropped"] += run.dropped
     return rejected

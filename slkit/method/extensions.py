@@ -6,8 +6,10 @@ half of the current text, and keeps the first n*2//3 of the n paragraphs it retu
 the same template with the query and the whole current text, pre-fills its answer with the kept part
 and lets it continue. A round is accepted when the new text passes the quality check and is longer
 than the best so far. The job's result is kept only if words(best) > 1.2 x words(draft); otherwise
-the whole job is retried, up to `max_tries` times. All jobs advance together, so every engine call
-is one batch.
+the whole job is retried, up to `max_tries` times. Each job goes at its own pace (slkit.engines.jobs): on a
+server its next request leaves as soon as its last one returned; on a batching engine all jobs advance
+together, one batch per stage of a round. A stage-2 continuation that already repeats an n-gram stops there
+(its request's stop_early check): the round would be rejected whatever it wrote next.
 
 A kept job's record lists every round it ran, of every attempt (`rounds`, see `round_trace`), so a
 reader can follow one draft through the stage; the texts that follow from these (the round's input,
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
+from slkit.engines.jobs import Job, run_jobs
 from slkit.method.prompts import extension_prompt
-from slkit.method.quality import quality_failure
+from slkit.method.quality import quality_failure, repetition_watch
 from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
 from slkit.running.params import Params, QualityParams
 from slkit.running.records import RecordWriter
@@ -65,83 +67,62 @@ def job_id(draft_id: str, sample: int) -> str:
     return f"{draft_id}-x{sample}"
 
 
-@dataclass
-class _Job:
-    draft: dict
-    sample: int
-    attempt: int = 1
-    round: int = 0
-    current: str = ""
-    best_words: int = 0
-    rounds_accepted: int = 0
-    rounds: list[dict] = field(default_factory=list)  # round_trace of every round of every attempt
-
-    @property
-    def id(self) -> str:
-        return job_id(self.draft["id"], self.sample)
-
-    def restart(self) -> None:
-        self.current, self.best_words, self.round, self.rounds_accepted = self.draft["draft"], self.draft["words"], 0, 0
-
-
 def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration: int, writer: RecordWriter,
                   rules: QualityParams, on_done: Callable[[int], None] | None = None) -> Counter:
-    """Append one record per job whose extension met the length rule; returns outcome counts.
-    Jobs whose record is already in `writer` (a resumed stage) are not run again."""
+    """Append one record per job whose extension met the length rule; returns outcome counts (`dropped`: jobs
+    still running when extensions.finish_share of them had ended). Jobs whose record is already in `writer` (a
+    resumed stage) are not run again."""
     ep = params.extensions
     max1 = ep.stage1_max_new_tokens or params.sampling.max_new_tokens
     max2 = ep.stage2_max_new_tokens or params.sampling.max_new_tokens
-    written = {r["id"] for r in writer.records}
-    jobs = [_Job(d, k) for d in drafts for k in range(ep.samples_per_draft) if job_id(d["id"], k) not in written]
-    for job in jobs:
-        job.restart()
     counts: Counter = Counter()
-    while jobs:
-        seeds = [stable_seed(params.seed, iteration, j.id, j.attempt, j.round) for j in jobs]
-        stage1 = engine.generate(
-            [Request(engine.render(extension_prompt(j.draft["query"], former_part(j.current), j.draft["language"])),
-                     "extender", max1, s) for j, s in zip(jobs, seeds)], params.sampling)
-        kept = [keep_head(t, ep.keep_fraction) for t in stage1]
-        stage2 = engine.generate(
-            [Request(engine.render(extension_prompt(j.draft["query"], j.current, j.draft["language"])), "extender",
-                     max2, s + 1, prefill=k + "\n\n" if k else "") for j, k, s in zip(jobs, kept, seeds)],
-            params.sampling)
-        remaining = []
-        for job, s1, k, continuation in zip(jobs, stage1, kept, stage2):
-            new_text = join_paragraphs([p for p in (k, continuation) if p])
-            words = count_words(new_text)
-            failure = quality_failure(new_text, job.draft["language"], rules)
-            if failure is None and words > job.best_words:
-                job.current, job.best_words = new_text, words
-                job.rounds_accepted += 1
-                verdict = "accepted"
-                counts["round_accepted"] += 1
-            else:
-                verdict = failure or "not_longer"
-                counts[f"round_rejected_{verdict}"] += 1
-            job.rounds.append(round_trace(job.attempt, job.round + 1, s1, kept_paragraphs(s1, ep.keep_fraction),
+
+    def extension_job(d: dict, sample: int) -> Job:
+        """Rounds of stage 1 and stage 2 on the best text so far, the whole job retried until the length rule
+        holds or max_tries is spent; the record is written when the job is kept."""
+        id_, rounds = job_id(d["id"], sample), []
+        for attempt in range(1, ep.max_tries + 1):
+            current, best_words, accepted = d["draft"], d["words"], 0
+            for round_ in range(ep.micro_iterations):
+                seed = stable_seed(params.seed, iteration, id_, attempt, round_)
+                stage1 = yield (Request(engine.render(extension_prompt(d["query"], former_part(current), d["language"])),
+                                        "extender", max1, seed), params.sampling)
+                kept = keep_head(stage1, ep.keep_fraction)
+                prefill = kept + "\n\n" if kept else ""
+                continuation = yield (Request(
+                    engine.render(extension_prompt(d["query"], current, d["language"])), "extender", max2, seed + 1,
+                    prefill=prefill, stop_early=repetition_watch(d["language"], rules, params.sampling, kept, prefill)),
+                    params.sampling)
+                new_text = join_paragraphs([p for p in (kept, continuation) if p])
+                words = count_words(new_text)
+                failure = quality_failure(new_text, d["language"], rules)
+                if failure is None and words > best_words:
+                    current, best_words, accepted, verdict = new_text, words, accepted + 1, "accepted"
+                    counts["round_accepted"] += 1
+                else:
+                    verdict = failure or "not_longer"
+                    counts[f"round_rejected_{verdict}"] += 1
+                rounds.append(round_trace(attempt, round_ + 1, stage1, kept_paragraphs(stage1, ep.keep_fraction),
                                           continuation, words, verdict))
-            job.round += 1
-            if job.round < ep.micro_iterations:
-                remaining.append(job)
-                continue
-            if job.best_words > ep.min_ratio * job.draft["words"]:
-                d = job.draft
+            if best_words > ep.min_ratio * d["words"]:
                 writer.write(ExtensionRecord(
-                    id=job.id, draft_id=d["id"], sample=job.sample, query_id=d["query_id"], query=d["query"],
-                    language=d["language"], draft=d["draft"], draft_words=d["words"], extended=job.current,
-                    words=job.best_words, ratio=round(job.best_words / max(1, d["words"]), 3),
-                    attempts=job.attempt, rounds_accepted=job.rounds_accepted, rounds=job.rounds))
+                    id=id_, draft_id=d["id"], sample=sample, query_id=d["query_id"], query=d["query"],
+                    language=d["language"], draft=d["draft"], draft_words=d["words"], extended=current,
+                    words=best_words, ratio=round(best_words / max(1, d["words"]), 3), attempts=attempt,
+                    rounds_accepted=accepted, rounds=rounds))
                 counts["accepted"] += 1
-            elif job.attempt < ep.max_tries:
+                break
+            if attempt < ep.max_tries:
                 counts["retried"] += 1
-                job.attempt += 1
-                job.restart()
-                remaining.append(job)
-                continue
-            else:
-                counts["gave_up"] += 1
-            if on_done:
-                on_done(1)
-        jobs = remaining
+        else:
+            counts["gave_up"] += 1
+        if on_done:
+            on_done(1)
+
+    written = {r["id"] for r in writer.records}
+    everyone = [(d, k) for d in drafts for k in range(ep.samples_per_draft)]
+    jobs = [extension_job(d, k) for d, k in everyone if job_id(d["id"], k) not in written]
+    run = run_jobs(engine, jobs, ep.finish_share, ended_before=len(everyone) - len(jobs))
+    if run.dropped:
+        counts["dropped"] += run.dropped
     return counts

@@ -248,6 +248,10 @@ class DraftParams(_Section):
         True, "The reference's length-biased resampling (U > coefficient * r**exponent, resampling's values) of the "
         "drafts before they are extended; the extensions stage writes the kept ones to resampled_drafts.jsonl.",
         unit="none", reference=True)
+    finish_share: float = setting(
+        0.95, "The stage ends once this share of its drafts (query x sample) have ended, passed or out of tries; the "
+        "few still being retried are dropped instead of holding the GPU alone. 1: wait for every one.",
+        unit="ratio", reference=0.95, gt=0, le=1)
 
 
 class ExtensionParams(_Section):
@@ -265,6 +269,10 @@ class ExtensionParams(_Section):
                                                       "sampling.max_new_tokens.", unit="tokens", reference=None)
     stage2_max_new_tokens: int | None = setting(None, "Cap on stage 2 (the continuation after the pre-fill). None: "
                                                       "sampling.max_new_tokens.", unit="tokens", reference=None)
+    finish_share: float = setting(
+        0.95, "The stage ends once this share of its jobs have ended, kept or out of tries; the few still running "
+        "are dropped instead of holding the GPU alone. 1: wait for every one.", unit="ratio", reference=0.95, gt=0,
+        le=1)
 
 
 class ResamplingParams(_Section):

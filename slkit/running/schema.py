@@ -172,6 +172,8 @@ class CappedShare(Record):
 
 
 class CappedByCap(CappedShare):
+    stopped_early: int = Field(0, description="texts ended early because they already broke a rule that only gets "
+                                              "worse as they grow (a repeated n-gram); 0 in runs before slkit did")
     by_max_new_tokens: dict[str, CappedShare] = Field(description="the same, per max_new_tokens the stage asked for")
 
 
@@ -216,7 +218,10 @@ class QueriesSummary(Record):
 class DraftsSummary(Record):
     drafts: int = Field(description="drafts written")
     rejected: dict[str, int] = Field(description="generations rejected, by quality-check reason (gave_up: slots "
-                                                 "that ran out of tries)")
+                                                 "that ran out of tries; dropped: slots still being retried when "
+                                                 "finish_share of them had ended)")
+    finish_share: float | None = Field(None, description="drafts.finish_share: the share of slots that had to end "
+                                                          "before the rest were dropped; None: an older run (1)")
     capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
                                                          "per cap; None: not recorded (an older run)")
 
@@ -227,7 +232,10 @@ class ExtensionsSummary(Record):
     resampled_drafts: int = Field(description="drafts the length-biased resampling kept")
     jobs: int = Field(description="extension jobs: resampled drafts x extensions.samples_per_draft")
     counts: dict[str, int] = Field(description="round and job outcomes (round_accepted, round_rejected_<why>, "
-                                               "accepted, retried, gave_up)")
+                                               "accepted, retried, gave_up, dropped: jobs still running when "
+                                               "finish_share of them had ended)")
+    finish_share: float | None = Field(None, description="extensions.finish_share: the share of jobs that had to end "
+                                                          "before the rest were dropped; None: an older run (1)")
     capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
                                                          "per cap; None: not recorded (an older run)")
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
 import traceback
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,6 +104,9 @@ class WatchedEngine:
 
     def __init__(self, engine: Any, progress: Progress, caps: CapTally | None = None):
         self.engine, self.progress, self.caps = engine, progress, caps
+        self._counting = threading.Lock()
+        if hasattr(engine, "submit"):  # slkit.engines.jobs runs jobs at their own pace on such an engine
+            self.submit = self._submit
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -117,6 +122,19 @@ class WatchedEngine:
         if self.caps is not None:
             self.caps.add(requests, texts)
         return texts
+
+    def _submit(self, request: Request, sampling: SamplingParams) -> Future:
+        def count(future: Future) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return
+            with self._counting:  # done callbacks run on the engine's worker threads
+                self.progress.generated(1)
+                if self.caps is not None:
+                    self.caps.add([request], [future.result()])
+
+        future = self.engine.submit(request, sampling)
+        future.add_done_callback(count)
+        return future
 
 
 def generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,

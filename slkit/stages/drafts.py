@@ -22,6 +22,7 @@ def drafts_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         run_dir, iteration, "drafts", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done),
         caps=caps)
-    summary = DraftsSummary(drafts=len(records), rejected=dict(rejected), capped=caps.summary()).model_dump()
+    summary = DraftsSummary(drafts=len(records), rejected=dict(rejected), finish_share=params.drafts.finish_share,
+                            capped=caps.summary()).model_dump()
     mark_done(out, "drafts", summary)
     return summary

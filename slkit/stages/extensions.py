@@ -41,6 +41,7 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done),
         caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two stages a round
     summary = ExtensionsSummary(extensions=len(records), drafts=len(drafts), resampled_drafts=len(kept), jobs=jobs,
-                                counts=dict(counts), capped=caps.summary()).model_dump()
+                                counts=dict(counts), finish_share=params.extensions.finish_share,
+                                capped=caps.summary()).model_dump()
     mark_done(out, "extensions", summary)
     return summary
