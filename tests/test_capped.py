@@ -40,7 +40,7 @@ def test_the_drafts_summary_counts_the_drafts_the_cap_cut(tmp_path, monkeypatch)
     summary = drafts_stage(run_dir, 1)
     cut = sum(r.seed % 3 == 0 for r in engine.requests)
     assert 0 < cut < len(engine.requests) == 10  # 5 queries x 2 samples, each accepted at once
-    assert summary["capped"] == {"outputs": 10, "cut": cut, "share": round(cut / 10, 4),
+    assert summary["capped"] == {"outputs": 10, "cut": cut, "share": round(cut / 10, 4), "stopped_early": 0,
                                  "by_max_new_tokens": {"48": {"outputs": 10, "cut": cut, "share": round(cut / 10, 4)}}}
 
 
