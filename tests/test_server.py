@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import FAKE_VLLM, REPO, free_port
+
 from slkit.engines import Request, load_engine
 from slkit.engines.server import (
     INFO_FILE,
@@ -335,3 +335,23 @@ def test_slkit_evaluate_starts_and_stops_its_own_server(fake_serve, tmp_path, ti
     metrics = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert metrics["length_following"]["n"] == 8 and len(_events(fake_serve, "serve")) == 1
     assert _gone(list(_server_pids(fake_serve)[0])) and not (tmp_path / "eval" / INFO_FILE).exists()
+
+
+def test_a_run_started_before_the_run_server_resumes(tmp_path):
+    """A run directory whose params.yaml predates the server's params (tensor_parallel_size was 1, the other keys
+    did not exist) resumes with them: the new keys take their defaults, the changed one is logged."""
+    import yaml
+
+    from slkit.running.pipeline import prepare_run
+
+    recipe = _recipe(tmp_path)
+    _, run_dir = prepare_run(recipe)
+    snapshot = yaml.safe_load((run_dir / "params.yaml").read_text())
+    vllm = snapshot["engine"]["vllm"]
+    for key in ("server", "port", "start_timeout_s", "sleep_during_training", "data_parallel_size"):
+        del vllm[key]
+    vllm["tensor_parallel_size"] = 1
+    del snapshot["training"]["gpu_memory_fraction"]
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(snapshot))
+    prepare_run(recipe)
+    assert "engine.vllm.tensor_parallel_size" in (run_dir / "params_changes.log").read_text()
