@@ -303,18 +303,11 @@ class ManagedServer:
                      "tensor_parallel_size": tp, "max_num_seqs": vp.max_num_seqs, "state": "starting",
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         self._write_info()  # before it is ready: a run killed now leaves the next run a group to stop
-        deadline = started + vp.start_timeout_s
-        while not healthy(url, timeout=2.0):
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise ServerError(f"the run's vLLM server exited before it was ready; the last lines of "
-                                  f"{self.run_dir / LOG_FILE}:\n{log_tail(self.run_dir)}")
-            if time.monotonic() > deadline:
-                self.stop("start timeout")
-                raise ServerError(f"the run's vLLM server did not answer {url}/health within "
-                                  f"engine.vllm.start_timeout_s={vp.start_timeout_s:g} s; the last lines of "
-                                  f"{self.run_dir / LOG_FILE}:\n{log_tail(self.run_dir)}")
-            time.sleep(0.5)
+        try:
+            self._wait_ready(url, started + vp.start_timeout_s)
+        except BaseException as err:  # Ctrl-C while it starts too: no server outlives a start that failed
+            self.stop(f"start failed: {type(err).__name__}")
+            raise
         start_s = round(time.monotonic() - started, 1)
         self.info["state"] = "ready"
         self._write_info()
@@ -324,6 +317,18 @@ class ManagedServer:
             self.log.info("vLLM server ready at %s in %.1f s (process group %d, data parallel %d x tensor parallel "
                           "%d); its log: %s", url, start_s, self.proc.pid, dp, tp, self.run_dir / LOG_FILE)
         return self
+
+    def _wait_ready(self, url: str, deadline: float) -> None:
+        timeout_s = self.params.engine.vllm.start_timeout_s
+        while not healthy(url, timeout=2.0):
+            if self.proc.poll() is not None:
+                raise ServerError(f"the run's vLLM server exited before it was ready; the last lines of "
+                                  f"{self.run_dir / LOG_FILE}:\n{log_tail(self.run_dir)}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"the run's vLLM server did not answer {url}/health within "
+                                  f"engine.vllm.start_timeout_s={timeout_s:g} s; the last lines of "
+                                  f"{self.run_dir / LOG_FILE}:\n{log_tail(self.run_dir)}")
+            time.sleep(0.5)
 
     def check(self) -> None:
         """Raise ServerGone when the server has exited (between stages: the next one would find none)."""
