@@ -173,5 +173,6 @@ def test_every_file_the_readme_lists_is_in_the_schema_and_back():
     tree = _readme_section().split("```", 2)[1]
     listed = set(re.findall(r"[\w<>.-]+\.jsonl?\b", tree))
     # environment.json is written by `slkit run` itself before any stage (slkit.running.environment), like
-    # params.yaml and run.lock: the stages' schema does not cover it.
-    assert listed - {"environment.json"} == {f.name for f in FILES}
+    # params.yaml and run.lock: the stages' schema does not cover it; nor engine.json, the run's server
+    # (slkit.engines.server), there while it runs.
+    assert listed - {"environment.json", "engine.json"} == {f.name for f in FILES}

@@ -1,4 +1,5 @@
-"""vLLM on a CUDA GPU: the VLLMEngine through slkit's own stages, per-role adapters in one batch, and
+"""vLLM on a CUDA GPU: the VLLMEngine through slkit's own stages, per-role adapters in one batch, the run's one
+managed `vllm serve` (slkit.engines.server: runtime adapters, sleep and wake, its death with its run), and
 the endpoint engine against a real `vllm serve --enable-lora`. Skipped where vLLM or a GPU is missing
 (CI and CPU machines); run on the GPU device as described in docs/benchmarks.md."""
 import json
@@ -183,3 +184,96 @@ def test_endpoint_engine_loads_adapters_into_vllm_serve(small_model, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
+
+
+def _server_params(model_dir, tmp_path, **overrides):
+    return _params(model_dir, **{"output_dir": str(tmp_path / "runs"), "run_name": "vllm-server",
+                                 "engine.vllm.sleep_during_training": "always", **overrides})
+
+
+def test_the_run_server_loads_two_adapters_at_runtime_and_sleeps_and_wakes(small_model, tmp_path):
+    """One managed `vllm serve` (slkit.engines.server): base model and two adapters loaded at runtime in one call,
+    sleep level 1 frees GPU memory, greedy outputs are the same after wake (LoRA state kept), and the whole process
+    group is gone after stop."""
+    from slkit.engines import load_engine
+    from slkit.engines.server import asleep_for_training, group_members, managed_server
+
+    model_dir, adapters = small_model
+    params = _server_params(model_dir, tmp_path)
+    params.run_dir.mkdir(parents=True)
+    with managed_server(params, params.run_dir) as server:
+        group = server.info["pgid"]
+        engine = load_engine(params, adapters)
+        assert type(engine).__name__ == "ServerEngine"
+        prompt = engine.render("Write about rivers.")
+        requests = [Request(prompt, role, 24) for role in (None, "generator", "extender")]
+        before = engine.generate(requests, GREEDY)
+        assert len(set(before)) == 3  # base, Generator and Extender differ
+        free_awake = _gpu_free_gib()
+        with asleep_for_training(params, params.run_dir, "training") as slept:
+            assert slept
+            free_asleep = _gpu_free_gib()
+        after = engine.generate(requests, GREEDY)
+        print(f"GPU memory free with the server awake {free_awake:.1f} GiB, asleep {free_asleep:.1f} GiB")
+        assert after == before and free_asleep > free_awake + 1  # its KV cache (0.3 of the card) went back
+        engine.close()
+    assert not group_members(group)
+    timings = [json.loads(line) for line in (params.run_dir / "engine_timings.jsonl").read_text().splitlines()]
+    print(*timings, sep="\n")
+    assert [t["event"] for t in timings] == ["server_start", "sleep", "wake", "server_stop"]
+
+
+def test_the_run_server_dies_with_its_run_killed(small_model, tmp_path):
+    """kill -9 of the process that started the server: its guard takes vLLM's API server, engine core and workers
+    down, and the GPU memory comes back."""
+    from slkit.engines.server import group_members, read_info
+
+    model_dir, _ = small_model
+    params = _server_params(model_dir, tmp_path)
+    params.run_dir.mkdir(parents=True)
+    from slkit.running.params import dump_params
+
+    dump_params(params, tmp_path / "server.yaml")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from slkit.running.params import load_params; from slkit.engines.server import managed_server\n"
+        f"p = load_params({str(tmp_path / 'server.yaml')!r})\n"
+        "with managed_server(p, p.run_dir):\n    print('ready', flush=True); time.sleep(100000)")],
+        env=env, stdout=subprocess.PIPE, text=True)
+    free_before = _gpu_free_gib()
+    assert holder.stdout.readline().strip() == "ready"
+    group = read_info(params.run_dir)["pgid"]
+    assert len(group_members(group)) >= 3  # the guard, vLLM's API server, its engine core
+    assert _gpu_free_gib() < free_before - 1
+    holder.kill()
+    holder.wait()
+    deadline = time.time() + 90
+    while group_members(group) and time.time() < deadline:
+        time.sleep(1)
+    assert not group_members(group) and _gpu_free_gib() > free_before - 1
+
+
+def test_stages_run_on_the_run_server_and_training_sleeps_it(small_model, tmp_path):
+    """The stages as `slkit run` runs them with the run's server, each in a fresh process: iteration 1's
+    generation, training beside the sleeping server (its adapters then loaded at runtime), iteration 2's drafts."""
+    from slkit.engines.server import managed_server
+    from slkit.running.params import dump_params
+    from slkit.running.pipeline import prepare_run
+
+    model_dir, _ = small_model
+    params = _server_params(model_dir, tmp_path)
+    dump_params(params, tmp_path / "vllm.yaml")
+    _, run_dir = prepare_run(tmp_path / "vllm.yaml")
+    with managed_server(params, run_dir):
+        for iteration, stage in [(1, "queries"), (1, "drafts"), (1, "extensions"), (1, "training"), (2, "queries"),
+                                 (2, "drafts")]:
+            _in_fresh_process(f"from slkit.stages.{stage} import {stage}_stage; {stage}_stage({str(run_dir)!r}, {iteration})")
+    timings = [json.loads(line) for line in (run_dir / "engine_timings.jsonl").read_text().splitlines()]
+    print(*timings, sep="\n")
+    assert [t["event"] for t in timings] == ["server_start", "sleep", "wake", "server_stop"]  # no engine of its own
+    assert (run_dir / "iter_2" / "drafts.jsonl").read_text().strip()
+    assert "slkit-generator-" in (run_dir / "vllm_server.log").read_text()  # iteration 2's Generator was loaded
+
+
+def _gpu_free_gib() -> float:
+    return torch.cuda.mem_get_info()[0] / 2**30

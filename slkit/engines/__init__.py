@@ -9,13 +9,15 @@ pre-filled answers are all the same call. `role` picks the LoRA adapter; None, o
 adapter yet (iteration 1), generates with the base model.
 
 Backends (engine.backend), one module each: transformers (slkit.engines.transformers), vllm
-(slkit.engines.vllm, offline `LLM` on this GPU) and openai (slkit.engines.endpoint, one or many
+(slkit.engines.vllm: the run's `vllm serve` when one is live, slkit.engines.server, else offline `LLM` in
+this process) and openai (slkit.engines.endpoint, one or many
 OpenAI-compatible servers). Every engine is a context manager: `with load_engine(...) as engine:` closes it.
 """
 from __future__ import annotations
 
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.endpoint import EndpointEngine
+from slkit.engines.server import server_engine
 from slkit.engines.transformers import TransformersEngine
 from slkit.engines.vllm import VLLMEngine
 from slkit.running.params import Params
@@ -28,7 +30,7 @@ def load_engine(params: Params, adapters: dict[str, str | None] | None = None) -
     if params.engine.backend == "transformers":
         return TransformersEngine(params, adapters)
     if params.engine.backend == "vllm":
-        return VLLMEngine(params, adapters)
+        return server_engine(params, adapters) or VLLMEngine(params, adapters)
     if params.engine.backend == "openai":
         return EndpointEngine(params, adapters)
     raise ValueError(f"engine.backend: unknown backend {params.engine.backend!r}")

@@ -4,13 +4,17 @@ rendered with the model's own tokenizer."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from slkit.models.chat import render_user_turn, uses_chat_template
 from slkit.running.params import Params, SamplingParams
+from slkit.running.schema import EngineTiming
 
 _CLOSERS = "[\"')\\]”’」』》）】]*"
 # An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.
@@ -135,6 +139,16 @@ class CapTally:
         return {"outputs": outputs, "cut": cut, "share": share(cut, outputs), "stopped_early": self.stopped_early,
                 "by_max_new_tokens": {str(cap): {"outputs": n, "cut": self.cut[cap], "share": share(self.cut[cap], n)}
                                       for cap, n in sorted(self.outputs.items())}}
+
+
+def log_engine_timing(run_dir: str | os.PathLike, event: str, pid: int, **fields: Any) -> None:
+    """One line of runs/<run>/engine_timings.jsonl: engine starts, the run server's start, stop, sleep and wake."""
+    line = EngineTiming(event=event, at=round(time.time(), 1), pid=pid, **fields).model_dump(exclude_none=True)
+    try:
+        with open(os.path.join(run_dir, "engine_timings.jsonl"), "a", encoding="utf-8") as log:
+            log.write(json.dumps(line) + "\n")
+    except OSError:
+        pass  # a measurement only: never fail a stage over it
 
 
 def stable_seed(*parts: Any) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import os
 import time
 from types import SimpleNamespace
@@ -25,11 +24,10 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from slkit.engines.base import Generated, LocalPrompts, Request, finished, stop_token_ids
+from slkit.engines.base import Generated, LocalPrompts, Request, finished, log_engine_timing, stop_token_ids
 from slkit.models.chat import with_bos
 from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
 from slkit.running.params import Params, SamplingParams
-from slkit.running.schema import EngineTiming
 
 # Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
 CALL_SIZE = 1024
@@ -75,7 +73,7 @@ def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dic
         gpu_memory_utilization=vp.gpu_memory_utilization,
         max_num_seqs=vp.max_num_seqs,
         enforce_eager=vp.enforce_eager,
-        tensor_parallel_size=vp.tensor_parallel_size,
+        tensor_parallel_size=vp.tensor_parallel_size or 1,
         enable_prefix_caching=vp.enable_prefix_caching,
     )
     if with_lora:
@@ -147,14 +145,7 @@ class VLLMEngine(LocalPrompts):
         return outputs
 
     def _log_timing(self, event: str, **fields: Any) -> None:
-        """One line of runs/<run>/engine_timings.jsonl: how much of a run engine starts take, against decoding."""
-        line = EngineTiming(event=event, at=round(time.time(), 1), pid=os.getpid(), **fields)
-        line = line.model_dump(exclude_none=True)  # a ready line has no closing figures
-        try:
-            with open(self.params.run_dir / "engine_timings.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(line) + "\n")
-        except OSError:
-            pass  # a measurement only: never fail a stage over it
+        log_engine_timing(self.params.run_dir, event, os.getpid(), **fields)
 
     def close(self) -> None:
         """Free what can be freed and log the GPU memory free then. `del` alone gives back nothing before the

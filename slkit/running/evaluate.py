@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from slkit.engines.server import managed_server
 from slkit.evaluation.benchmarks import locate_benchmark
 from slkit.evaluation.reports import evaluation_report, write_output_figures
 from slkit.running.params import Params, ParamsError, apply_overrides, dump_params, load_params, params_from_dict
@@ -96,7 +97,8 @@ def run_evaluation(params: Params, adapter: str | None = None, show_progress: bo
         "judge_model": (jp.model or params.model).path if jp.enabled else None,
         "judge_endpoint": jp.engine.endpoint.base_urls[0] if jp.enabled and jp.engine and jp.engine.backend == "openai"
         else None}
-    with tqdm(total=0, disable=not show_progress) as bar, ProgressPoller(out, bar):
+    # engine.backend vllm: one managed `vllm serve` for the evaluation (answers and judge), stopped at its end.
+    with managed_server(params, out), tqdm(total=0, disable=not show_progress) as bar, ProgressPoller(out, bar):
         metrics.update(evaluate_model(params, adapters, out, "evaluate"))
     metrics["figures"] = write_output_figures(out, metrics["length_following"]["max_score"])
     document = ModelEvaluation(**metrics)

@@ -99,7 +99,26 @@ class VLLMParams(_Section):
                                         reference=NO_REFERENCE, ge=1)
     enforce_eager: bool = setting(False, "True skips CUDA graphs: starts ~1 min faster, decodes slower.",
                                   unit="none", reference=NO_REFERENCE)
-    tensor_parallel_size: int = setting(1, "GPUs one engine is split over.", unit="GPUs", reference=NO_REFERENCE, ge=1)
+    tensor_parallel_size: int | None = setting(
+        None, "GPUs one copy of the model is split over (tensor parallel). None: 1 when the model fits one GPU's "
+        "share (gpu_memory_utilization), else the fewest GPUs that hold it.", unit="GPUs", reference=NO_REFERENCE, ge=1)
+    data_parallel_size: int | None = setting(
+        None, "Copies of the model the run's server spreads requests over (data parallel), each on "
+        "tensor_parallel_size GPUs. None: every visible GPU is used (visible GPUs // tensor_parallel_size).",
+        unit="copies", reference=NO_REFERENCE, ge=1)
+    server: bool = setting(
+        True, "true: `slkit run` starts one `vllm serve` for the whole run and every stage sends its requests there "
+        "(slkit.engines.server); false: each stage starts its own in-process vLLM engine.", unit="none",
+        reference=NO_REFERENCE)
+    port: int | None = setting(None, "Port of the run's server on 127.0.0.1. None: a free one.", unit="port",
+                               reference=NO_REFERENCE, ge=1, le=65535)
+    start_timeout_s: float = setting(1200.0, "Seconds the run's server may take to answer /health before the run "
+                                             "stops with its log's last lines.", unit="seconds",
+                                     reference=NO_REFERENCE, gt=0)
+    sleep_during_training: Literal["auto", "always", "never"] = setting(
+        "auto", "Whether the run's server sleeps (level 1: weights to CPU memory, KV cache freed) while adapters "
+        "train beside it. auto: when gpu_memory_utilization is above 0.5 (training would not fit beside it); "
+        "never: training uses what the server leaves.", unit="none", reference=NO_REFERENCE)
     enable_prefix_caching: bool = setting(True, "Reuse the KV cache of shared prompt prefixes (the extension "
                                                 "template, the self-instruct examples).", unit="none",
                                           reference=NO_REFERENCE)
@@ -327,6 +346,10 @@ class TrainingParams(_Section):
                                   "over).", unit="samples", reference=NO_REFERENCE, ge=1)
     save_steps: int = setting(0, ">0: a checkpoint every N steps, so a killed training resumes from the last one; "
                                  "0: none.", unit="steps", reference=NO_REFERENCE, ge=0)
+    gpu_memory_fraction: float | None = setting(
+        None, "Cap on the GPU memory one training process may allocate, as a share of the card "
+        "(torch.cuda.set_per_process_memory_fraction): measures what a smaller card would allow. None: no cap.",
+        unit="ratio", reference=NO_REFERENCE, gt=0, le=1)
     num_processes: int = setting(1, ">1: the training stage runs `accelerate launch` with this many processes (one "
                                     "per GPU) and accelerate_config.", unit="processes", reference=NO_REFERENCE, ge=1)
     accelerate_config: str = setting("ddp", "With num_processes > 1: ddp, fsdp or zero3 (shipped in "

@@ -6,7 +6,8 @@ Writes runs/<run>/params.yaml (the params the run started with) and, per iterati
 runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
 A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
 One run directory, one run: the run holds runs/<run>/run.lock (slkit.running.runlock) from before it
-writes params.yaml to its end; a second `slkit run` on the same directory is refused.
+writes params.yaml to its end; a second `slkit run` on the same directory is refused. With engine.backend vllm
+the run starts one `vllm serve` before its first stage and stops it after its last (slkit.engines.server).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from tqdm.auto import tqdm
 from traitlets.config import Config
 
+from slkit.engines.server import managed_server
 from slkit.evaluation.benchmarks import load_benchmark, locate_benchmark
 from slkit.method.exemplars import load_exemplars
 from slkit.models.loading import resolve_model_path
@@ -48,7 +50,11 @@ KERNEL_NAME = "slkit"
 RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "training.max_length",
                   "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
                   "training.mlp_tile_tokens", "training.liger_kernels",
-                  "training.gradient_checkpointing", "training.save_steps", "training.report_to"}
+                  "training.gradient_checkpointing", "training.save_steps", "training.report_to",
+                  "training.gpu_memory_fraction", "training.num_processes", "engine.vllm.server", "engine.vllm.port",
+                  "engine.vllm.start_timeout_s", "engine.vllm.sleep_during_training",
+                  "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
+                  "engine.vllm.tensor_parallel_size", "engine.vllm.data_parallel_size"}
 
 
 def notebooks_dir() -> Path:
@@ -305,6 +311,13 @@ def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: b
         plan.insert(0, (BASELINE, "evaluation"))
     if params.length_control.enabled:
         plan.append((params.macro_iterations, "length_control"))
+    todo = [(k, stage) for k, stage in plan if not stage_done(run_dir, k, stage)]
+    with managed_server(params, run_dir, needed=bool(todo), log=log) as server:
+        _run_plan(plan, run_dir, socket_dir, kernel, server, show_progress, log)
+
+
+def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kernel: str, server: Any,
+              show_progress: bool, log: logging.Logger) -> None:
     stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
     items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
     for k, stage in stages_bar:
@@ -313,6 +326,8 @@ def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: b
         if stage_done(run_dir, k, stage):
             log.info("%s: done before, skipped", stage_label(k, stage))
             continue
+        if server:
+            server.check()  # a server that died after the last stage stops the run here, with its log
         out.mkdir(parents=True, exist_ok=True)
         stop_orphaned_stage(lock_path(run_dir, k, stage))
         executed = out / BY_NAME[stage].notebook

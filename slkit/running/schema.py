@@ -131,10 +131,17 @@ class ConstrainedRecord(Record):
 
 
 class EngineTiming(Record):
-    event: Literal["ready", "closed"] = Field(description="the engine started, or closed")
+    event: Literal["ready", "closed", "server_start", "server_stop", "sleep", "wake"] = Field(
+        description="an in-process engine started (ready) or closed; the run's server answered /health "
+                    "(server_start), was stopped (server_stop), went to sleep for training or woke after it")
     at: float = Field(description="Unix time of the event")
-    pid: int = Field(description="the process the engine ran in")
-    start_s: float = Field(description="seconds the engine took to start")
+    pid: int = Field(description="the process the engine ran in (the run's server: its process group)")
+    start_s: float | None = Field(None, description="ready, closed, server_start: seconds the engine took to start")
+    seconds: float | None = Field(None, description="sleep, wake: seconds the call took")
+    url: str | None = Field(None, description="server_start: the server's URL")
+    data_parallel_size: int | None = Field(None, description="server_start: copies of the model it serves")
+    tensor_parallel_size: int | None = Field(None, description="server_start: GPUs each copy is split over")
+    reason: str | None = Field(None, description="sleep: why (the stage that trains); server_stop: why it stopped")
     generate_s: float | None = Field(None, description="closed: seconds spent generating")
     requests: int | None = Field(None, description="closed: requests it answered")
     generated_tokens: int | None = Field(None, description="closed: tokens it generated")
@@ -365,7 +372,8 @@ FILES: tuple[RunFile, ...] = (
     RunFile("after_iteration.json", AfterIteration, "length_control", "the iteration the final stage was built after"),
     RunFile(DONE_MARKER, DoneMarker, "every stage, last", "the stage finished, with its summary"),
     RunFile("progress.json", ProgressState, "every stage", "items done of the running stage"),
-    RunFile("engine_timings.jsonl", EngineTiming, "the vLLM engine", "an engine's start or close, timed"),
+    RunFile("engine_timings.jsonl", EngineTiming, "the vLLM engine and the run's server",
+            "an engine's start or close, the run server's start, stop, sleep and wake, timed"),
 )
 
 BY_NAME: dict[str, RunFile] = {f.name: f for f in FILES}

@@ -224,10 +224,12 @@ def run_sweep(recipe: str | Path, grid: dict[str, list[Any]], overrides: dict[st
     runs = plan_sweep(recipe, grid, overrides)
     base = load_params(recipe, overrides)
     if gpus:
-        wide = [r.name for r in runs if r.params.training.num_processes > 1 or r.params.engine.vllm.tensor_parallel_size > 1]
+        wide = [r.name for r in runs if r.params.training.num_processes > 1
+                or (r.params.engine.vllm.tensor_parallel_size or 1) > 1 or (r.params.engine.vllm.data_parallel_size or 1) > 1]
         if wide:
             raise ParamsError(f"--gpus gives each run one GPU, but {', '.join(wide)} need several "
-                              "(training.num_processes or engine.vllm.tensor_parallel_size > 1): leave out --gpus")
+                              "(training.num_processes, engine.vllm.tensor_parallel_size or data_parallel_size > 1): "
+                              "leave out --gpus")
     sweep_dir = Path(out) if out else base.run_dir.with_name(f"{base.run_name}--sweep")
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {

@@ -5,9 +5,10 @@ them -> length_control/constrained.jsonl, generator_sft.jsonl, adapters/generato
 It runs in three phases, each resumable from its files in length_control/: "constrain" (the collection pass and
 the rewrites, on one engine -> queries.jsonl, drafts.jsonl, constrained.jsonl, generator_sft.jsonl and their counts
 in constrained.json, written last), the training of the final adapter, and "score" (that adapter on the benchmark ->
-benchmark_outputs.jsonl). vLLM keeps its GPU memory until its process ends, and a second engine in the same
-process failed on the H200 even after the first was put to sleep, so with engine.backend vllm each engine phase
-runs in a child process of its own:
+benchmark_outputs.jsonl). With the run's vLLM server (slkit.engines.server) every phase runs in the stage process
+on it, and the server sleeps while the adapter trains (engine.vllm.sleep_during_training). Without one, vLLM keeps
+its GPU memory until its process ends, and a second engine in the same process failed on the H200 even after the
+first was put to sleep, so with engine.backend vllm each engine phase runs in a child process of its own:
 
     python -m slkit.stages.length_control PHASE RUN_DIR ITERATION REPLY_DIR
 """
@@ -31,6 +32,7 @@ import torch
 
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import CapTally
+from slkit.engines.server import asleep_for_training, live_server, wants_server
 from slkit.method.drafts import write_drafts
 from slkit.method.length_control import (
     assign_constraint,
@@ -218,10 +220,11 @@ class ChildPhaseError(RuntimeError):
         self.child_error = child_error  # the type's name: skip_when_done turns an OutOfMemoryError into advice
 
 
-def run_phase(phase: str, run_dir: str | Path, iteration: int, backend: str) -> Any:
-    """The phase's result. On vLLM it runs in a child process, whose engine's memory goes back when it ends, so
-    this process starts no engine; other backends give a closed engine's memory back and run it here."""
-    if backend != "vllm":
+def run_phase(phase: str, run_dir: str | Path, iteration: int, params: Params) -> Any:
+    """The phase's result. On vLLM without the run's server it runs in a child process, whose engine's memory goes
+    back when it ends, so this process starts no engine; on the run's server, and on other backends (a closed
+    engine's memory goes back), it runs here."""
+    if params.engine.backend != "vllm" or (wants_server(params) and live_server(run_dir, params.model.path)):
         return PHASES[phase](run_dir, iteration)
     return run_in_child(phase, run_dir, iteration)
 
@@ -276,20 +279,22 @@ def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     out = stage_dir(run_dir, iteration, "length_control")
     out.mkdir(parents=True, exist_ok=True)
     _discard_stale_results(out, iteration)
-    counts = run_phase("constrain", run_dir, iteration, params.engine.backend)
+    counts = run_phase("constrain", run_dir, iteration, params)
     last = adapter_dir(run_dir, iteration, "generator")
     init = None if params.length_control.fresh_adapter or not (last / "adapter_config.json").exists() else str(last)
     final = final_adapter_dir(run_dir, iteration)
     # Training runs here: on vLLM no engine was started in this process (the constrain phase's child has ended,
     # and its memory with it). What training leaves in torch's cache goes back before the scoring engine starts.
-    training = (read_document(final / "slkit-train.json", AdapterTrainingSummary)
-                if (final / "slkit-train.json").exists()
-                else train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init))
+    if (final / "slkit-train.json").exists():
+        training = read_document(final / "slkit-train.json", AdapterTrainingSummary)
+    else:
+        with asleep_for_training(params, run_dir, "length_control"):
+            training = train_adapter(params, out / "generator_sft.jsonl", final, init_adapter=init)
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     before = read_document(iter_dir(run_dir, iteration) / "evaluation.json", EvaluationSummary)["length_following"]
-    after = run_phase("score", run_dir, iteration, params.engine.backend)
+    after = run_phase("score", run_dir, iteration, params)
     summary = LengthControlSummary(**counts, training={**training, "losses": []}, length_before=before,
                                    length_after=after).model_dump()
     write_json_atomic(out / "length_control.json", summary)

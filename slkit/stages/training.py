@@ -2,11 +2,13 @@
 trained on each -> resampled_extensions.jsonl, generator_sft.jsonl, extender_sft.jsonl, adapters/{generator,extender}."""
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
 
 from slkit.engines import stable_seed
+from slkit.engines.server import asleep_for_training
 from slkit.method.training_sets import extender_examples, generator_examples, resample_by_length
 from slkit.running.layout import ROLES, adapter_dir, current_adapters, prepare_iteration
 from slkit.running.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
@@ -34,10 +36,15 @@ def training_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
         if (adapter_dir(run_dir, iteration, role) / "slkit-train.json").exists():
             trained[role] = read_document(adapter_dir(run_dir, iteration, role) / "slkit-train.json",
                                           AdapterTrainingSummary)
-        else:
+            progress.advance()
+    to_train = [role for role in ROLES if role not in trained]
+    # The run's vLLM server (slkit.engines.server) sleeps while both adapters train, when the params say so.
+    with asleep_for_training(params, run_dir, "training") if to_train else contextlib.nullcontext():
+        for role in to_train:
             trained[role] = train_adapter(params, out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
                                           init_adapter=previous.get(role))
-        progress.advance()
+            progress.advance()
+    trained = {role: trained[role] for role in ROLES}
     summary = TrainingSummary(extensions=len(extensions), resampled_extensions=len(kept), **trained).model_dump()
     mark_done(out, "training", summary)
     return summary

@@ -116,6 +116,8 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             build_lora_model(params, None).save_pretrained(str(tmp_dir))
         summary.update(trained=False, reason=f"{len(features)} usable samples < training.min_samples={tp.min_samples}")
     else:
+        if tp.gpu_memory_fraction and torch.cuda.is_available():  # what a smaller card would allow (benchmarks)
+            torch.cuda.set_per_process_memory_fraction(tp.gpu_memory_fraction, int(os.environ.get("LOCAL_RANK", 0)))
         model = build_lora_model(params, init_adapter)
         checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
         run_name = f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}"  # wandb's, mlflow's run
