@@ -102,7 +102,7 @@ def test_one_template_serves_both_stages_and_the_extenders_training_set(tmp_path
     assert stage1.prefill == ""
     # stage 2: the same template with the whole text, answer pre-filled with the kept part (4 of 6)
     assert stage2.prompt == engine.render(extension_prompt("Write long.", draft["draft"], "en"))
-    assert stage2.prefill == "\n\n".join(f"Enriched part {i} here." for i in range(4)) + "\n\n"
+    assert stage2.prefill == "\n\n".join(f"Enriched part {i} here." for i in range(4))  # verbatim, nothing added
     # the Extender is trained on that same template (no line dropped with keep_prob 1)
     [example] = extender_examples([{"id": "a", "query": "Write long.", "language": "en", "draft": draft["draft"],
                                     "extended": "x."}], 1.0, random.Random(0))
