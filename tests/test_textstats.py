@@ -1,4 +1,4 @@
-from slkit.method.textstats import (count_words, detect_language, distinct_n, first_repeated_ngram, ngram_units)
+from slkit.method.textstats import count_words, detect_language, distinct_n, first_repeated_ngram, ngram_units
 
 
 def test_count_words_english_splits_on_whitespace():

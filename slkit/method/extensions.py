@@ -74,7 +74,8 @@ def round_trace(attempt: int, round_: int, stage1: str, kept: int, continuation:
                 verdict: str) -> dict:
     """What one round leaves in its job's record: the attempt and round (from 1), the Extender's stage-1
     output, how many of its paragraphs were kept (the kept head is first_paragraphs(stage1, kept)), its
-    continuation after the pre-fill, the words of kept head + continuation, and the verdict ('accepted', a quality failure, or 'not_longer'). The round's input text, the prompts
+    continuation after the pre-fill, the words of kept head + continuation, and the verdict ('accepted', a
+    quality failure, or 'not_longer'). The round's input text, the prompts
     and the pre-fill follow from these and the record's draft (slkit.lessons.extensions)."""
     return {"attempt": attempt, "round": round_, "stage1": stage1, "kept_paragraphs": kept,
             "continuation": continuation, "words": words, "verdict": verdict}

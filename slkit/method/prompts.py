@@ -26,8 +26,10 @@ SELF_INSTRUCT_LABEL = {"en": "Instruction {n}: ", "zh": "指令{n}："}
 # The query judge, zero-shot, as the reference asks it: an exact yes (是) keeps the query.
 JUDGE = {
     "en": ("Here is a user's instruction. Decide whether it is suitable for guiding the writing of a long article "
-           "(for example, more than 2,000 words). Reply with yes or no only.\n\n<Instruction>\n{query}\n</Instruction>"),
-    "zh": "下面是一条用户指令。请判断它是否适合用来指导一篇长文（例如两千字以上）的写作。只回答“是”或“否”。\n\n<指令>\n{query}\n</指令>",
+           "(for example, more than 2,000 words). Reply with yes or no only.\n\n"
+           "<Instruction>\n{query}\n</Instruction>"),
+    "zh": ("下面是一条用户指令。请判断它是否适合用来指导一篇长文（例如两千字以上）的写作。只回答“是”或“否”。\n\n"
+           "<指令>\n{query}\n</指令>"),
 }
 # For a model without a chat template: few-shot, so a base model answers in the same form (one word, then a
 # line break, where the judge's stop string ends it).
@@ -36,7 +38,8 @@ JUDGE_FEW_SHOT = {
            "Answer yes or no.\n\n"
            "Request: Write a detailed history of the printing press and how it changed Europe.\nAnswer: yes\n\n"
            "Request: What is the capital of Peru?\nAnswer: no\n\n"
-           "Request: Compose a long story about two sisters who run a mountain inn through one hard winter.\nAnswer: yes\n\n"
+           "Request: Compose a long story about two sisters who run a mountain inn through one hard winter.\n"
+           "Answer: yes\n\n"
            "Request: Give me a synonym for happy.\nAnswer: no\n\n"
            "Request: {query}\nAnswer:"),
     "zh": ("判断每条写作请求是否适合用来指导写一篇两千字以上的长文。回答“是”或“否”。\n\n"
