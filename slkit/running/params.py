@@ -2,7 +2,7 @@
 
     params = load_params("params/demo.yaml")
 
-Every ratio and count of METHOD.md is a field whose default is the reference value. Each field is a
+Every ratio and count of docs/method.md is a field whose default is the reference value. Each field is a
 `setting`: default, description, unit and the method's value side by side (`slkit check --explain`,
 docs/params.md). Unknown keys, wrong types and a missing model are errors that name the key, the file and
 the line.
