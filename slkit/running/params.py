@@ -188,8 +188,7 @@ class QualityParams(_Section):
         {"en": ".!?,;:-\"')]}>`", "zh": "。！？”)]}>）】’…`"},
         "Characters a text may end with, per language: the reference's English set (which also lets a text end in "
         ", ; : - >) and its Chinese set (which has no ASCII . ! ? \" ' and no 」』》). A closing code fence ends in "
-        "a backtick. On 0.5B drafts the English set changes no verdict and the Chinese one rejects 0-3% more "
-        "(docs/method.md).", unit="none", reference={"en": ".!?,;:-\"')]}>`", "zh": "。！？”)]}>）】’…`"})
+        "a backtick (docs/method.md, \"The quality check\").", unit="none", reference={"en": ".!?,;:-\"')]}>`", "zh": "。！？”)]}>）】’…`"})
     min_words: int = setting(
         0, "Shorter texts fail as \"too_short\": a refusal (\"I'm sorry, but I can't assist...\") is no draft to "
         "extend. 0 in the reference, whose 7B model does not refuse writing requests; small models do.",
