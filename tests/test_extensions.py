@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 
 from conftest import ScriptedEngine
-from slkit.method.extensions import extend_drafts, former_part, keep_head
+from slkit.method.extensions import (extend_drafts, former_part, keep_head, kept_paragraphs, stage2_prefill,
+                                     stage2_text)
 from slkit.running.params import params_from_dict
 from slkit.method.prompts import extension_prompt
 from slkit.running.records import RecordWriter
@@ -39,14 +40,37 @@ def test_former_part_is_first_half_of_paragraphs():
     assert former_part("p1\n\np2\n\np3\n\np4") == "p1\n\np2"
     assert former_part("p1\n\np2\n\np3") == "p1"
     assert former_part("l1\nl2\nl3\nl4") == "l1\n\nl2"  # <= 2 paragraphs: lines
-    assert former_part("single.") == "single."
 
 
-@pytest.mark.parametrize("n, kept", [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 4), (8, 5)])
-def test_keep_head_keeps_two_thirds_rounded_down_at_least_one(n, kept):
-    # the reference keeps n*2//3 (ceil kept 2, 3, 4, 6 of 2, 4, 5, 8: with two paragraphs nothing was dropped)
+def test_former_part_cuts_as_the_reference():
+    # one line: half of one part is none (slkit kept the line)
+    assert former_part("single.") == ""
+    # the line split keeps the blank line between the two paragraphs as a part, as str.split does:
+    # 4 parts ("l1", "l2", "", "p2"), the first 2 kept (slkit's stripped lines gave 3 parts and kept 1)
+    assert former_part("l1\nl2\n\np2") == "l1\n\nl2"
+
+
+@pytest.mark.parametrize("n, kept", [(1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (6, 4), (8, 5)])
+def test_keep_head_keeps_two_thirds_rounded_down(n, kept):
+    # the reference keeps n*2//3: none of one paragraph
     text = "\n\n".join(f"p{i}" for i in range(n))
     assert keep_head(text, 2 / 3) == "\n\n".join(f"p{i}" for i in range(kept))
+
+
+def test_keep_head_is_a_verbatim_prefix_split_on_blank_lines_only():
+    # two paragraphs of several lines: the reference splits on blank lines only, never on lines, and keeps
+    # the text as it was (slkit split lines here and joined them with blank lines)
+    stage1 = "# Title\nline a\nline b\n\nSecond paragraph.\nMore."
+    assert keep_head(stage1, 2 / 3) == "# Title\nline a\nline b"
+    assert kept_paragraphs(stage1, 2 / 3) == 1
+    # an empty piece between two blank lines counts, as in str.split: 5 pieces, 3 kept, spaces and all
+    assert keep_head("a  \n\n\n\nb\n\nc\n\nd", 2 / 3) == "a  \n\n\n\nb"
+
+
+def test_stage2_prefill_is_the_kept_head_and_the_new_text_joins_it():
+    assert stage2_prefill("Kept head.") == "Kept head."  # nothing added (slkit added a blank line)
+    assert stage2_text("Kept head.", "More text.") == "Kept head.\n\nMore text."
+    assert stage2_text("", "More text.") == "More text."
 
 
 def test_keep_head_floors_other_fractions_and_empty_text():
@@ -78,7 +102,7 @@ def test_one_template_serves_both_stages_and_the_extenders_training_set(tmp_path
     assert stage1.prefill == ""
     # stage 2: the same template with the whole text, answer pre-filled with the kept part (4 of 6)
     assert stage2.prompt == engine.render(extension_prompt("Write long.", draft["draft"], "en"))
-    assert stage2.prefill == "\n\n".join(f"Enriched part {i} here." for i in range(4)) + "\n\n"
+    assert stage2.prefill == "\n\n".join(f"Enriched part {i} here." for i in range(4))  # verbatim, nothing added
     # the Extender is trained on that same template (no line dropped with keep_prob 1)
     [example] = extender_examples([{"id": "a", "query": "Write long.", "language": "en", "draft": draft["draft"],
                                     "extended": "x."}], 1.0, random.Random(0))

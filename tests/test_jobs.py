@@ -234,7 +234,7 @@ def test_an_extension_round_stopped_early_is_rejected_with_its_kept_head():
     """Stage 2's check reads the kept head and the continuation as the round joins them."""
     rules, sampling = QualityParams(), SamplingParams()
     head = "A garden at dawn holds more than flowers and stone.\n\nThe river runs past the old mill wheel."
-    prefill = head + "\n\n"
+    prefill = head  # slkit.method.extensions.stage2_prefill
     continuation = "The river runs past the old mill wheel and the garden at dawn holds more.\n" * 3
     watch = RepetitionWatch("en", rules, sampling, head, prefill)
     assert watch(prefill + continuation)

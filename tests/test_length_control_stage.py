@@ -14,7 +14,9 @@ import pytest
 
 from conftest import FAKE_VLLM, REPO
 from slkit.running.layout import adapter_dir, iter_dir, stage_done
-from slkit.stages.length_control import PHASES, ChildPhaseError, length_control_stage
+from slkit.engines.base import stable_seed
+from slkit.method.training_sets import resample_by_length
+from slkit.stages.length_control import COLLECTION, PHASES, ChildPhaseError, length_control_stage
 from slkit.running.params import dump_params, load_params
 from slkit.running.records import read_json, read_jsonl
 from slkit.method.textstats import count_words
@@ -46,11 +48,16 @@ def _iteration(run_dir, k):
                "draft": _text(k * 10 + i, 30), "words": 30, "tries": 1} for i, q in enumerate(queries)]
     drafts.append({**drafts[0], "id": f"it{k}-q0-d1", "sample": 1, "draft": "Too short.", "words": 2})
     _jsonl(d / "drafts.jsonl", drafts)
-    _jsonl(d / "extensions.jsonl", [
+    # The length-biased resampling dropped the first draft (it is still extended here: only the final stage's
+    # choice of files is under test).
+    _jsonl(d / "resampled_drafts.jsonl", drafts[1:])
+    extensions = [
         {"id": f"{r['id']}-x", "draft_id": r["id"], "sample": 0, "query_id": r["query_id"], "query": r["query"],
          "language": r["language"], "draft": r["draft"], "draft_words": r["words"], "extended": _text(k * 20 + i, 70),
          "words": 70, "ratio": round(70 / r["words"], 3), "attempts": 1, "rounds_accepted": 1}
-        for i, r in enumerate(drafts[:2])])
+        for i, r in enumerate(drafts[:2])]
+    _jsonl(d / "extensions.jsonl", extensions + [{**extensions[0], "id": f"it{k}-q0-d0-y", "sample": 1}])
+    _jsonl(d / "resampled_extensions.jsonl", extensions)
     (d / "adapters" / "generator").mkdir(parents=True)
     (d / "adapters" / "generator" / "adapter_config.json").write_text("{}")
     (d / "evaluation.json").write_text(json.dumps({"iteration": k, "run": "hand-made", "words": {}, "counts": {},
@@ -93,7 +100,7 @@ class Fakes:
 def run_dir(tmp_path):
     params = load_params(REPO / "params" / "smoke.yaml", {
         "output_dir": str(tmp_path), "evaluation.benchmark": None, "queries.languages": ["en"],
-        "length_control.collect_queries": 2})
+        "length_control.collect_queries": 2, "drafts.resample": False})
     run = params.run_dir
     run.mkdir(parents=True)
     dump_params(params, run / "params.yaml")
@@ -119,19 +126,20 @@ def test_final_stage_takes_drafts_extensions_and_a_collection_pass(run_dir, monk
     assert {r.role for r in fakes.engines[0].requests} == {None, "generator"}
     assert summary["collection"]["queries"] == 2 and summary["collection"]["drafts"] == 4
     records = read_jsonl(out / "constrained.jsonl")
-    # Drafts and extensions of the iteration, and the collected drafts; the query naming 500 words is
-    # skipped (draft and extension), the 2-word draft is outside the window.
+    # The resampled drafts and extensions of the iteration (as the reference: not it1-q0-d0 nor it1-q0-d0-y,
+    # which the resampling dropped), and the collected drafts; the query naming 500 words is skipped (draft and
+    # extension), the 2-word draft is outside the window.
     assert sorted(r["id"] for r in records) == ["collect-q0-d0", "collect-q0-d1", "collect-q1-d0", "collect-q1-d1",
-                                                "it1-q0-d0", "it1-q0-d0-x"]
+                                                "it1-q0-d0-x"]
     assert summary["skipped"] == {"names_length": 2}
-    assert summary["sources"] == {"iter_1/drafts": 1, "iter_1/extensions": 1, "length_control/drafts": 4}
+    assert summary["sources"] == {"iter_1/resampled_extensions": 1, "length_control/drafts": 4}
     lc = load_params(run_dir / "params.yaml").length_control
     for r in records:  # checked here by LonGen's rule, not by the stage's own check
         c = r["constraint"]
         assert r["words"] == count_words(r["completion"])
         assert longen_accepts(c["kind"], c["low"], c["high"], r["words"]), r
         assert all(lc.min_words <= n <= lc.max_words and n % lc.round_to == 0 for n in (c["low"], c["high"]) if n)
-    assert fakes.trained == [{"samples": 6, "trained": True, "init_adapter": _adapter(run_dir, 1)}]
+    assert fakes.trained == [{"samples": 5, "trained": True, "init_adapter": _adapter(run_dir, 1)}]
     assert read_json(out / "length_control.done.json")["iteration"] == 1
 
 
@@ -142,7 +150,22 @@ def test_collect_queries_zero_turns_the_collection_off(run_dir, monkeypatch, scr
     summary = length_control_stage(run_dir, 1)
     assert summary["collection"] is None and fakes.adapters == []
     assert not (run_dir / "length_control" / "queries.jsonl").exists()
-    assert summary["pairs"] == 2
+    assert summary["pairs"] == 1
+
+
+def test_the_collected_drafts_go_through_the_drafts_resampling(run_dir, monkeypatch, scripted_engine):
+    # the reference's collection runs its drafts step, which resamples by length like every drafts step
+    params = load_params(run_dir / "params.yaml", {"drafts.resample": True, "length_control.collect_queries": 6})
+    dump_params(params, run_dir / "params.yaml")
+    Fakes(monkeypatch, scripted_engine)
+    length_control_stage(run_dir, 1)
+    out = run_dir / "length_control"
+    collected = sorted(read_jsonl(out / "drafts.jsonl"), key=lambda r: r["id"])
+    rp = params.resampling
+    kept = resample_by_length(collected, random.Random(stable_seed(params.seed, COLLECTION, "resample drafts")),
+                              rp.coefficient, rp.exponent, group="language")
+    taken = {r["id"] for r in read_jsonl(out / "constrained.jsonl") if r["source"] == "length_control/drafts"}
+    assert 0 < len(kept) < len(collected) and taken == {r["id"] for r in kept}
 
 
 def test_the_collection_resumes_from_its_partial_records(run_dir, monkeypatch, scripted_engine):
@@ -172,7 +195,8 @@ def test_raising_macro_iterations_reruns_the_final_stage(run_dir, monkeypatch, s
     summary = length_control_stage(run_dir, 2)
     assert fakes.adapters == [{"generator": _adapter(run_dir, 2)}]  # collected again with iteration 2's Generator
     assert summary["training"]["init_adapter"] == _adapter(run_dir, 2)  # trained again, from iteration 2's adapter
-    assert {r["source"] for r in read_jsonl(out / "constrained.jsonl")} >= {"iter_1/drafts", "iter_2/extensions"}
+    assert {r["source"] for r in read_jsonl(out / "constrained.jsonl")} >= {"iter_1/resampled_extensions",
+                                                                           "iter_2/resampled_extensions"}
     assert read_json(out / "length_control.done.json")["iteration"] == 2
     assert (out / "05_length_control.ipynb").exists()
     assert stage_done(run_dir, 2, "length_control") and not stage_done(run_dir, 1, "length_control")

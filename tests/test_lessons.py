@@ -11,7 +11,7 @@ from slkit.lessons import length_control as length_control_lesson
 from slkit.lessons import queries as queries_lesson
 from slkit.lessons import training as training_lesson
 from slkit.method.extensions import extend_drafts
-from slkit.method.prompts import self_instruct_prompt
+from slkit.method.prompts import self_instruct_list, self_instruct_prompt
 from slkit.method.quality import quality_failure
 from slkit.method.queries import synthesize_queries
 from slkit.method.textstats import count_words
@@ -114,7 +114,8 @@ def test_a_query_record_holds_its_prompt_completion_and_judge_answer(tmp_path):
     assert record["completion"] == " Describe the history of glassmaking in Venice at length.\nInstruction 4: x"
     assert record["judge_answer"] == " yes"
     text = queries_lesson.walkthrough(tmp_path, params).data
-    assert "Record `it1-q0`" in text and prompts[2] in text and record["completion"] in text
+    assert "Record `it1-q0`" in text and self_instruct_list(record["exemplars"], "en") in text
+    assert record["completion"] in text
     assert "read as yes: kept" in text
 
 

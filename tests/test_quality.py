@@ -1,14 +1,26 @@
 from slkit.running.params import QualityParams
-from slkit.method.quality import ends_cleanly, quality_failure
+from slkit.method.quality import ends_cleanly, meta_window, quality_failure
 from slkit.method.textstats import ngram_units
 
 
 def test_clean_endings():
-    for text in ["Done.", "Really?", "Wow!", 'He said "yes."', "(see above)", "完成了。", "真的吗？", "他说：“好。”",
-                 "code:\n```python\nx = 1\n```", "end.  \n"]:
-        assert ends_cleanly(text), text
-    for text in ["and then the", "结束了但是", "list:", "a, b,", ""]:
-        assert not ends_cleanly(text), text
+    for text in ["Done.", "Really?", "Wow!", 'He said "yes."', "(see above)", "code:\n```python\nx = 1\n```", "end.  \n"]:
+        assert ends_cleanly(text, "en"), text
+    for text in ["完成了。", "真的吗？", "他说：“好。”", "代码：\n```python\nx = 1\n```"]:
+        assert ends_cleanly(text, "zh"), text
+    for text in ["and then the", ""]:
+        assert not ends_cleanly(text, "en"), text
+    assert not ends_cleanly("结束了但是", "zh")
+
+
+def test_each_language_ends_with_the_references_own_characters():
+    # the reference's English set also takes , ; : - > and a backtick (slkit's one set rejected them)
+    for text in ["list:", "a, b,", "see below;", "well -", "a -> b >", "use `x`"]:
+        assert ends_cleanly(text, "en") and quality_failure(text, "en") is None, text
+    # its Chinese set has no ASCII . ! ? " ' and no 」』》 (slkit's one set took them)
+    for text in ["结束了.", "真的吗?", "好!", '他说"好"', "他说「好。」", "《红楼梦》"]:
+        assert not ends_cleanly(text, "zh") and quality_failure(text, "zh") == "unfinished", text
+    assert quality_failure("结束了.", "zh", QualityParams(ending_chars={"en": ".", "zh": "."})) is None
 
 
 def test_repetition_english_uses_10_word_ngrams():
@@ -36,15 +48,26 @@ def test_meta_talk_in_english_edges_is_case_sensitive():
     assert quality_failure("Here is the revised version" + body, "en") == "meta-talk"
 
 
+def test_meta_talk_window_counts_blank_lines_as_the_reference():
+    # "# Title", a blank line, then the body: the reference's head of 2 lines is the title and the blank line
+    text = "# Title\n\nHere is the revised plan.\nBody.\nMore body.\nAnd more.\n\nLast line.\n\nThe end."
+    assert quality_failure(text, "en") is None  # slkit searched the third line too and rejected it
+    assert quality_failure(text.replace("# Title", "# A revised title"), "en") == "meta-talk"
+    # at the end the last 3 lines are the last line, a blank line and "The end."
+    assert quality_failure(text.replace("Last line.", "This version ends."), "en") == "meta-talk"
+    assert quality_failure(text.replace("And more.", "This version ends."), "en") is None
+    assert meta_window("a\n\nb\nc\n\nd", QualityParams()) == ["a", "", "c", "", "d"]
+
+
 def test_meta_talk_includes_the_words_of_the_extension_template():
     body = "\nBody line one.\nBody two.\nBody three.\nBody four.\nBody five.\nThe end."
     assert quality_failure("Below is the enriched text." + body, "en") == "meta-talk"
-    assert quality_failure(body.strip() + "\nI hope this longer draft helps.", "en") == "meta-talk"
+    assert quality_failure(body.strip() + "\nI hope this longer outline helps.", "en") == "meta-talk"
 
 
 def test_meta_talk_in_chinese_edges():
     body = "\n第一段正文。\n第二段正文。\n第三段正文。\n第四段正文。\n第五段正文。\n全文完。"
-    for head in ("以下是修改后的文章：", "下面是扩写的内容。", "这是改写后的版本。", "我根据初稿写了新的文章。"):
+    for head in ("以下是修改后的文章：", "下面是扩写的内容。", "这是改写后的版本。", "我根据大纲写了新的文章。"):
         assert quality_failure(head + body, "zh") == "meta-talk", head
     assert quality_failure(body.strip() + "\n以上是扩写后的全文。", "zh") == "meta-talk"
     middle = "开头。\n第二行。\n这里谈到了改写历史的企图。\n第四行。\n第五行。\n第六行。\n结尾。"
@@ -54,7 +77,7 @@ def test_meta_talk_in_chinese_edges():
 
 def test_chinese_text_ending_in_an_ellipsis_is_finished():
     for text in ("他望着远方，久久没有说话……", "故事就这样结束了…", "And so it goes…"):
-        assert ends_cleanly(text), text
+        assert ends_cleanly(text, "zh"), text
         assert quality_failure(text, "zh") is None
 
 

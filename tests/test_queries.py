@@ -1,24 +1,63 @@
 from slkit.running.params import params_from_dict
-from slkit.method.prompts import parse_judge, parse_self_instruct, self_instruct_prompt
-from slkit.method.queries import NearDuplicateIndex, synthesize_queries
+from slkit.method.prompts import (SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct,
+                                  self_instruct_list, self_instruct_prompt)
+from slkit.method.queries import (NearDuplicateIndex, judge_request, judge_sampling, self_instruct_request,
+                                  synthesize_queries)
 from slkit.running.records import RecordWriter
 
 
 def test_self_instruct_prompt_and_parse():
     prompt = self_instruct_prompt(["Write A.", "Write B."], "en")
-    assert prompt.endswith("Instruction 1: Write A.\nInstruction 2: Write B.\nInstruction 3:")
+    # the reference's label ends in a space
+    assert prompt.endswith("Instruction 1: Write A.\nInstruction 2: Write B.\nInstruction 3: ")
     assert parse_self_instruct(" Write C in detail.\nInstruction 4: more", "en") == "Write C in detail."
-    assert parse_self_instruct(" Write C. Instruction 4: D", "en") == "Write C."
     assert self_instruct_prompt(["写A。", "写B。"], "zh").endswith("指令3：")
-    assert parse_self_instruct("写一篇长文。指令4：别的", "zh") == "写一篇长文。"
+    assert parse_self_instruct("写一篇长文。\n指令4：别的", "zh") == "写一篇长文。"
 
 
-def test_parse_judge():
-    assert parse_judge(" Yes, it is.") is True
-    assert parse_judge("no.") is False
-    assert parse_judge("是的，适合。") is True
-    assert parse_judge("否") is False and parse_judge("不适合") is False
-    assert parse_judge("maybe") is None
+def test_self_instruct_keeps_every_line_of_a_query_and_the_examples_as_written():
+    # the reference keeps the whole completion up to its stop string "\nInstruction 4" (slkit kept the first line)
+    table = "Write a story inspired by this table:\n| Time | Event |\n| 6:00 | Sunrise |"
+    assert parse_self_instruct(f"{table}\nInstruction 4: Write more.", "en") == table
+    assert parse_self_instruct("写一篇文章，要求：\n1. 分三部分\n2. 有结论\n指令4：别的", "zh") == \
+        "写一篇文章，要求：\n1. 分三部分\n2. 有结论"
+    # examples are shown as written, line breaks and all (slkit flattened them to one line)
+    assert self_instruct_list([table, "Write B."], "en") == f"Instruction 1: {table}\nInstruction 2: Write B.\nInstruction 3: "
+
+
+def test_self_instruct_is_a_chat_turn_whose_answer_starts_with_the_examples(scripted_engine):
+    chat = scripted_engine(lambda r: "")
+    chat.is_chat = True
+    request = self_instruct_request(chat, ["Write A.", "Write B."], "en", 64, 7)
+    assert request.prompt == chat.render(SELF_INSTRUCT_TASK["en"]) and request.seed == 7
+    assert request.prefill == "Instruction 1: Write A.\nInstruction 2: Write B.\nInstruction 3: "
+    plain = self_instruct_request(scripted_engine(lambda r: ""), ["Write A.", "Write B."], "en", 64, 7)
+    assert plain.prompt == self_instruct_prompt(["Write A.", "Write B."], "en") and plain.prefill == ""
+
+
+def test_parse_judge_needs_an_exact_yes():
+    assert parse_judge(" Yes ", "en") is True and parse_judge("yes", "en") is True
+    assert parse_judge("是", "zh") is True and parse_judge(" 是\n", "zh") is True
+    assert parse_judge("no", "en") is False and parse_judge("否", "zh") is False
+    # the reference keeps a query only on the exact word (slkit read any answer that began with it)
+    for answer, language in [("Yes, it is.", "en"), ("yes.", "en"), ("是的，适合。", "zh"), ("适合", "zh"),
+                             ("是", "en"), ("yes", "zh"), ("maybe", "en")]:
+        assert parse_judge(answer, language) is None, answer
+
+
+def test_the_judge_is_zero_shot_and_samples_with_the_runs_decoding(scripted_engine):
+    chat = scripted_engine(lambda r: "")
+    chat.is_chat = True
+    request = judge_request(chat, "Write a long history\nof tea.", "en", 5)
+    assert request.prompt == chat.render(judge_prompt("Write a long history\nof tea.", "en"))
+    assert "Request:" not in request.prompt and "Write a long history\nof tea." in request.prompt
+    sampling = params_from_dict({"run_name": "t", "model": {"path": "builtin:tiny-random-llama"}}).sampling
+    judging = judge_sampling(sampling, is_chat=True)
+    assert (judging.temperature, judging.top_p, judging.top_k) == (0.7, 0.8, 20)  # not greedy
+    assert judging.stop == sampling.stop
+    # a model without a chat template gets few-shot examples, and its answer stops at the line's end
+    plain = judge_request(scripted_engine(lambda r: ""), "Write long.", "en", 5)
+    assert plain.prompt.endswith("Request: Write long.\nAnswer:") and "\n" in judge_sampling(sampling, False).stop
 
 
 def test_near_duplicates():
@@ -63,7 +102,7 @@ def test_per_language_queries_in_every_language(tmp_path, scripted_engine):
 
     def answer(request):
         n = next(topics)
-        return f"请写一篇关于第{n}号城市河流变迁的长文。" if request.prompt.endswith("指令3：") else \
+        return f"请写一篇关于第{n}号城市河流变迁的长文。" if request.text.endswith("指令3：") else \
             f" Write a long history of harbour number {n} and its ships."
 
     pool = [{"query": q, "language": "en"} for q in ("Write a long guide to tea.", "Draft a detailed plan for Kyoto.")]

@@ -1,4 +1,4 @@
-from slkit.method.textstats import (count_words, detect_language, distinct_n, first_repeated_ngram, ngram_units, split_paragraphs)
+from slkit.method.textstats import count_words, detect_language, distinct_n, first_repeated_ngram, ngram_units
 
 
 def test_count_words_english_splits_on_whitespace():
@@ -22,13 +22,6 @@ def test_count_words_mixed_text():
 def test_detect_language():
     assert detect_language("请写一篇关于AI的文章") == "zh"
     assert detect_language("Write an essay about 中国 history and culture") == "en"
-
-
-def test_split_paragraphs_blank_lines_then_lines():
-    assert split_paragraphs("a\n\nb\n\nc") == ["a", "b", "c"]
-    # two paragraphs or fewer: fall back to lines
-    assert split_paragraphs("l1\nl2\nl3\n\nl4") == ["l1", "l2", "l3", "l4"]
-    assert split_paragraphs("one line") == ["one line"]
 
 
 def test_ngram_units_and_repeats():

@@ -5,7 +5,7 @@ Self-Lengthen's (textstats.count_words, also the method's), LongBench-Write with
 (textstats.count_words_longwriter; on Chinese text the first counts 13-14% more: CJK punctuation).
 An output record holds "words" by its format's counter and the count of every counter (output_lengths).
 
-- LonGen (METHOD.md): accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds;
+- LonGen (docs/method.md): accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds;
   above T -> [T, 1.5T]; below T -> [0.5T, T]. Score of a length L in [0, 1]: 1 inside;
   max(2L/a - 1, 0) below; max(3 - 2L/b, 0) above.
 - LongBench-Write format (jsonl with prompt, type, length = required words x): score of an output

@@ -19,7 +19,7 @@ import pandas as pd
 from IPython.display import Markdown
 from pydantic import BaseModel
 
-from slkit.method.quality import ends_cleanly, quality_failure
+from slkit.method.quality import ends_cleanly, meta_talk_words, quality_failure
 from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
 from slkit.running.layout import load_run_params, stage_dir
 from slkit.running.params import Params, QualityParams
@@ -71,15 +71,13 @@ def quality_table(text: str, language: str, rules: QualityParams) -> pd.DataFram
     words = count_words(text)
     n = rules.ngram_zh if language == "zh" else rules.ngram_en
     repeated = first_repeated_ngram(ngram_units(text, language), n) if rules.check_repetition else None
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    edge = lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
-    meta = sorted({w for line in edge for w in rules.meta_words.get(language, ()) if w in line})
+    meta = sorted(meta_talk_words(text, language, rules))
     stripped = text.rstrip()
     rows = [
         ("not empty", "", bool(text.strip())),
         ("long enough", f"{words} words, quality.min_words {rules.min_words}", words >= rules.min_words),
         ("ends cleanly", f"last character {stripped[-1:]!r}" + ("" if rules.check_ending else " (check off)"),
-         ends_cleanly(text) or not rules.check_ending),
+         ends_cleanly(text, language, rules) or not rules.check_ending),
         (f"no repeated {n}-gram", ("first repeated: " + " ".join(repeated)) if repeated else
          ("none" if rules.check_repetition else "check off"), repeated is None),
         ("no meta-talk at the edges", ", ".join(meta) or "none" if rules.check_meta_talk else "check off",

@@ -14,9 +14,9 @@ import pandas as pd
 from IPython.display import Markdown
 
 from slkit.lessons import counts_table, steps
-from slkit.method.extensions import former_part
+from slkit.method.extensions import first_paragraphs, former_part, stage2_prefill, stage2_text
 from slkit.method.prompts import extension_prompt
-from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
+from slkit.method.textstats import count_words
 from slkit.running.params import Params
 from slkit.running.records import read_jsonl
 
@@ -31,7 +31,7 @@ def idea(params: Params) -> Markdown:
         f"- Each kept draft gets **{e.samples_per_draft}** independent job(s); a job runs up to "
         f"**{e.micro_iterations}** round(s).\n"
         f"- Stage 1: the extension template over the request and the **former half** of the current text; of the "
-        f"n paragraphs the Extender returns, the first floor(n x **{e.keep_fraction:.3g}**) are kept (at least one).\n"
+        f"n paragraphs the Extender returns, the first floor(n x **{e.keep_fraction:.3g}**) are kept (none of one).\n"
         f"- Stage 2: the same template over the **whole** current text, the answer pre-filled with the kept head; "
         f"the Extender continues. New text = kept head + continuation.\n"
         f"- A round is accepted when the new text passes the quality check and is longer than the best so far.\n"
@@ -48,12 +48,12 @@ def replay(record: dict) -> list[dict]:
     for r in record["rounds"]:
         if r["attempt"] != attempt:  # each attempt starts again from the draft
             attempt, current, best = r["attempt"], record["draft"], record["draft_words"]
-        kept = join_paragraphs(split_paragraphs(r["stage1"])[:r["kept_paragraphs"]])
-        new_text = join_paragraphs([p for p in (kept, r["continuation"]) if p])
+        kept = first_paragraphs(r["stage1"], r["kept_paragraphs"])
+        new_text = stage2_text(kept, r["continuation"])
         shown.append({**r, "input": current, "input_words": count_words(current), "best_before": best,
                       "stage1_prompt": extension_prompt(query, former_part(current), language),
-                      "stage1_paragraphs": len(split_paragraphs(r["stage1"])), "kept": kept,
-                      "prefill": kept + "\n\n" if kept else "",
+                      "stage1_paragraphs": len(r["stage1"].split("\n\n")), "kept": kept,
+                      "prefill": stage2_prefill(kept),
                       "stage2_prompt": extension_prompt(query, current, language), "new_text": new_text})
         if r["verdict"] == "accepted":
             current, best = new_text, r["words"]

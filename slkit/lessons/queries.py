@@ -7,7 +7,7 @@ import pandas as pd
 from IPython.display import Markdown
 
 from slkit.lessons import counts_table, steps
-from slkit.method.prompts import judge_prompt, parse_judge, parse_self_instruct, self_instruct_prompt
+from slkit.method.prompts import SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct, self_instruct_list
 from slkit.method.queries import shingles
 from slkit.running.params import Params
 from slkit.running.records import read_jsonl
@@ -19,9 +19,10 @@ def idea(params: Params) -> Markdown:
     judge = ("a judge call with the same model must answer yes to \"is this request fit for a long article?\""
              if q.judge else "the judge is off in this run (`queries.judge`)")
     return Markdown(
-        f"- Each query slot shows the model **{q.examples_per_prompt}** instructions of its language, drawn from the "
-        f"pool, as `Instruction 1 ... Instruction {q.examples_per_prompt}:`, in raw completion mode, and takes its "
-        f"`Instruction {q.examples_per_prompt + 1}`.\n"
+        f"- Each query slot asks the model, in a chat turn, for instructions that lead to long texts, and starts its "
+        f"answer with **{q.examples_per_prompt}** instructions of its language drawn from the pool, as "
+        f"`Instruction 1 ... Instruction {q.examples_per_prompt}:`; the model writes "
+        f"`Instruction {q.examples_per_prompt + 1}` (a model without a chat template completes a plain list).\n"
         f"- A candidate is kept when it has **{q.min_words} to {q.max_words}** words, is no near-duplicate "
         f"(character 5-gram Jaccard similarity below **{q.dedup_similarity}** with every query seen) and {judge}.\n"
         f"- Up to **{q.max_tries}** tries per slot; **{q.per_language}** queries per language, languages "
@@ -61,19 +62,22 @@ def walkthrough(out: Path, params: Params) -> Markdown:
     shown = [(f"Record `{record['id']}` of queries.jsonl, accepted at try {record['tries']} "
               f"(slot language {language}, written in {record['language']})", None)]
     if record.get("exemplars"):
-        shown.append(("1. The self-instruct prompt the model completed", self_instruct_prompt(record["exemplars"],
-                                                                                             language)))
+        shown.append(("1. The self-instruct turn: the request, then the answer pre-filled with the examples (a "
+                      "model without a chat template completes the plain form, the same list under a header)",
+                      SELF_INSTRUCT_TASK[language] + "\n\n[answer pre-filled with:]\n\n"
+                      + self_instruct_list(record["exemplars"], language)))
         shown.append(("2. What the model wrote", record["completion"]))
         parsed = parse_self_instruct(record["completion"], language)
-        shown.append(("3. The parsed query (the completion up to its first line break)", parsed))
+        shown.append(("3. The parsed query (the completion up to the next numbered label)", parsed))
     else:
         shown.append(("The query (this record predates the recorded prompts)", record["query"]))
     shown.append((f"4. Length filter: {record['words']} words, inside [{q.min_words}, {q.max_words}]: kept", None))
     shown.append((f"5. Near-duplicate check: highest similarity to the exemplars shown and this run's other "
                   f"queries {closest:.2f}, below {q.dedup_similarity}: kept", None))
     if record.get("judge_answer") is not None:
-        shown.append(("6. The judge's prompt", judge_prompt(" ".join(record["query"].split()), language)))
-        verdict = {True: "yes: kept", False: "no", None: "unclear"}[parse_judge(record["judge_answer"])]
+        shown.append(("6. The judge's prompt (zero-shot; a model without a chat template gets few-shot examples)",
+                      judge_prompt(record["query"], language)))
+        verdict = {True: "yes: kept", False: "no", None: "unclear"}[parse_judge(record["judge_answer"], language)]
         shown.append((f"7. The judge's answer, read as {verdict}", record["judge_answer"]))
     else:
         shown.append(("6. Judge: off in this run (queries.judge), every candidate that passed the filters is kept",

@@ -1,4 +1,4 @@
-"""Stage 2, two-stage extension (METHOD.md step 2).
+"""Stage 2, two-stage extension (docs/method.md, "Extension").
 
 Each draft gets `samples_per_draft` independent jobs. A job runs up to `micro_iterations` rounds:
 stage 1 shows the Extender the extension template (prompts.EXTENSION) with the query and the former
@@ -25,38 +25,59 @@ from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.jobs import Job, run_jobs
 from slkit.method.prompts import extension_prompt
 from slkit.method.quality import quality_failure, repetition_watch
-from slkit.method.textstats import count_words, join_paragraphs, split_paragraphs
+from slkit.method.textstats import count_words
 from slkit.running.params import Params, QualityParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import ExtensionRecord
 
 
 def former_part(text: str) -> str:
-    """The first half of the text's paragraphs (at least one)."""
-    paragraphs = split_paragraphs(text)
-    return join_paragraphs(paragraphs[: max(1, len(paragraphs) // 2)])
+    """The first half, rounded down, of the text's parts, as the reference cuts it: the parts are the pieces
+    between blank lines ("\n\n"), or the lines when there are at most 2 such pieces; they are joined again with
+    a blank line. A text of one line has no former part (its stage-1 prompt shows an empty text)."""
+    parts = text.split("\n\n")
+    if len(parts) <= 2:
+        parts = text.split("\n")
+    return "\n\n".join(parts[:len(parts) // 2])
 
 
 def kept_paragraphs(text: str, fraction: float) -> int:
-    """How many paragraphs keep_head keeps of a stage-1 output: floor(n x fraction), at least one (none of
-    an empty text)."""
-    n = len(split_paragraphs(text))
+    """How many paragraphs keep_head keeps of a stage-1 output of n pieces between blank lines: floor(n x
+    fraction), which is none of one paragraph."""
+    n = len(text.split("\n\n"))
     # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
-    return min(n, max(1, math.floor(n * fraction + 1e-9)))
+    return math.floor(n * fraction + 1e-9)
+
+
+def first_paragraphs(text: str, paragraphs: int) -> str:
+    """The text up to the end of its first `paragraphs` pieces between blank lines, verbatim."""
+    return "\n\n".join(text.split("\n\n")[:paragraphs])
 
 
 def keep_head(text: str, fraction: float) -> str:
-    """The first floor(n x fraction) of the n paragraphs of a stage-1 output, at least one (its tail
-    tends to drift). With 2/3: 2, 4, 5, 8 paragraphs keep 1, 2, 3, 5, as the reference's n*2//3."""
-    return join_paragraphs(split_paragraphs(text)[:kept_paragraphs(text, fraction)])
+    """The first floor(n x fraction) of the n paragraphs of a stage-1 output, verbatim (its tail tends to
+    drift). With 2/3: 1, 2, 4, 5, 8 paragraphs keep 0, 1, 2, 3, 5, as the reference's n*2//3."""
+    return first_paragraphs(text, kept_paragraphs(text, fraction))
+
+
+def stage2_prefill(kept: str) -> str:
+    """The start of stage 2's answer: the kept head itself, with nothing added, as in the reference."""
+    return kept
+
+
+def stage2_text(kept: str, continuation: str) -> str:
+    """The round's new text: the kept head, then the continuation. The reference joins the two raw; slkit's
+    engines strip a continuation's leading line breaks, so a blank line puts them back (the break the model
+    writes after a kept head that ends a paragraph)."""
+    return "\n\n".join(p for p in (kept, continuation) if p)
 
 
 def round_trace(attempt: int, round_: int, stage1: str, kept: int, continuation: str, words: int,
                 verdict: str) -> dict:
     """What one round leaves in its job's record: the attempt and round (from 1), the Extender's stage-1
-    output, how many of its paragraphs were kept (the kept head is the first `kept_paragraphs` of
-    split_paragraphs(stage1)), its continuation after the pre-fill, the words of kept head + continuation,
-    and the verdict ('accepted', a quality failure, or 'not_longer'). The round's input text, the prompts
+    output, how many of its paragraphs were kept (the kept head is first_paragraphs(stage1, kept)), its
+    continuation after the pre-fill, the words of kept head + continuation, and the verdict ('accepted', a
+    quality failure, or 'not_longer'). The round's input text, the prompts
     and the pre-fill follow from these and the record's draft (slkit.lessons.extensions)."""
     return {"attempt": attempt, "round": round_, "stage1": stage1, "kept_paragraphs": kept,
             "continuation": continuation, "words": words, "verdict": verdict}
@@ -88,12 +109,12 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                 stage1 = yield (Request(engine.render(extension_prompt(d["query"], former_part(current), d["language"])),
                                         "extender", max1, seed), params.sampling)
                 kept = keep_head(stage1, ep.keep_fraction)
-                prefill = kept + "\n\n" if kept else ""
+                prefill = stage2_prefill(kept)
                 continuation = yield (Request(
                     engine.render(extension_prompt(d["query"], current, d["language"])), "extender", max2, seed + 1,
                     prefill=prefill, stop_early=repetition_watch(d["language"], rules, params.sampling, kept, prefill)),
                     params.sampling)
-                new_text = join_paragraphs([p for p in (kept, continuation) if p])
+                new_text = stage2_text(kept, continuation)
                 words = count_words(new_text)
                 failure = quality_failure(new_text, d["language"], rules)
                 if failure is None and words > best_words:

@@ -1,4 +1,4 @@
-"""Final stage: length-controlled queries (METHOD.md, "Final stage: length control").
+"""Final stage: length-controlled queries (docs/method.md, "Final stage: length control").
 
 Long (query, response) pairs from all iterations get a length constraint that their own response
 satisfies, of four kinds drawn 40% about / 25% range / 10% above / 25% below, and the query is

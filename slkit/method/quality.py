@@ -1,24 +1,29 @@
-"""The quality check every generated text must pass (METHOD.md, "Quality check on every text")."""
+"""The quality check every generated text must pass (docs/method.md, "The quality check")."""
 from __future__ import annotations
 
 from slkit.engines.base import cut_at_stop, trim_unfinished
-from slkit.method.textstats import count_words, first_repeated_ngram, join_paragraphs, ngram_units
+from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
 from slkit.running.params import QualityParams, SamplingParams
 
-# Sentence ends, closing quotes and brackets, CJK full stops and closers, an ellipsis (the Chinese
-# reference accepts a final "…" or "……"); a code fence is checked apart.
-CLOSING_CHARS = ".!?\"')]}" + "\u201d\u2019\u2026" + "\u3002\uff01\uff1f\u300d\u300f\u300b\u3011\uff09"
-def ends_cleanly(text: str) -> bool:
-    """The last visible character closes a sentence, a quote, a bracket or a code fence, or is an ellipsis."""
+
+def ends_cleanly(text: str, language: str, rules: QualityParams = QualityParams()) -> bool:
+    """The last visible character is one of the language's `ending_chars` (a code fence ends in a backtick)."""
     stripped = text.rstrip()
-    return bool(stripped) and (stripped[-1] in CLOSING_CHARS or stripped.endswith("```"))
+    return bool(stripped) and stripped[-1] in rules.ending_chars.get(language, "")
 
 
-def has_meta_talk(text: str, language: str, rules: QualityParams) -> bool:
-    """A meta word in the first `meta_head_lines` or last `meta_tail_lines` non-empty lines."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    edge = lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
-    return any(word in line for line in edge for word in rules.meta_words.get(language, ()))
+def meta_window(text: str, rules: QualityParams) -> list[str]:
+    """The lines searched for meta-talk: the first `meta_head_lines` and the last `meta_tail_lines` lines of the
+    text, blank lines counted as lines, as the reference counts them (so "# Title", a blank line, then the body
+    puts only the title in a head of 2)."""
+    lines = text.strip().split("\n")
+    return lines[:rules.meta_head_lines] + lines[max(0, len(lines) - rules.meta_tail_lines):]
+
+
+def meta_talk_words(text: str, language: str, rules: QualityParams) -> list[str]:
+    """The meta words (matched case-sensitively) found in the text's meta window."""
+    window = "\n".join(meta_window(text, rules))
+    return [word for word in rules.meta_words.get(language, ()) if word in window]
 
 
 def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:
@@ -27,13 +32,13 @@ def quality_failure(text: str, language: str, rules: QualityParams = QualityPara
         return "empty"
     if count_words(text) < rules.min_words:
         return "too_short"
-    if rules.check_ending and not ends_cleanly(text):
+    if rules.check_ending and not ends_cleanly(text, language, rules):
         return "unfinished"
     if rules.check_repetition:
         n = rules.ngram_zh if language == "zh" else rules.ngram_en
         if first_repeated_ngram(ngram_units(text, language), n) is not None:
             return "repetition"
-    if rules.check_meta_talk and has_meta_talk(text, language, rules):
+    if rules.check_meta_talk and meta_talk_words(text, language, rules):
         return "meta-talk"
     return None
 
@@ -73,7 +78,8 @@ class RepetitionWatch:
         settled = settled_text(text[len(self.prefill):], self.sampling)
         if not settled:
             return False
-        units = ngram_units(join_paragraphs([p for p in (self.head, settled) if p]), self.language)[:-1]
+        # joined as slkit.method.extensions.stage2_text joins a kept head and its continuation
+        units = ngram_units("\n\n".join(p for p in (self.head, settled) if p), self.language)[:-1]
         for i in range(max(0, len(self.units) - self.n + 1), len(units) - self.n + 1):  # the new n-grams
             gram = tuple(units[i:i + self.n])
             if gram in self.seen:

@@ -1,8 +1,9 @@
 """Stage 0, query synthesis (self-instruct): new long-writing queries from a pool of exemplars.
 
-Each slot shows the model `examples_per_prompt` pool instructions of its language in raw
-completion mode and takes the next one; a candidate is kept when it is 3-500 words, not a
-near-duplicate of any query seen so far, and the judge answers yes. Up to `max_tries` per slot.
+Each slot shows the model `examples_per_prompt` pool instructions of its language, numbered, as the
+start of its answer to a chat turn that asks for long-writing instructions (a plain header for a model
+without a chat template), and takes the next one; a candidate is kept when it is 3-500 words, not a
+near-duplicate of any query seen so far, and the judge answers an exact yes. Up to `max_tries` per slot.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from collections import Counter
 from typing import Callable
 
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.method.prompts import judge_prompt, parse_judge, parse_self_instruct, self_instruct_prompt
+from slkit.method.prompts import (SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct,
+                                  self_instruct_list, self_instruct_prompt)
 from slkit.method.textstats import count_words, detect_language
-from slkit.running.params import Params
+from slkit.running.params import Params, SamplingParams
 from slkit.running.records import RecordWriter
 from slkit.running.schema import QueryRecord
 
@@ -45,10 +47,33 @@ class NearDuplicateIndex:
         self.sets.append(grams)
 
 
-def judge_request(engine: Engine, query: str, language: str) -> str:
-    """The few-shot judge prompt: a chat turn for chat models, raw completion for base models."""
-    prompt = judge_prompt(" ".join(query.split()), language)
-    return engine.render(prompt) if engine.is_chat else prompt
+def self_instruct_request(engine: Engine, examples: list[str], language: str, max_new_tokens: int,
+                          seed: int) -> Request:
+    """A chat model gets the reference's form: a user turn asking for long-writing instructions, its answer
+    pre-filled with the numbered examples up to the next label; a model without a chat template gets the plain
+    header and the list in raw completion mode."""
+    if engine.is_chat:
+        return Request(engine.render(SELF_INSTRUCT_TASK[language]), None, max_new_tokens, seed,
+                       prefill=self_instruct_list(examples, language))
+    return Request(self_instruct_prompt(examples, language), None, max_new_tokens, seed)
+
+
+# An answer longer than this is no exact yes: the cap changes no verdict, it only saves the tokens.
+JUDGE_MAX_NEW_TOKENS = 8
+
+
+def judge_request(engine: Engine, query: str, language: str, seed: int) -> Request:
+    """The zero-shot judge as a chat turn; a model without a chat template gets the few-shot prompt."""
+    prompt = engine.render(judge_prompt(query, language)) if engine.is_chat else judge_prompt(query, language, True)
+    return Request(prompt, None, JUDGE_MAX_NEW_TOKENS, seed)
+
+
+def judge_sampling(sampling: SamplingParams, is_chat: bool) -> SamplingParams:
+    """The judge samples with the run's decoding, as the reference's judge call does (temperature 0.7), with no
+    forced length; the few-shot form also stops at its line's end, where the next example would begin."""
+    extra = [] if is_chat else ["\n"]
+    return sampling.model_copy(update={"stop": list(sampling.stop) + extra, "trim_unfinished": False,
+                                       "min_new_tokens": 0})
 
 
 def _query_id(iteration: int | str, slot: int) -> str:
@@ -86,13 +111,13 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
     tries = Counter()
     rejected: Counter = Counter()
     sampling = params.sampling
-    greedy = sampling.model_copy(update={"temperature": 0.0, "stop": ["\n"]})
+    judging = judge_sampling(sampling, engine.is_chat)
     while pending:
         # Examples and sampling depend only on (seed, iteration, slot, try): a resumed stage asks the same.
         seeds = [stable_seed(params.seed, iteration, s, tries[s]) for s in pending]
         shown = {s: random.Random(seed).sample(by_language[slots[s]], qp.examples_per_prompt)
                  for s, seed in zip(pending, seeds)}
-        requests = [Request(self_instruct_prompt(shown[s], slots[s]), None, qp.max_new_tokens, seed)
+        requests = [self_instruct_request(engine, shown[s], slots[s], qp.max_new_tokens, seed)
                     for s, seed in zip(pending, seeds)]
         raw = dict(zip(pending, engine.generate(requests, sampling.model_copy(update={"trim_unfinished": False}))))
         candidates = {}
@@ -110,9 +135,10 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
         answers, verdicts = {}, {}
         if qp.judge and candidates:
             judged = engine.generate(
-                [Request(judge_request(engine, q, slots[s]), None, 4, 0) for s, q in candidates.items()], greedy)
+                [judge_request(engine, q, slots[s], stable_seed(params.seed, iteration, s, tries[s], "judge"))
+                 for s, q in candidates.items()], judging)
             answers = dict(zip(candidates, judged))
-            verdicts = {s: parse_judge(a) for s, a in answers.items()}
+            verdicts = {s: parse_judge(a, slots[s]) for s, a in answers.items()}
         still_pending = []
         for s in pending:
             if s in candidates and (not qp.judge or verdicts.get(s) is True):

@@ -1,6 +1,6 @@
-"""Text statistics shared by every stage and benchmark: the word counters, language, paragraphs.
+"""Text statistics shared by every stage and benchmark: the word counters, language, n-grams.
 
-Word counting follows METHOD.md: each CJK character or CJK/full-width punctuation mark
+Word counting follows docs/method.md: each CJK character or CJK/full-width punctuation mark
 (U+4E00-9FFF, U+3000-303F, U+FF00-FFEF) is one word; the rest is split on whitespace (count_words,
 for every stage of the method and LonGen). LongBench-Write is scored with LongWriter's own counter
 (count_words_longwriter): Han characters plus English words, no punctuation.
@@ -38,20 +38,6 @@ def count_words_longwriter(text: str) -> int:
 def detect_language(text: str) -> str:
     """'zh' when Han characters outnumber Latin words, else 'en' (decided per query)."""
     return "zh" if len(_HAN.findall(text)) > len(_LATIN_WORD.findall(text)) else "en"
-
-
-def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs; when there are at most 2, fall back to non-empty lines."""
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-    if len(paragraphs) <= 2:
-        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        if len(lines) > len(paragraphs):
-            return lines
-    return paragraphs
-
-
-def join_paragraphs(paragraphs: list[str]) -> str:
-    return "\n\n".join(paragraphs)
 
 
 def ngram_units(text: str, language: str) -> list[str]:

@@ -2,7 +2,7 @@
 
     params = load_params("params/demo.yaml")
 
-Every ratio and count of METHOD.md is a field whose default is the reference value. Each field is a
+Every ratio and count of docs/method.md is a field whose default is the reference value. Each field is a
 `setting`: default, description, unit and the method's value side by side (`slkit check --explain`,
 docs/params.md). Unknown keys, wrong types and a missing model are errors that name the key, the file and
 the line.
@@ -201,8 +201,13 @@ class SamplingParams(_Section):
 
 class QualityParams(_Section):
     """The quality check on every text; defaults are the reference values."""
-    check_ending: bool = setting(True, "Reject a text whose last character does not close a sentence, quote, bracket "
-                                       "or code fence (cut off mid-sentence).", unit="none", reference=True)
+    check_ending: bool = setting(True, "Reject a text whose last character is not one of its language's "
+                                       "ending_chars (cut off mid-sentence).", unit="none", reference=True)
+    ending_chars: dict[Literal["en", "zh"], str] = setting(
+        {"en": ".!?,;:-\"')]}>`", "zh": "。！？”)]}>）】’…`"},
+        "Characters a text may end with, per language: the reference's English set (which also lets a text end in "
+        ", ; : - >) and its Chinese set (which has no ASCII . ! ? \" ' and no 」』》). A closing code fence ends in "
+        "a backtick (docs/method.md, \"The quality check\").", unit="none", reference={"en": ".!?,;:-\"')]}>`", "zh": "。！？”)]}>）】’…`"})
     min_words: int = setting(
         0, "Shorter texts fail as \"too_short\": a refusal (\"I'm sorry, but I can't assist...\") is no draft to "
         "extend. 0 in the reference, whose 7B model does not refuse writing requests; small models do.",
@@ -216,14 +221,17 @@ class QualityParams(_Section):
     check_meta_talk: bool = setting(
         True, "Reject a text with a meta_words word in its first meta_head_lines or last meta_tail_lines lines "
         "(slkit/method/quality.py).", unit="none", reference=True)
-    meta_head_lines: int = setting(2, "First lines searched for meta-talk.", unit="lines", reference=2, ge=0)
-    meta_tail_lines: int = setting(3, "Last lines searched for meta-talk.", unit="lines", reference=3, ge=0)
+    meta_head_lines: int = setting(2, "First lines searched for meta-talk; blank lines count, as in the reference "
+                                      "(a title, a blank line, then the body: only the title is searched).",
+                                   unit="lines", reference=2, ge=0)
+    meta_tail_lines: int = setting(3, "Last lines searched for meta-talk; blank lines count, as in the reference.",
+                                   unit="lines", reference=3, ge=0)
     meta_words: dict[Literal["en", "zh"], list[str]] = setting(
-        {"en": ["revised", "revision", "response", "version", "paragraph", "draft", "enriched"],
-         "zh": ["修改后", "以下是", "扩写", "改写", "初稿", "充实后"]},
+        {"en": ["revised", "revision", "response", "version", "paragraph", "outline", "enriched"],
+         "zh": ["修改后", "以下是", "扩写", "改写", "大纲", "充实后"]},
         "Words of a text that talks about itself (\"Here is the revised version...\") instead of being the answer, "
         "matched case-sensitively as in the reference (titles such as \"Incident Response Plan\" pass). English: "
-        "the reference's five, plus the nouns of slkit's extension template (prompts.EXTENSION), which an Extender "
+        "the reference's five, plus the nouns of the extension template (prompts.EXTENSION), which an Extender "
         "echoes when it comments on its task. Chinese: slkit's own list (the reference has none), the same idea "
         "with the Chinese template's words; set zh: [] and en: the five for the reference's behaviour.",
         unit="none", reference={"en": ["revised", "revision", "response", "version", "paragraph"], "zh": []})
@@ -248,8 +256,12 @@ class QueryParams(_Section):
                                 "on a yes.", unit="none", reference=True)
     min_words: int = setting(3, "Shorter candidates are rejected.", unit="words", reference=3, ge=1)
     max_words: int = setting(500, "Longer candidates are rejected.", unit="words", reference=500, ge=1)
-    grow_pool: bool = setting(True, "Accepted queries join the sampling pool of later iterations.", unit="none",
-                              reference=True)
+    grow_pool: bool = setting(
+        False, "True: the queries accepted in earlier iterations join the exemplar pool. The reference never grows "
+        "the pool across iterations (every run reloads its seeds); within a run its Qwen script adds each accepted "
+        "query to the pool for the rest of a batch of 500 and its Llama script samples the seeds only. slkit's "
+        "pool is fixed within a stage, as the Llama script's, so a resumed stage replays the same prompts.",
+        unit="none", reference=False)
     dedup_similarity: float = setting(
         0.8, "A candidate whose character 5-gram Jaccard similarity to an earlier query is at or above this is a "
         "duplicate. slkit's addition: the reference never deduplicates.", unit="ratio", reference=NO_REFERENCE,
@@ -279,8 +291,9 @@ class ExtensionParams(_Section):
                                     unit="rounds", reference=3, ge=1)
     min_ratio: float = setting(1.2, "Keep the result only if words(best) > min_ratio x words(draft); else retry.",
                                unit="ratio", reference=1.2, gt=1)
-    keep_fraction: float = setting(2 / 3, "Stage 1 keeps floor(n x this) of its n paragraphs, at least 1 (its tail "
-                                          "drifts).", unit="ratio", reference=2 / 3, gt=0, le=1)
+    keep_fraction: float = setting(2 / 3, "Stage 1 keeps floor(n x this) of its n paragraphs (pieces between blank "
+                                          "lines; none of one), verbatim: its tail drifts.", unit="ratio",
+                                   reference=2 / 3, gt=0, le=1)
     max_tries: int = setting(20, "Whole-extension retries per job.", unit="tries", reference=20, ge=1)
     samples_per_draft: int = setting(2, "Independent extension jobs per draft, each with its own max_tries.",
                                      unit="samples", reference=2, ge=1)

@@ -45,7 +45,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluation", "04_evaluation.ipynb", reads=("adapters/", "the benchmark"),
           writes=("benchmark_outputs.jsonl", "judgements.jsonl", "evaluation.json", "*.png"), params=("evaluation",),
           summary="the Generator answers the benchmark: length scores, stability, judge, filters, repetition"),
-    Stage("length_control", "05_length_control.ipynb", reads=("every iteration's drafts.jsonl and extensions.jsonl",),
+    Stage("length_control", "05_length_control.ipynb", reads=("every iteration's resampled_drafts.jsonl and "
+                                                                   "resampled_extensions.jsonl",),
           writes=("constrained.jsonl", "constrained.json", "generator_sft.jsonl", "adapters/generator", "length_control.json"),
           params=("length_control",), per_iteration=False,
           summary="long answers get a length constraint they meet; a last Generator learns to follow it"),

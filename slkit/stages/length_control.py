@@ -43,6 +43,7 @@ from slkit.method.length_control import (
     template_rewrite,
 )
 from slkit.method.queries import synthesize_queries
+from slkit.method.training_sets import resample_by_length
 from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
 from slkit.running.params import Params
 from slkit.running.records import (
@@ -73,8 +74,9 @@ from slkit.training.adapters import train_adapter
 COLLECTION = "collect"
 
 
-# The response field of each file the final stage takes pairs from.
-RESPONSE_FIELDS = {"drafts.jsonl": "draft", "extensions.jsonl": "extended"}
+# The files of each iteration the final stage takes pairs from, and their response field: the drafts and the
+# extensions the length-biased resampling kept, as the reference's collection reads its saved (resampled) sets.
+RESPONSE_FIELDS = {"resampled_drafts.jsonl": "draft", "resampled_extensions.jsonl": "extended", "drafts.jsonl": "draft"}
 
 
 def _discard_stale_results(out: Path, iteration: int) -> None:
@@ -121,18 +123,26 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
 
 
 def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[dict]:
-    """(query, response) pairs in the length-control window, in id order: the drafts and extensions of
-    every iteration up to `iteration`, and the collection pass's drafts."""
+    """(query, response) pairs in the length-control window, in id order: the resampled drafts and resampled
+    extensions of every iteration up to `iteration`, and the collection pass's drafts after the same resampling
+    of drafts (drafts.resample), as the reference resamples every set it saves."""
     lc = params.length_control
-    paths = [iter_dir(run_dir, k) / name for k in range(1, iteration + 1) for name in RESPONSE_FIELDS]
-    paths.append(stage_dir(run_dir, iteration, "length_control") / "drafts.jsonl")
+    paths = [iter_dir(run_dir, k) / name for k in range(1, iteration + 1)
+             for name in ("resampled_drafts.jsonl", "resampled_extensions.jsonl")]
+    collected = stage_dir(run_dir, iteration, "length_control") / "drafts.jsonl"
     pairs = []
-    for path in paths:
+    for path in paths + [collected]:
         if path.exists():
             source = f"{path.parent.name}/{path.stem}"
+            records = read_records(path, record_type(path))
+            if path == collected and params.drafts.resample:
+                rp = params.resampling
+                records = resample_by_length(sorted(records, key=lambda r: r["id"]),
+                                             random.Random(stable_seed(params.seed, COLLECTION, "resample drafts")),
+                                             rp.coefficient, rp.exponent, group="language")
             pairs += [{"id": r["id"], "query": r["query"], "language": r["language"], "words": r["words"],
                        "response": r[RESPONSE_FIELDS[path.name]], "source": source}
-                      for r in read_records(path, record_type(path)) if lc.min_words <= r["words"] <= lc.max_words]
+                      for r in records if lc.min_words <= r["words"] <= lc.max_words]
     return sorted(pairs, key=lambda p: p["id"])
 
 
