@@ -355,3 +355,31 @@ def test_a_run_started_before_the_run_server_resumes(tmp_path):
     (run_dir / "params.yaml").write_text(yaml.safe_dump(snapshot))
     prepare_run(recipe)
     assert "engine.vllm.tensor_parallel_size" in (run_dir / "params_changes.log").read_text()
+
+
+def test_submitted_requests_stream_stop_early_and_are_abandoned_on_the_server(fake_serve, tmp_path, monkeypatch):
+    """The jobs' path (slkit.engines.jobs): a submitted request is streamed and gives the text generate gives; its
+    stop_early check ends it on the server (the fake logs the abort); abandon() ends one in flight."""
+    monkeypatch.setenv("FAKE_VLLM_TOKEN_DELAY", "0.05")  # the fake writes 20-60 words: 1-3 s a request
+    monkeypatch.setattr("slkit.engines.endpoint.STOP_EARLY_EVERY_CHARS", 60)
+    params = _params(tmp_path)
+    params.run_dir.mkdir(parents=True)
+    sampling = params.sampling.model_copy(update={"stop": [], "trim_unfinished": False})
+    with managed_server(params, params.run_dir), load_engine(params, {}) as engine:
+        request = Request(engine.render("Write about rivers."), None, 400, seed=5)
+        [whole] = engine.generate([request], sampling)
+        assert engine.submit(request, sampling).result() == whole and len(whole) > 120
+        checked = []
+        early = Request(request.prompt, None, 400, seed=5, stop_early=lambda text: checked.append(len(text)) or True)
+        stopped = engine.submit(early, sampling).result()
+        assert stopped.stopped_early and not stopped.cut and whole.startswith(stopped) and len(stopped) < len(whole)
+        assert checked == [len(stopped)] and len(stopped) >= 60  # checked once 60 characters had come
+        slow = Request(request.prompt, None, 400, seed=6)
+        future = engine.submit(slow, sampling)
+        time.sleep(0.3)  # a few of its words
+        engine.abandon([future])
+        assert future.result(timeout=10) == ""
+    deadline = time.time() + 10
+    while len(_events(fake_serve, "aborted")) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(_events(fake_serve, "aborted")) == 2
