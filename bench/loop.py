@@ -199,7 +199,7 @@ def rows_of_run(run_dir: str | Path, variant: str, metrics: str | Path | None = 
         if t0 is None:
             continue
         t1 = t.get("done", now)
-        inside = [e for e in events if t0 - 1 <= e["at"] <= t1 + 1]
+        inside = [e for e in events if t0 <= e["at"] <= t1]  # a server started just before a stage is the run's
         starts = [e for e in inside if e.get("event") in STARTS]
         closed = [e for e in inside if e.get("event") == "closed"]
         row: dict[str, Any] = {
@@ -437,7 +437,8 @@ def timeline(rows: list[dict[str, Any]], out: Path) -> Path:
             if r["variant"] == run["variant"] and r["stage"] != "run":
                 ax.barh(2, r["end"] - r["start"], left=r["start"] - t0, height=0.7, edgecolor="black", linewidth=0.5,
                         color=STAGE_COLOURS.get(r["stage"], "#dddddd"))
-                ax.text((r["start"] + r["end"]) / 2 - t0, 2, r["stage"][:5], ha="center", va="center", fontsize=7)
+                ax.text((r["start"] + r["end"]) / 2 - t0, 2, r["stage"].replace("_", " "), ha="center", va="center",
+                        fontsize=7, rotation=90 if r["end"] - r["start"] < 0.06 * run["seconds"] else 0)
         for a, b, kind in run.get("engine_lane", []):
             ax.barh(1, b - a, left=a - t0, height=0.5 if kind == "generating" else 0.7,
                     color=LANE_COLOURS.get(kind, "#dddddd"))
