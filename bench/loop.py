@@ -246,13 +246,16 @@ def rows_of_run(run_dir: str | Path, variant: str, metrics: str | Path | None = 
 
 # ------------------------------------------------------------------------------------------------- running
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on 127.0.0.1
+
+
 def sample_metrics(run_dir: Path, out: Path, stop: threading.Event, every_s: float = 1.0) -> None:
     """While the run's server is up, append its /metrics counters (summed over label sets) to `out`."""
     while not stop.wait(every_s):
         try:
             url = json.loads((run_dir / "engine.json").read_text())["url"].rstrip("/")
             url = url[:-3] if url.endswith("/v1") else url
-            with urllib.request.urlopen(f"{url}/metrics", timeout=2) as response:
+            with NO_PROXY.open(f"{url}/metrics", timeout=2) as response:
                 text = response.read().decode()
         except (OSError, ValueError, KeyError):
             continue

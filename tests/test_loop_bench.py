@@ -157,3 +157,40 @@ def test_offline_sh_starts_the_bench_detached_and_collects(tmp_path):
     sh("loop-collect", str(tmp_path / "out"))
     assert (tmp_path / "out" / "loop-bench.tgz").read_text() == f"collect --workdir {w} --out {tmp_path / 'out'}"
     assert (tmp_path / "out" / "run.log").exists()
+
+
+def test_the_servers_metrics_are_sampled_from_the_url_engine_json_names(tmp_path):
+    """The run's server (runs/<run>/engine.json: url, with or without /v1): its Prometheus counters summed over
+    label sets (data-parallel engines), other metrics left out; nothing while engine.json is absent."""
+    import http.server
+    import threading
+    import time
+
+    text = (b'# HELP vllm:generation_tokens_total tokens\nvllm:generation_tokens_total{engine="0",model_name="m"} 120.0\n'
+            b'vllm:generation_tokens_total{engine="1",model_name="m"} 30.0\nvllm:num_requests_running{engine="0"} 4.0\n'
+            b'vllm:generation_tokens_created{engine="0"} 1.7e9\n')
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out, stop = tmp_path / "m.jsonl", threading.Event()
+    sampler = threading.Thread(target=loop.sample_metrics, args=(tmp_path, out, stop, 0.1))
+    sampler.start()
+    time.sleep(0.5)
+    assert not out.exists()
+    (tmp_path / "engine.json").write_text(json.dumps({"url": f"http://127.0.0.1:{server.server_port}/v1"}))
+    time.sleep(0.8)
+    stop.set()
+    sampler.join()
+    server.shutdown()
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert samples and all(set(s) == {"at", "generation_tokens", "running"} for s in samples)
+    assert samples[0]["generation_tokens"] == 150.0 and samples[0]["running"] == 4.0
