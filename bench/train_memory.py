@@ -101,6 +101,7 @@ def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) 
     on_gpu = torch.cuda.is_available()
     params = load_params(RECIPE, {"model.path": str(model_dir), "training.max_length": length,
                                   "training.epochs": 1.0, "training.warmup_ratio": 0.0, **LORA,
+                                  "training.gradient_accumulation": 1,  # a step is one sample: its memory and time
                                   **({} if on_gpu else {"training.optimizer": "adamw_torch", "model.dtype": "bfloat16"}),
                                   **overrides})
     data = workdir / f"samples-{length}.jsonl"

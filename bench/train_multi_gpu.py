@@ -46,6 +46,7 @@ def main() -> None:
         params = load_params(RECIPE, {
             "model.path": str(model_dir), "training.max_length": args.length, "training.epochs": 1.0,
             "training.warmup_ratio": 0.0, "training.num_processes": processes,
+            "training.gradient_accumulation": 1,  # an optimizer step per sample and process, as it measured
             "training.accelerate_config": args.config if on_gpu else "cpu",
             **({} if on_gpu else {"training.optimizer": "adamw_torch", "model.load_in_4bit": False,
                                   "training.activation_offload": False, "training.liger_kernels": False})})

@@ -58,3 +58,12 @@ def test_cpu_generate_bench_tiny():
     assert len(rows) == 8 and rows[0][5] == "1.00x" and rows[4][5] == "1.00x"
     kl = {(row[0], row[1]): float(row[6].rstrip(" |")) for row in rows}
     assert kl["| float32", "TopKSampler"] == 0.0 and kl["| int8", "TopKSampler"] > 0.0
+
+
+def test_train_batch_bench_tiny(tmp_path, tiny_model_path):
+    """Global batch 1 against the default 8 (accumulation): the same samples, 1/8 of the updates."""
+    stdout = _run(["bench/train_batch.py", "--model", "builtin:tiny-random-llama", "--samples", "9", "--epochs", "1",
+                   "--max-length", "64"], tmp_path)
+    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    assert [(r["global_batch"], r["steps"]) for r in rows] == [(1, 9), (8, 2)]
+    assert rows[0]["set_loss_before"] == rows[1]["set_loss_before"] and all(r["set_loss_after"] for r in rows)

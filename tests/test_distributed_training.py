@@ -18,7 +18,8 @@ def test_two_processes_train_the_adapter_one_process_trains(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Write piece {i}.", "completion": f"river town {i} " * 12})
                             + "\n" for i in range(8)))
-    common = {"training.lora_dropout": 0.0, "training.epochs": 1.0, "training.accelerate_config": "cpu"}
+    common = {"training.lora_dropout": 0.0, "training.epochs": 1.0, "training.accelerate_config": "cpu",
+              "training.gradient_accumulation": 1}
     single = train_adapter(load_params(REPO / "params" / "smoke.yaml", {**common, "training.batch_size": 2}),
                            data, tmp_path / "single")
     ddp = train_adapter(load_params(REPO / "params" / "smoke.yaml", {**common, "training.batch_size": 1,

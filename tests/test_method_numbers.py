@@ -38,7 +38,7 @@ SETTINGS = [
     ("rank 8, alpha 16, dropout 0;", {"training.lora_r": 8, "training.lora_alpha": 16, "training.lora_dropout": 0.0}),
     ("lr 1e-4, 4 epochs, cosine schedule, warmup 0.1, batch 1,",
      {"training.learning_rate": 1e-4, "training.epochs": 4.0, "training.lr_scheduler": "cosine",
-      "training.warmup_ratio": 0.1, "training.batch_size": 1, "training.gradient_accumulation": 1}),
+      "training.warmup_ratio": 0.1, "training.batch_size": 1}),
     ("samples cut at 16,384 tokens, bf16", {"training.max_length": 16384, "model.dtype": "bfloat16"}),
     ("continues from the previous iteration's adapters", {"training.continue_adapters": True}),
     ("n=13", {"quality.ngram_zh": 13}),

@@ -35,7 +35,7 @@ def test_defaults_are_the_reference_values(tmp_path):
     assert (p.training.lora_r, p.training.lora_alpha, p.training.lora_dropout, p.training.target_modules) == (
         8, 16, 0.0, "all-linear")
     assert (p.training.learning_rate, p.training.epochs, p.training.lr_scheduler, p.training.warmup_ratio) == (1e-4, 4.0, "cosine", 0.1)
-    assert (p.training.batch_size, p.training.gradient_accumulation, p.model.dtype) == (1, 1, "bfloat16")
+    assert (p.training.batch_size, p.training.gradient_accumulation, p.model.dtype) == (1, 8, "bfloat16")
     assert (p.quality.ngram_zh, p.quality.ngram_en) == (13, 10)
     assert (p.quality.meta_head_lines, p.quality.meta_tail_lines) == (2, 3)
     lc = p.length_control

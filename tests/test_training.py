@@ -210,3 +210,31 @@ def test_checkpointing_keywords_fit_the_installed_transformers_and_the_gpu_image
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none",
                              **checkpointing_args(TrainingArguments, True))
     assert args.activation_checkpointing if hasattr(args, "activation_checkpointing") else args.gradient_checkpointing
+
+
+def test_the_default_global_batch_is_8_and_accumulation_trains_as_one_batch(smoke_params, tiny_model_path, tmp_path):
+    """training.gradient_accumulation defaults to 8 (the reference's global batch: batch 1 on each of 8 GPUs): 10
+    samples make 2 updates an epoch (8, then the 2 left). k accumulated samples of batch 1 give the adapter one
+    padded batch of k gives (the loss is averaged over the response tokens of the whole global batch)."""
+    from safetensors.torch import load_file
+
+    from slkit.running.params import TrainingParams
+
+    assert TrainingParams().gradient_accumulation == 8 and TrainingParams().batch_size == 1
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Write piece {i}.", "completion": "river town " * (3 + 2 * i)})
+                            + "\n" for i in range(10)))
+
+    def train(name, **update):
+        params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+            update={"lora_dropout": 0.0, "epochs": 1.0, "warmup_ratio": 0.0, "learning_rate": 1e-2, **update})})
+        return train_adapter(params, data, tmp_path / name)
+
+    default = train("default", gradient_accumulation=TrainingParams().gradient_accumulation)
+    assert default["steps"] == 2
+    accumulated = train("accumulated", gradient_accumulation=5)
+    batched = train("batched", batch_size=5, gradient_accumulation=1)
+    assert accumulated["steps"] == batched["steps"] == 2
+    assert accumulated["losses"] == pytest.approx(batched["losses"], rel=1e-4)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("accumulated", "batched"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

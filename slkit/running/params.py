@@ -332,9 +332,13 @@ class TrainingParams(_Section):
     lr_scheduler: str = setting("cosine", "transformers' lr_scheduler_type.", unit="none", reference="cosine")
     warmup_ratio: float = setting(0.1, "Share of the steps that warm the learning rate up from 0.", unit="ratio",
                                   reference=0.1, ge=0, le=1)
-    batch_size: int = setting(1, "Samples per device per step.", unit="samples", reference=1, ge=1)
-    gradient_accumulation: int = setting(1, "Steps whose gradients are summed before an update.", unit="steps",
-                                         reference=1, ge=1)
+    batch_size: int = setting(1, "Samples per device per step (padded to the longest of the step: 1 holds one "
+                                 "sample in memory at a time).", unit="samples", reference=1, ge=1)
+    gradient_accumulation: int = setting(
+        8, "Steps whose gradients are summed before an update: the global batch is batch_size x gradient_accumulation "
+        "x num_processes. The reference trains at batch 1 on every GPU of its nodes (LLaMA-Factory under torchrun, 8 "
+        "GPUs a node): a global batch of 8 or more. On one GPU, 8 accumulated steps give that batch at one sample's "
+        "memory; with num_processes N, 8 / N does.", unit="steps", reference=8, ge=1)
     max_length: int = setting(16384, "Samples are cut here; memory grows with it.", unit="tokens", reference=16384,
                               ge=16)
     gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (non-reentrant): "

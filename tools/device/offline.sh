@@ -10,6 +10,8 @@
 #   offline.sh keep FILE...               move carried pieces into pieces/ (one transfer at a time)
 #   offline.sh model BUILTIN GGUF_NAME    join pieces/GGUF_NAME.part*, check, convert it for BUILTIN
 #   offline.sh start RECIPE [--set K=V]   start `slkit run` detached (it outlives this command)
+#   offline.sh loop-bench ARGS...         start bench/loop.py run --workdir $W ARGS detached, like start
+#   offline.sh loop-collect OUT_DIR       bench/loop.py's rows so far and the runs' small files -> OUT_DIR
 #   offline.sh watch SECONDS              wait that long, or until the run ends, and show where it is
 #   offline.sh bundle RUN_NAME OUT_DIR [MIB]  stop the run, pack runs/RUN_NAME (no checkpoints) into pieces
 #   offline.sh unbundle DIR RUN_NAME      put a bundled run directory back under runs/ (to resume it)
@@ -57,6 +59,21 @@ case "$step" in
     setsid nohup python3 -m slkit run "$@" --no-progress >> run.log 2>&1 < /dev/null &
     echo $! > run.pid; echo "started pid $!: slkit run $*"
     ;;
+  loop-bench)
+    # bench/loop.py (issue 24): one macro-iteration per variant, one after the other, in one detached process.
+    cd "$W" || exit 3
+    if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
+    # What the runs import only at their training stage or server start: missing here, it would fail minutes in.
+    imports=${SLKIT_PREFLIGHT_IMPORTS:-trl,slkit.training.trainer,vllm.entrypoints.openai.api_server,model_hosting_container_standards}
+    python3 -c "import $imports" 2>&1 | grep -v Warning | tail -n 3; [ "${PIPESTATUS[0]}" = 0 ] || exit 3
+    setsid nohup python3 "$W/code/bench/loop.py" run --workdir "$W" "$@" >> run.log 2>&1 < /dev/null &
+    echo $! > run.pid; echo "started pid $!: bench/loop.py run --workdir $W $*"
+    ;;
+  loop-collect)
+    # Small enough for any call's $OUT (the records and adapters stay here): rows.jsonl, logs, summaries, timings.
+    ( cd "$W" && python3 "$W/code/bench/loop.py" collect --workdir "$W" --out "$1" ) || exit 3
+    cp "$W/run.log" "$1/run.log" 2>/dev/null; true
+    ;;
   watch)
     end=$((SECONDS + $1))
     while [ $SECONDS -lt $end ] && kill -0 "$(cat "$W/run.pid")" 2>/dev/null; do sleep 5; done
@@ -83,5 +100,5 @@ case "$step" in
     rm -f "$W/runs/$2"/*/*.lock
     echo "runs/$2 ready: $(ls "$W/runs/$2")"
     ;;
-  *) sed -n 2,13p "$0"; exit 2 ;;
+  *) sed -n "2,/^set /{/^#/p}" "$0"; exit 2 ;;
 esac
