@@ -67,3 +67,25 @@ def test_train_batch_bench_tiny(tmp_path, tiny_model_path):
     rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
     assert [(r["global_batch"], r["steps"]) for r in rows] == [(1, 9), (8, 2)]
     assert rows[0]["set_loss_before"] == rows[1]["set_loss_before"] and all(r["set_loss_after"] for r in rows)
+
+
+def test_small_card_bench_dry_run(tmp_path):
+    """The GPU run needs vLLM; what runs here: its settings, commands and table."""
+    stdout = _run(["bench/small_card.py", "--dry-run", "--total-gib", "140", "--tokenizer-from", str(tmp_path)],
+                  tmp_path)
+    server = next(line for line in stdout.splitlines() if line.startswith("server: "))
+    assert "--enable-sleep-mode" in server and "--quantization bitsandbytes" in server
+    assert "--gpu-memory-utilization 0.1 " in server  # 14 of 140 GiB
+    assert '"training.gpu_memory_fraction": 0.1643' in stdout  # (24 - 1) / 140
+    sys.path.insert(0, str(REPO / "bench"))
+    from small_card import phase_note, table, training_fraction
+
+    assert training_fraction(24, 2.5, 140) == round(21.5 / 140, 4)
+    rows = [{"phase": "training", "in_use_gib": 23.5, "cap_gib": 24, "seconds": 80.0, "steps": 2,
+             "train_fraction": 0.15, "train_max_allocated_gib": 12.25},
+            {"phase": "awake", "in_use_gib": 13.9, "seconds": 2.5, "same_completion": True}]
+    for row in rows:
+        row["note"] = phase_note(row)
+    assert table(rows).splitlines()[2:] == [
+        "| training | 23.50 | 12.25 | 80.0 | 2 steps, fraction 0.15; device peak within the 24 GiB cap |",
+        "| awake | 13.90 |  | 2.5 | wake 2.50 s; completion after wake == before |"]
