@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_memory import LORA, RECIPE, SHAPES, write_samples  # noqa: E402  (light: no torch at import)
+from train_memory import LORA, RECIPE, SHAPES, write_samples  # light: no torch at import
 
 SHAPE = "qwen2-7b"
 TOKENIZER_BUILTIN = "qwen2.5-coder-1.5b-instruct"
@@ -258,7 +257,8 @@ def timing(run_dir: Path, event: str) -> float | None:
 
 def run_child(kind: str, spec: dict, log: Path) -> dict:
     with open(log, "a") as out:
-        proc = subprocess.run(child_command(kind, spec), stdout=subprocess.PIPE, stderr=out, text=True)
+        proc = subprocess.run(child_command(kind, spec), stdout=subprocess.PIPE, stderr=out, text=True,
+                              check=False)
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 and not rows:
         tail = "\n".join(log.read_text().splitlines()[-15:])
