@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -216,6 +217,8 @@ class Progress:
         self.texts, self.texts_expected = 0, max(0, total - done) * texts_per_item
         self.started = time.time()
         self._last = 0.0
+        # Texts finish on an engine's worker threads (slkit.engines.jobs), records on the stage's thread.
+        self._writing = threading.Lock()
         self._write()
 
     def advance(self, n: int = 1) -> None:
@@ -234,6 +237,7 @@ class Progress:
             self._write()
 
     def _write(self) -> None:
-        self._last = time.monotonic()
-        write_json_atomic(self.path, ProgressState(stage=self.stage, done=self.done, total=self.total, texts=self.texts,
-                                                   texts_expected=self.texts_expected, started=self.started))
+        with self._writing:
+            self._last = time.monotonic()
+            write_json_atomic(self.path, ProgressState(stage=self.stage, done=self.done, total=self.total, texts=self.texts,
+                                                       texts_expected=self.texts_expected, started=self.started))
