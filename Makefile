@@ -77,7 +77,9 @@ lock: $(VENV)/torch-build
 	# Written by `make lock` (uv pip compile --universal, extras $(LOCKED_EXTRAS); vllm pins its own torch), not by hand.\
 	# passed: not yet (write the date, machine and counts of `make test` with this file here)' constraints.txt
 
+# made afresh each time, so that every package is the newest pip finds
 test-newest:
+	rm -rf .venv-newest
 	$(MAKE) test VENV=.venv-newest LOCK=
 
 clean:
