@@ -100,3 +100,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def slkit_message(stderr: str) -> str:
+    """What slkit wrote to stderr when it refused a command: from its `error: ` line to the end. A library may print
+    a line of its own above it (on import, from native code slkit cannot route): the tests of what the user sees
+    check slkit's lines, not the absence of every other."""
+    lines = stderr.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert starts, f"no `error: ` line in stderr:\n{stderr[-3000:]}"
+    return "".join(lines[starts[0]:])

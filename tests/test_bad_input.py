@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, slkit_message
 from slkit.running.params import ParamsError, load_params
 from slkit.running.pipeline import prepare_run
 from slkit.running.records import RecordFileError
@@ -140,7 +140,8 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "slkit", "run", str(SMOKE), "--set", f"output_dir={tmp_path}",
                              "--set", f"queries.exemplar_files=[{exemplars}]"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {exemplars}:1: not valid JSON (Expecting value)"
+    assert slkit_message(result.stderr).strip() == f"error: {exemplars}:1: not valid JSON (Expecting value)"
+    assert "Traceback" not in result.stderr
 
 
 def test_run_name_that_leaves_output_dir_is_refused_before_anything_is_written(tmp_path):
@@ -149,8 +150,9 @@ def test_run_name_that_leaves_output_dir_is_refused_before_anything_is_written(t
     result = subprocess.run([sys.executable, "-m", "slkit", "run", str(SMOKE), "--set", f"output_dir={out}",
                              "--set", "run_name=../../escape"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: invalid parameters:\n  --set run_name: ")  # the value came from --set
-    assert "'../../escape'" in result.stderr
+    message = slkit_message(result.stderr)
+    assert message.startswith("error: invalid parameters:\n  --set run_name: ")  # the value came from --set
+    assert "'../../escape'" in message
     assert list(tmp_path.iterdir()) == []
 
 

@@ -168,3 +168,31 @@ def test_without_bitsandbytes_4bit_loading_names_the_gpu_extra(smoke_params, mon
     with pytest.raises(ImportError, match=re.escape("model.load_in_4bit needs the bitsandbytes package: "
                                                     "pip install 'slkit[gpu]'")):
         load_model(four_bit, device="cpu")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:4])
+
+
+def test_the_lock_pins_every_package_pyproject_names_at_a_version_it_allows():
+    """constraints.txt (the lock every make install takes) pins each requirement of the core list and of the extras
+    it is made for at or above pyproject.toml's floor, covers the extras `make test` installs, and says on its
+    `passed:` line when `make test` last passed with it."""
+    lock = (REPO / "constraints.txt").read_text()
+    pins: dict[str, list[str]] = {}
+    for line in lock.splitlines():
+        if line and not line.startswith("#"):
+            match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)( ; .+)?", line)
+            assert match, f"constraints.txt: not a pin: {line!r}"
+            pins.setdefault(_normalized(match[1]), []).append(match[2])
+    makefile = (REPO / "Makefile").read_text()
+    locked = re.search(r"^LOCKED_EXTRAS = (.+)$", makefile, re.M)[1].split()
+    assert _make_test_extras() <= set(locked) <= EXTRAS.keys()
+    requirements = PROJECT["dependencies"] + [r for extra in locked for r in PROJECT["optional-dependencies"][extra]]
+    for requirement in requirements:
+        name, floor = re.fullmatch(r"([A-Za-z0-9._-]+)(?:\[[\w,]+\])?>=([\w.]+)", requirement.split(";")[0].strip()).groups()
+        versions = pins.get(_normalized(name))
+        assert versions, f"constraints.txt pins no {name}: run make lock"
+        assert all(_version(v) >= _version(floor) for v in versions), f"constraints.txt: {name} {versions} < {floor}"
+    assert re.search(r"^# passed: ", lock, re.M), "constraints.txt: no `passed:` line"
+    assert "-c $(PINS)" in makefile and re.search(r"^PINS = \$\(VENV\)/pins\.txt$", makefile, re.M)

@@ -34,13 +34,14 @@ def test_notebook_is_stripped_and_has_a_literal_parameters_cell(path):
 
 def test_environment_yml_installs_pyproject_and_names_no_package_of_its_own():
     """pyproject.toml is the one list of packages: environment.yml adds Python and pip only, and installs the
-    project with extras pyproject.toml defines."""
+    project with extras pyproject.toml defines, at the lock's versions."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     [pip] = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
     conda = sorted(d for d in env["dependencies"] if isinstance(d, str))
     assert conda == ["pip", "python=" + project["requires-python"].removeprefix(">=")]  # the oldest Python allowed
-    [editable] = pip
+    constraints, editable = pip
+    assert constraints == "-c constraints.txt", "environment.yml: pip does not take the lock's versions"
     match = re.fullmatch(r"-e \.\[([a-z,]+)\]", editable)
     assert match, f"environment.yml: pip installs {editable!r}, not the project with its extras"
     assert set(match[1].split(",")) <= set(project["optional-dependencies"])

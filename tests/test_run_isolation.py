@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, slkit_message
 from slkit.running.layout import iter_dir
 from slkit.running.registry import ITERATION_STAGES
 from slkit.stages.drafts import drafts_stage
@@ -178,7 +178,7 @@ def test_a_second_slkit_run_is_refused_and_the_first_goes_on(tmp_path, tiny_mode
     # a resource key may change on resume, so without the lock this run would rewrite params.yaml
     second = subprocess.run(command + ["--set", "engine.batch_size=2"], capture_output=True, text=True, timeout=300)
     assert second.returncode == 2, second.stderr[-3000:]
-    assert second.stderr.startswith(f"error: {run_dir} is in use by slkit run (pid {first.pid} on host ")
+    assert slkit_message(second.stderr).startswith(f"error: {run_dir} is in use by slkit run (pid {first.pid} on host ")
     assert ((run_dir / "params.yaml").read_bytes(), (run_dir / "params.yaml").stat().st_mtime_ns) == params_before
     assert not (run_dir / "params_changes.log").exists()
 

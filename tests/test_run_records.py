@@ -1,9 +1,11 @@
 """Records of a run: slkit.log (the CLI's lines and every stage's, warnings, errors, no secrets), environment.json,
 and training metrics through transformers' report_to."""
 import importlib
+import logging
 import os
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,6 +41,58 @@ def scripted_pipeline(monkeypatch):
 
     monkeypatch.setattr("slkit.running.pipeline.run_notebook", run_stage)
     monkeypatch.setenv("SLKIT_TEST_KEY", SECRET)
+
+
+NOISY_LIBRARY = """import logging, warnings
+logging.getLogger("noisy_library.backends").warning("Failed to load CPU kernel from the hub: No module named 'kernels'")
+warnings.warn("noisy_library: this default changes in the next release", FutureWarning)
+"""
+
+
+def test_another_packages_lines_go_to_slkit_log_not_the_terminal(scripted_pipeline, tmp_path, monkeypatch, capfd):
+    """The bug report: on a CPU with AVX-512 BF16, `import peft` imports bitsandbytes, which logs "Failed to load
+    CPU gemm_4bit_forward from kernels-community" above every `slkit run`. A package's log line and warning on
+    import, before the run log opens, and its lines while it is open, go to slkit.log; only its error reaches the
+    terminal, beside slkit's own lines."""
+    from slkit.running import pipeline
+    from slkit.running.cli import main
+
+    (tmp_path / "lib" / "noisy_library").mkdir(parents=True)
+    (tmp_path / "lib" / "noisy_library" / "__init__.py").write_text(NOISY_LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.delitem(sys.modules, "noisy_library", raising=False)
+    checked = pipeline.check_inputs
+
+    def import_then_check(*args, **kwargs):  # imported before the run log opens, as `import peft` is
+        importlib.import_module("noisy_library")
+        return checked(*args, **kwargs)
+
+    def kernel_with_lines():
+        logging.getLogger("noisy_library").warning("a line while the run log is open")
+        logging.getLogger("noisy_library").error("noisy_library: a real problem")
+        return "slkit"
+
+    monkeypatch.setattr(pipeline, "check_inputs", import_then_check)
+    monkeypatch.setattr(pipeline, "ensure_kernel", kernel_with_lines)
+    handlers, show = logging.getLogger().handlers[:], warnings.showwarning
+    capfd.readouterr()
+    assert main(["run", str(REPO / "params" / "smoke.yaml"), "--no-progress", "--set", f"output_dir={tmp_path / 'runs'}",
+                 "--set", "macro_iterations=1", "--set", "evaluation.judge.enabled=false"]) == 0
+    out, err = capfd.readouterr()
+    run_dir = tmp_path / "runs" / "smoke"
+    assert out.endswith(f"done: {run_dir}\n")
+    assert err.startswith("noisy_library: a real problem\n")  # (then the stand-in training's progress bars)
+    for line in ("Failed to load CPU kernel", "this default changes", "a line while the run log is open"):
+        assert line not in out + err
+    log = log_path(run_dir).read_text()
+    pid = os.getpid()
+    assert f"WARNING [pid {pid}] Failed to load CPU kernel from the hub: No module named 'kernels'" in log
+    assert f"WARNING [pid {pid}] FutureWarning: noisy_library: this default changes in the next release (" in log
+    assert f"WARNING [pid {pid}] a line while the run log is open" in log
+    assert f"ERROR [pid {pid}] noisy_library: a real problem" in log
+    assert log.index("Failed to load CPU kernel") < log.index("a line while the run log is open")
+    assert log.count("Failed to load CPU kernel") == 1
+    assert logging.getLogger().handlers == handlers and warnings.showwarning is show  # put back after the command
 
 
 def test_a_run_logs_every_stage_start_and_end_with_counts_to_slkit_log(scripted_pipeline, tmp_path):

@@ -18,6 +18,7 @@ import yaml
 
 from slkit.models.builtin import ModelFetchError
 from slkit.running.explain import explain
+from slkit.running.logs import library_output, quiet_library_handlers
 from slkit.running.params import ParamsError, add_set_option, load_params, parse_overrides
 from slkit.running.records import RecordFileError
 from slkit.running.runlock import RunLockedError
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_evaluate_parser(sub)
     _add_export_parser(sub)
     args = parser.parse_args(argv)
+    # Other packages' warnings and log lines (some print them on import) go to the run's slkit.log, not here.
+    with library_output():
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; the exit status."""
     try:
         if args.command == "export":
             from slkit.running.export import export_command
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from slkit.running.pipeline import run_pipeline
 
+            quiet_library_handlers()
             run_dir = run_pipeline(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
         elif args.command == "compare":
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from slkit.running import evaluate
 
+            quiet_library_handlers()
             metrics = evaluate.run_evaluation(evaluate.evaluation_params(args, parse_overrides(args.set)), args.adapter,
                                               show_progress=not args.no_progress)
             lf = metrics["length_following"]

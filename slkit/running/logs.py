@@ -8,11 +8,19 @@ append mode, so lines of different processes never overwrite each other), its pi
 and end with the summary's counts (INFO), warnings shown while a stage runs (WARNING), errors with their
 traceback (ERROR). No secrets: lines hold stage names, counts and file names, never params (an endpoint's key
 is named there) nor environment variables.
+
+Other packages' log records and warnings are not the user's to act on (bitsandbytes' "Failed to load CPU
+gemm_4bit_forward from kernels-community" on `import peft`, on a CPU with AVX-512 BF16): while the command line
+runs (`with library_output():`) they go to the run's slkit.log, held until a run log opens, and not to the
+terminal. Their errors (ERROR and above) still reach the terminal, and so does all that was held when a command
+stops on an unexpected exception.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +29,93 @@ from slkit.running.layout import log_path
 
 LOGGER = "slkit"
 LINE_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(message)s"
+LIBRARY_WARNINGS = "py.warnings"  # the logger other packages' warnings are written with (logging's own name for it)
+HELD = 1000  # other packages' lines kept while no run log is open; the oldest go first
+SLKIT_DIR = Path(__file__).resolve().parents[1]
+
+
+class _LibraryLines(logging.Handler):
+    """On the root logger while the command line runs: other packages' log records go to the open run log, or are
+    held until one opens; slkit's own are left to the run log's handler (or, with none open, to the terminal as
+    logging does by default)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.held: collections.deque[logging.LogRecord] = collections.deque(maxlen=HELD)
+        self.log_file: logging.Handler | None = None
+        self.shown = warnings.showwarning  # how warnings were shown before: slkit's own still are
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == LOGGER or record.name.startswith(LOGGER + "."):
+            if self.log_file is None and record.levelno >= logging.WARNING:
+                logging.lastResort.handle(record)
+            return
+        if record.levelno >= logging.ERROR:  # a real problem: the user sees it
+            logging.lastResort.handle(record)
+        if self.log_file is not None:
+            self.log_file.handle(record)
+        else:
+            self.held.append(record)
+
+    def open_log(self, handler: logging.Handler) -> None:
+        self.log_file = handler
+        while self.held:
+            handler.handle(self.held.popleft())
+
+
+_library_lines: _LibraryLines | None = None
+
+
+def _from_slkit(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(SLKIT_DIR)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """slkit's own warnings are shown (and logged to the open run log); other packages' are logged only."""
+    if _from_slkit(filename):
+        if _library_lines is not None and _library_lines.log_file is not None:
+            logging.getLogger(LOGGER).warning("%s: %s (%s:%s)", category.__name__, message, Path(filename).name, lineno)
+        (_library_lines.shown if _library_lines is not None else warnings.showwarning)(
+            message, category, filename, lineno, file, line)
+    else:
+        logging.getLogger(LIBRARY_WARNINGS).warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+
+def quiet_library_handlers() -> None:
+    """Other packages' own handlers to the terminal (transformers puts one on its logger) are taken off; their
+    records then reach the root logger, and so the run log."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name == LOGGER or name.startswith(LOGGER + "."):
+            continue
+        terminal = [h for h in logger.handlers if type(h) is logging.StreamHandler
+                    and getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+        for handler in terminal:
+            logger.removeHandler(handler)
+        if terminal:
+            logger.propagate = True
+
+
+@contextlib.contextmanager
+def library_output() -> Iterator[None]:
+    """While the block runs, other packages' log records and warnings go to the run log opened in it (held until
+    then, dropped if none opens) instead of the terminal; see the module's docstring."""
+    global _library_lines
+    if _library_lines is not None:
+        yield
+        return
+    root = logging.getLogger()
+    lines = _LibraryLines()
+    root.addHandler(lines)
+    _library_lines, warnings.showwarning = lines, _show_warning
+    try:
+        yield
+    except BaseException:
+        for record in lines.held:  # what may explain the failure
+            logging.lastResort.handle(record)
+        raise
+    finally:
+        _library_lines, warnings.showwarning = None, lines.shown
+        root.removeHandler(lines)
 
 
 @contextlib.contextmanager
@@ -40,6 +135,17 @@ def run_log(run_dir: str | Path) -> Iterator[logging.Logger]:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     shown = warnings.showwarning
+    if _library_lines is not None:  # the command line's: it routes warnings already
+        quiet_library_handlers()
+        _library_lines.open_log(handler)
+        try:
+            yield logger
+        finally:
+            _library_lines.log_file = None
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            handler.close()
+        return
 
     def show_and_log(message, category, filename, lineno, file=None, line=None):
         logger.warning("%s: %s (%s:%s)", category.__name__, message, Path(filename).name, lineno)
