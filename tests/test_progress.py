@@ -69,3 +69,37 @@ def test_a_resumed_stage_starts_its_bar_at_the_records_done(tmp_path):
                                                         "texts_expected": 1, "started": 2.0}))
     ProgressPoller(tmp_path, bar)._update()
     assert (bar.n, bar.initial, bar.total) == (1, 1, 2)
+
+
+def test_progress_is_written_safely_from_engine_threads(tmp_path, monkeypatch):
+    """Texts finish on an engine's worker threads while records end on the stage's: every write is whole."""
+    import threading
+
+    from slkit.running.records import Progress
+
+    import time
+
+    from slkit.running import records
+
+    monkeypatch.setattr(Progress, "interval_s", 0.0)  # write at every call
+    writing, most = [0], [0]
+    atomic = records.write_json_atomic
+
+    def slow_atomic_write(path, value):  # a slow disk: writes that overlap would share progress.json.tmp
+        writing[0] += 1
+        most[0] = max(most[0], writing[0])
+        time.sleep(0.0005)
+        atomic(path, value)
+        writing[0] -= 1
+
+    monkeypatch.setattr(records, "write_json_atomic", slow_atomic_write)
+    progress = Progress(tmp_path, "drafts", total=400)
+    threads = [threading.Thread(target=lambda: [progress.generated(1) for _ in range(200)]) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for _ in range(400):
+        progress.advance(1)
+    for t in threads:
+        t.join()
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == 400
+    assert not list(tmp_path.glob("*.tmp")) and most[0] == 1
