@@ -176,27 +176,38 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     out.mkdir(parents=True)
     dump_params(params_from_dict(data), run_dir / "params.yaml")
 
-    calls, killed = [], []  # requests per generate call: the benchmark's, then the judge's
-    real_generate, real_complete = EndpointEngine.generate, EndpointEngine._complete
+    # Requests per phase: the benchmark's in one generate call, the judge's submitted one at a time (its jobs).
+    calls, killed = [], []
+    real_generate, real_submit = EndpointEngine.generate, EndpointEngine.submit
+    real_complete = EndpointEngine._complete
 
     def generate(self, requests, sampling, on_done=None):
-        calls.append(len(requests))
+        calls.append(("generate", len(requests)))
         return real_generate(self, requests, sampling, on_done)
 
-    def complete(self, index, request, sampling):
-        text = real_complete(self, index, request, sampling)
-        if len(calls) == 2 and not killed:  # the judge's first reply is in: now the server dies
+    def submit(self, request, sampling):
+        calls.append(("submit", 1))
+        return real_submit(self, request, sampling)
+
+    def complete(self, index, request, sampling, abandoned=None):
+        text = real_complete(self, index, request, sampling, abandoned)
+        if abandoned is not None and not killed:  # the judge's first reply is in: now the server dies
             server.kill()
             killed.append(server.wait())
         return text
 
     monkeypatch.setattr(EndpointEngine, "generate", generate)
+    monkeypatch.setattr(EndpointEngine, "submit", submit)
     monkeypatch.setattr(EndpointEngine, "_complete", complete)
     with pytest.raises(RuntimeError, match=rf"every server failed for one request.*\n  {url}/?: APIConnectionError"):
         evaluation_stage(run_dir, 1)
-    assert calls == [16, 8] and not (out / "evaluation.done.json").exists()
+    assert calls[0] == ("generate", 16) and {c for c in calls[1:]} == {("submit", 1)}
+    assert not (out / "evaluation.done.json").exists()
     outputs = (out / "benchmark_outputs.jsonl").read_bytes()
 
+    # A judged output's record is written when its job ends: the reply that came before the server died is kept.
+    judged_before = len((out / "judgements.jsonl.partial").read_text().splitlines())
+    assert judged_before >= 1
     calls.clear()
     server, _ = _start_server(model_dir, tmp_path / "server-again.log", port)
     try:
@@ -204,7 +215,8 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert calls == [8]  # only the judge's requests: the benchmark outputs were not generated again
+    # only the judge's requests of the outputs not judged yet: the benchmark outputs were not generated again
+    assert calls == [("submit", 1)] * (8 - judged_before)
     assert (out / "benchmark_outputs.jsonl").read_bytes() == outputs
     assert sorted((r["index"], r["sample"]) for r in read_jsonl(out / "judgements.jsonl")) == [(i, 0) for i in range(8)]
     assert metrics["judge"]["judged"] + metrics["judge"]["failed"] == 8
