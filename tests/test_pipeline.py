@@ -127,7 +127,9 @@ def test_length_control_stage_runs_after_the_last_iteration(smoke_run):
     assert json.loads((out / "05_length_control.ipynb").read_text())["metadata"]["papermill"]["parameters"] == {
         "run_dir": str(smoke_run), "iteration": 2}
     records = [json.loads(line) for line in (out / "constrained.jsonl").open()]
-    sources = ["iter_1/drafts", "iter_1/extensions", "iter_2/drafts", "iter_2/extensions", "length_control/drafts"]
+    # the resampled sets, as the reference takes them (docs/method.md), and the collection pass's drafts
+    sources = ["iter_1/resampled_drafts", "iter_1/resampled_extensions", "iter_2/resampled_drafts",
+               "iter_2/resampled_extensions", "length_control/drafts"]
     responses = sum(1 for s in sources for _ in (smoke_run / f"{s}.jsonl").open())
     assert 0 < len(records) <= responses and {r["source"] for r in records} <= set(sources)
     collected = {json.loads(line)["id"] for line in (out / "queries.jsonl").open()}
