@@ -135,27 +135,24 @@ def run_log(run_dir: str | Path) -> Iterator[logging.Logger]:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     shown = warnings.showwarning
-    if _library_lines is not None:  # the command line's: it routes warnings already
-        quiet_library_handlers()
-        _library_lines.open_log(handler)
-        try:
-            yield logger
-        finally:
-            _library_lines.log_file = None
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-            handler.close()
-        return
 
     def show_and_log(message, category, filename, lineno, file=None, line=None):
         logger.warning("%s: %s (%s:%s)", category.__name__, message, Path(filename).name, lineno)
         shown(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show_and_log  # warnings are still shown where they were (notebook, terminal)
+    routed = _library_lines is not None  # the command line's: it routes warnings already
+    if routed:
+        quiet_library_handlers()
+        _library_lines.open_log(handler)
+    else:
+        warnings.showwarning = show_and_log  # warnings are still shown where they were (notebook, terminal)
     try:
         yield logger
     finally:
-        warnings.showwarning = shown
+        if routed:
+            _library_lines.log_file = None
+        else:
+            warnings.showwarning = shown
         logger.removeHandler(handler)
         logger.setLevel(level)
         handler.close()
