@@ -43,18 +43,15 @@ def jobs_target(total: int, finish_share: float) -> int:
     return total if finish_share >= 1 else min(total, math.ceil(total * finish_share - 1e-9))
 
 
-def run_jobs(engine: Any, jobs: Iterable[Job], finish_share: float = 1.0, ended_before: int = 0,
-             total: int | None = None, in_flight: int | None = None) -> JobsRun:
-    """Run every job to its end, or until `finish_share` of `total` jobs (default: these jobs plus
-    `ended_before`, those a resumed stage finished earlier) have ended; the rest are closed unfinished.
-    `in_flight` caps the jobs started at once on a submitting engine (default: the engine's own
-    `max_in_flight`, else all), so that a killed stage loses only the jobs that were running."""
+def run_jobs(engine: Any, jobs: Iterable[Job], finish_share: float = 1.0, ended_before: int = 0) -> JobsRun:
+    """Run every job to its end, or until `finish_share` of all jobs (these plus `ended_before`, those a
+    resumed stage finished earlier) have ended; the rest are closed unfinished. A submitting engine runs at
+    most its `max_in_flight` jobs at once (else all), so that a killed stage loses only the jobs that ran."""
     jobs = list(jobs)
-    total = len(jobs) + ended_before if total is None else total
-    target = jobs_target(total, finish_share)
+    target = jobs_target(len(jobs) + ended_before, finish_share)
     run = JobsRun(ended=ended_before)
     if hasattr(engine, "submit"):
-        _run_submitting(engine, jobs, run, target, in_flight or getattr(engine, "max_in_flight", None) or len(jobs))
+        _run_submitting(engine, jobs, run, target, getattr(engine, "max_in_flight", None) or len(jobs))
     else:
         _run_lockstep(engine, jobs, run, target)
     run.ended -= ended_before
