@@ -253,3 +253,22 @@ def test_the_watch_reads_only_new_units():
     assert len(watch.seen) == seen + 2  # the n-grams that end in the two new settled units
     assert count_words(text) == 500
     assert Counter(len(g) for g in watch.seen) == Counter({rules.ngram_en: len(watch.seen)})
+
+
+class StoppingEngine(LockstepEngine):
+    """Every text comes back as its RepetitionWatch would end it: cut short and flagged stopped_early."""
+
+    def generate(self, requests, sampling, on_done=None):
+        return [Generated(_text(r).split(".")[0], stopped_early=True) for r in requests]
+
+
+def test_a_draft_stopped_early_is_counted_as_repetition(tmp_path):
+    """The cut text would fail the length and ending checks first; the reason counted is why it was cut."""
+    params = _params(drafts={"max_tries": 2, "finish_share": 1.0})
+    records, counts = _drafts(tmp_path, StoppingEngine(), params)
+    assert records == []
+    slots = 12 * params.drafts.samples_per_query
+    assert counts == Counter({"repetition": params.drafts.max_tries * slots, "gave_up": slots})
+    cut = Generated("Too short, no end", stopped_early=True)
+    assert quality_failure(cut, "en") == "unfinished"  # the text alone says nothing of why it was cut
+    assert quality_failure(cut, "en", stopped_early=True) == "repetition"

@@ -38,7 +38,7 @@ def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration:
             text = yield (Request(prompt, "generator", max_new, seed,
                                   stop_early=repetition_watch(query["language"], rules, params.sampling)),
                           params.sampling)
-            failure = quality_failure(text, query["language"], rules)
+            failure = quality_failure(text, query["language"], rules, getattr(text, "stopped_early", False))
             if failure is None:
                 writer.write(DraftRecord(id=draft_id(query["id"], sample), query_id=query["id"], query=query["query"],
                                          language=query["language"], sample=sample, draft=text,

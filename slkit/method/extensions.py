@@ -116,7 +116,8 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
                     params.sampling)
                 new_text = stage2_text(kept, continuation)
                 words = count_words(new_text)
-                failure = quality_failure(new_text, d["language"], rules)
+                failure = quality_failure(new_text, d["language"], rules,
+                                          getattr(continuation, "stopped_early", False))
                 if failure is None and words > best_words:
                     current, best_words, accepted, verdict = new_text, words, accepted + 1, "accepted"
                     counts["round_accepted"] += 1

@@ -26,10 +26,15 @@ def meta_talk_words(text: str, language: str, rules: QualityParams) -> list[str]
     return [word for word in rules.meta_words.get(language, ()) if word in window]
 
 
-def quality_failure(text: str, language: str, rules: QualityParams = QualityParams()) -> str | None:
-    """Why `text` fails the check ('empty', 'too_short', 'unfinished', 'repetition', 'meta-talk'), or None."""
+def quality_failure(text: str, language: str, rules: QualityParams = QualityParams(),
+                    stopped_early: bool = False) -> str | None:
+    """Why `text` fails the check ('empty', 'too_short', 'unfinished', 'repetition', 'meta-talk'), or None.
+    A text its RepetitionWatch `stopped_early` fails for repetition: it was cut where the repeat settled, so the
+    checks before it (length, ending) would judge the cut, not the text."""
     if not text.strip():
         return "empty"
+    if stopped_early:
+        return "repetition"
     if count_words(text) < rules.min_words:
         return "too_short"
     if rules.check_ending and not ends_cleanly(text, language, rules):
