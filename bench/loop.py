@@ -199,7 +199,8 @@ def rows_of_run(run_dir: str | Path, variant: str, metrics: str | Path | None = 
         if t0 is None:
             continue
         t1 = t.get("done", now)
-        inside = [e for e in events if t0 <= e["at"] <= t1]  # a server started just before a stage is the run's
+        # a server started just before a stage is the run's; engine_timings' times are rounded to 0.1 s
+        inside = [e for e in events if t0 <= e["at"] <= t1 + 0.1]
         starts = [e for e in inside if e.get("event") in STARTS]
         closed = [e for e in inside if e.get("event") == "closed"]
         row: dict[str, Any] = {
@@ -319,7 +320,7 @@ SMALL_FILES = ("slkit.log", "engine_timings.jsonl", "params.yaml", "environment.
 
 def collect(workdir: Path, out: Path) -> Path:
     """Rows of every loop-* run under workdir/runs so far (unfinished ones too), and a tgz of the bench's files and
-    each run's small files (logs, timings, summaries, params; the server log's last 400 lines) in `out`."""
+    each run's small files (logs, timings, summaries, params; the server log's first 250 and last 150 lines) in `out`."""
     bench_dir = workdir / "loop-bench"
     bench_dir.mkdir(parents=True, exist_ok=True)
     for run_dir in sorted((workdir / "runs").glob("loop-*")):
@@ -338,7 +339,9 @@ def collect(workdir: Path, out: Path) -> Path:
             server_log = run_dir / "vllm_server.log"
             if server_log.is_file():
                 tail = workdir / "loop-bench" / f"{run_dir.name}.vllm_server.tail.log"
-                tail.write_text("\n".join(server_log.read_text(errors="replace").splitlines()[-400:]) + "\n")
+                lines = server_log.read_text(errors="replace").splitlines()  # its start-up (head) and its end
+                kept = lines if len(lines) <= 400 else [*lines[:250], f"[... {len(lines) - 400} lines ...]", *lines[-150:]]
+                tail.write_text("\n".join(kept) + "\n")
                 tar.add(tail, arcname=f"runs/{run_dir.name}/vllm_server.tail.log")
     print(f"{target}: {target.stat().st_size / 1e6:.2f} MB")
     return target
@@ -448,8 +451,9 @@ def timeline(rows: list[dict[str, Any]], out: Path) -> Path:
         for a, b, _ in run.get("training_lane", []):
             ax.barh(0, b - a, left=a - t0, height=0.7, color=LANE_COLOURS["training"])
         ax.set_yticks([0, 1, 2], ["training", "engine", "stages"])
+        unfinished = " (unfinished: it ends here)" if run.get("status") == "unfinished" else ""
         ax.set_title(f"{run['variant']}: {run['seconds'] / 60:.1f} min, {run['engine_starts']} engine start"
-                     f"{'' if run['engine_starts'] == 1 else 's'}", loc="left", fontsize=10)
+                     f"{'' if run['engine_starts'] == 1 else 's'}{unfinished}", loc="left", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlabel("seconds from the run's start")
     fig.legend(handles=[Patch(color=c, label=f"engine {k}" if k != "training" else k)
@@ -514,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         collect(Path(args.workdir).resolve(), Path(args.out))
     elif args.command == "table":
         rows = read_rows(args.rows)
-        print(table(rows, tuple(dict.fromkeys(r["variant"] for r in rows))))
+        order = tuple(dict.fromkeys(r["variant"] for r in rows))  # as they ran, but before always left of after
+        print(table(rows, ("before", "after") if set(order) == {"before", "after"} else order))
     else:
         print(timeline(read_rows(args.rows), Path(args.out)))
 

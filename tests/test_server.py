@@ -100,6 +100,7 @@ def test_the_server_command_carries_the_recipes_engine_settings(tmp_path):
     assert args.enable_lora and args.max_loras == 2 and args.max_lora_rank == 32  # 24 -> the next rank vLLM serves
     assert args.max_cpu_loras >= 2 * 3 + 2  # every adapter of the run stays loaded: unloading frees no slot
     assert args.enable_sleep_mode and args.enforce_eager and not args.enable_prefix_caching
+    assert args.stream_interval > 1 and args.disable_uvicorn_access_log  # streamed requests in chunks, a quiet log
     env = server_environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["VLLM_SERVER_DEV_MODE"] == "1"
 

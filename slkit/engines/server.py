@@ -145,6 +145,10 @@ def max_cpu_loras(params: Params) -> int:
     return max(params.engine.vllm.max_loras, 2 * params.macro_iterations + 4)
 
 
+# Tokens the server gathers into one streamed chunk: a stop_early check comes at most this many tokens late.
+STREAM_INTERVAL_TOKENS = 16
+
+
 def server_command(params: Params, model_dir: str, port: int, dp: int, tp: int) -> list[str]:
     """`vllm serve` with the recipe's engine settings (the in-process engine's: slkit.engines.vllm.engine_kwargs)."""
     kw = engine_kwargs(params, model_dir, with_lora=True)
@@ -155,7 +159,12 @@ def server_command(params: Params, model_dir: str, port: int, dp: int, tp: int) 
             "--tensor-parallel-size", str(tp), "--data-parallel-size", str(dp),
             "--enable-prefix-caching" if kw["enable_prefix_caching"] else "--no-enable-prefix-caching",
             "--enable-lora", "--max-loras", str(kw["max_loras"]), "--max-lora-rank", str(kw["max_lora_rank"]),
-            "--max-cpu-loras", str(max_cpu_loras(params)), "--enable-sleep-mode"]
+            "--max-cpu-loras", str(max_cpu_loras(params)), "--enable-sleep-mode",
+            # Every submitted request is streamed (slkit.engines.endpoint), so the server would send one event per
+            # token of hundreds of texts at once; the stop_early checks read every 400 characters anyway.
+            "--stream-interval", str(STREAM_INTERVAL_TOKENS),
+            # One access-log line per request would bury the start-up lines the log is kept for.
+            "--disable-uvicorn-access-log"]
     if kw["enforce_eager"]:
         argv.append("--enforce-eager")
     if "max_model_len" in kw:
