@@ -6,6 +6,7 @@ on real drafts cut at every paragraph boundary and inside paragraphs."""
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from slkit.method.extensions import stage2_text
 from slkit.method.quality import quality_failure
@@ -13,7 +14,7 @@ from slkit.running.params import QualityParams
 
 rules = QualityParams()
 tally, examples = Counter(), []
-for line in open(sys.argv[1], encoding="utf-8"):
+for line in Path(sys.argv[1]).read_text(encoding="utf-8").splitlines():
     d = json.loads(line)
     text, lang = d["text"], d["language"]
     cuts = [i for i in range(len(text)) if text.startswith("\n\n", i)]          # after a paragraph
