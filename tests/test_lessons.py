@@ -4,11 +4,14 @@ commands of every notebook (each checked as `slkit check` reads it, on the demo 
 length-rule figure, and the lessons' markdown. The notebooks themselves run in tests/test_pipeline.py (the smoke
 run)."""
 import ast
+import importlib.util
 import inspect
 import json
 import random
 import re
 import shlex
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -324,3 +327,31 @@ def test_the_length_rule_figure_draws_every_attempt_against_the_line():
     assert points == len(table)
     png = figure_image(fig).data
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def _lessons_tool():
+    spec = importlib.util.spec_from_file_location("lessons_tool", REPO / "tools" / "lessons.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_docs_copies_name_no_path_or_secret_of_the_machine(tmp_path, monkeypatch):
+    """tools/lessons.py's scrubbing: this machine's repository, Python, home and secrets, and the directories of the
+    machine the run ran on (a run copied from elsewhere), read from its params.yaml and environment.json."""
+    tool = _lessons_tool()
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz123456")
+    run_dir = tmp_path / "copied" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.yaml").write_text("run_name: demo\noutput_dir: /srv/elsewhere/repo/runs\n")
+    (run_dir / "environment.json").write_text(json.dumps(
+        {"executable": "/opt/other/.venv/bin/python", "slkit": {"source": "/srv/elsewhere/repo"}}))
+    text = (f'run_dir = "{run_dir}"\n{REPO}/slkit/method/quality.py\n{sys.prefix}/bin/python\n'
+            f'{Path.home()}/.cache/slkit/models\ntoken hf_abcdefghijklmnopqrstuvwxyz123456\n{REPO}\n'
+            'ran in /srv/elsewhere/repo/runs/demo/iter_1 with /opt/other/.venv/bin/python from /srv/elsewhere/repo\n')
+    scrubbed = tool.scrub(text, tool.replacements(run_dir))
+    assert scrubbed == ('run_dir = "runs/demo"\nslkit/method/quality.py\n<venv>/bin/python\n~/.cache/slkit/models\n'
+                        'token <HF_TOKEN redacted>\n.\nran in runs/demo/iter_1 with <venv>/bin/python from .\n')
+    assert not tool.LEAKS.search(scrubbed)
+    assert tool.LEAKS.findall("see /home/someone/x.txt and /tmp/y") == ["/home/someone/x.txt", "/tmp/y"]
+    assert tool.LEAKS.search("hf_" + "a" * 30) and not tool.LEAKS.search("docs/lessons/x and runs/demo/params.yaml")
