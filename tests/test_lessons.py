@@ -318,13 +318,17 @@ def test_the_length_rule_figure_draws_every_attempt_against_the_line():
     assert table[["id", "attempt", "draft words", "extended words", "outcome"]].values.tolist() == [
         ["a", 1, 100, 110, "below the rule: started again"], ["a", 2, 100, 150, "kept"],
         ["b", 1, 50, 50, "below the rule: started again"], ["b", 2, 50, 70, "kept"], ["c", 1, 80, 120, "kept"]]
-    fig = extensions_lesson.length_rule_figure(table, 1.2)
+    rejected = extensions_lesson.rejected_rounds(records)
+    assert rejected[["id", "draft words", "words", "verdict"]].values.tolist() == [["b", 50, 90, "repetition"]]
+    fig = extensions_lesson.length_rule_figure(table, 1.2, rejected)
     [ax] = fig.axes
     rule = [line for line in ax.get_lines() if "length rule" in line.get_label()]
     (x0, x1), (y0, y1) = rule[0].get_xdata(), rule[0].get_ydata()
     assert y0 == 0 and y1 / x1 == pytest.approx(1.2)
     points = sum(len(c.get_offsets()) for c in ax.collections)
-    assert points == len(table)
+    assert points == len(table) + len(rejected)
+    assert [t.get_text() for t in ax.texts] == ["repetition"]
+    assert ax.get_ylim()[1] > 90  # every point inside the axes
     png = figure_image(fig).data
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 

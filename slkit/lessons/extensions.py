@@ -140,17 +140,33 @@ def attempts(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "language", "attempt", "draft words", "extended words", "outcome"])
 
 
-def length_rule_figure(table: pd.DataFrame, min_ratio: float) -> Figure:
+def rejected_rounds(records: list[dict]) -> pd.DataFrame:
+    """Every rejected round of the kept jobs: the draft's words, the words of the round's new text, the verdict."""
+    return pd.DataFrame([{"id": record["id"], "draft words": record["draft_words"], "words": r["words"],
+                          "verdict": r["verdict"]} for record in records for r in record.get("rounds", [])
+                         if r["verdict"] != "accepted"], columns=["id", "draft words", "words", "verdict"])
+
+
+def length_rule_figure(table: pd.DataFrame, min_ratio: float, rejected: pd.DataFrame | None = None) -> Figure:
     """Draft words against extended words, one point per attempt (attempts()), coloured by outcome, with the
-    length rule's line y = min_ratio x (a job is kept above it) and y = x (an attempt that accepted no round)."""
+    length rule's line y = min_ratio x (a job is kept above it) and y = x (an attempt that accepted no round);
+    with `rejected` (rejected_rounds()), each rejected round's new text as a grey cross, its verdict beside it."""
     fig = Figure(figsize=(6.5, 4.6))
     ax = fig.subplots()
+    rejected = rejected if rejected is not None and len(rejected) else None
+    if rejected is not None:
+        ax.scatter(rejected["draft words"], rejected["words"], marker="x", c="grey", alpha=0.8,
+                   label="a round's new text, rejected")
+        for _, r in rejected.iterrows():
+            ax.annotate(r["verdict"], (r["draft words"], r["words"]), fontsize=7, color="grey",
+                        xytext=(4, -3), textcoords="offset points")
     colours = {"kept": "tab:green", "below the rule: started again": "tab:red"}
     markers = {"en": "o", "zh": "s"}
     for (outcome, language), part in table.groupby(["outcome", "language"]):
         ax.scatter(part["draft words"], part["extended words"], c=colours.get(outcome, "tab:grey"),
                    marker=markers.get(language, "^"), alpha=0.75, label=f"{outcome} ({language})")
-    high = max([1.0] + list(table["draft words"]) + list(table["extended words"] / min_ratio)) * 1.1
+    ys = list(table["extended words"]) + (list(rejected["words"]) if rejected is not None else [])
+    high = max([1.0] + list(table["draft words"]) + [y / min_ratio for y in ys]) * 1.1
     ax.plot([0, high], [0, min_ratio * high], color="black", linewidth=1.2, label=f"y = {min_ratio:g} x: the length rule")
     ax.plot([0, high], [0, high], color="grey", linestyle="--", linewidth=1, label="y = x")
     ax.set(xlim=(0, high), ylim=(0, min_ratio * high * 1.05), xlabel="draft words", ylabel="extended words")
