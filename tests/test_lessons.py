@@ -226,7 +226,7 @@ def test_show_source_shows_slkit_code_as_it_is_in_its_file():
     assert "```python\n" + "".join(lines).rstrip("\n") + "\n```" in shown
     excerpt = show_source(extend_drafts, start="if best_words > ep.min_ratio", end="counts[\"accepted\"] += 1").data
     code = excerpt.split("```python\n")[1].split("\n```")[0]
-    assert code.startswith("if best_words > ep.min_ratio * d[\"words\"]:") and code.endswith("counts[\"accepted\"] += 1")
+    assert code.startswith('if best_words > ep.min_ratio * d["words"]:') and code.endswith('counts["accepted"] += 1')
     assert "for attempt" not in code  # only the lines asked for, dedented
     with pytest.raises(ValueError, match="no line"):
         show_source(keep_head, start="no such line")
@@ -308,7 +308,8 @@ def test_symbols_show_each_symbols_param_this_runs_value_and_the_reference():
 
 def test_the_length_rule_figure_draws_every_attempt_against_the_line():
     def record(id_, draft, words, rounds):
-        return {"id": id_, "language": "en", "draft_words": draft, "words": words, "attempts": max(a for a, _, _ in rounds),
+        return {"id": id_, "language": "en", "draft_words": draft, "words": words,
+                "attempts": max(a for a, _, _ in rounds),
                 "rounds": [{"attempt": a, "round": 1, "words": w, "verdict": v} for a, w, v in rounds]}
 
     records = [record("a", 100, 150, [(1, 110, "accepted"), (2, 150, "accepted")]),  # 110 < 1.2 x 100: again
@@ -359,3 +360,13 @@ def test_the_docs_copies_name_no_path_or_secret_of_the_machine(tmp_path, monkeyp
     assert not tool.LEAKS.search(scrubbed)
     assert tool.LEAKS.findall("see /home/someone/x.txt and /tmp/y") == ["/home/someone/x.txt", "/tmp/y"]
     assert tool.LEAKS.search("hf_" + "a" * 30) and not tool.LEAKS.search("docs/lessons/x and runs/demo/params.yaml")
+
+
+def test_the_loss_figure_draws_each_adapters_steps():
+    summary = {"generator": {"losses": [2.0, 1.5, 1.2]}, "extender": {"losses": [1.0]}}
+    losses = training_lesson.losses(summary)
+    assert losses.values.tolist() == [["generator", 1, 2.0], ["generator", 2, 1.5], ["generator", 3, 1.2],
+                                      ["extender", 1, 1.0]]
+    [ax] = training_lesson.loss_figure(losses).axes
+    assert all(tick == int(tick) for tick in ax.get_xticks())
+    assert sorted(len(line.get_xdata()) for line in ax.get_lines())[-1] == 3  # the generator's three steps

@@ -278,7 +278,7 @@ def test_the_docs_lessons_are_the_runs_notebooks_without_the_machine(smoke_run, 
     done = subprocess.run([sys.executable, str(REPO / "tools" / "lessons.py"), str(run), "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "00_queries.ipynb: executed again on the run" in done.stdout
+    assert "00_queries.ipynb: executed again on the finished run" in done.stdout
     assert done.stdout.count("copied from the run") == 5
     names = ["00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation", "05_length_control"]
     assert sorted(p.stem for p in out.glob("*.ipynb")) == names

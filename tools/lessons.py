@@ -2,16 +2,21 @@
 tables and figures included, to a reader without a GPU).
 
     python tools/lessons.py runs/demo                 # -> docs/lessons/00_queries.ipynb ... 05_length_control.ipynb
+    python tools/lessons.py runs/demo --execute       # all six executed again (after a change to slkit/lessons/)
     python tools/lessons.py runs/demo --out /tmp/x    # somewhere else
-    make lessons                                      # the same, for runs/demo
+    make lessons                                      # runs/demo --execute
 
 Lessons 00-04 come from the run's last macro-iteration, 05 from its final stage. Each is the notebook the run
 executed when its cells are those of notebooks/ now; a notebook edited since the run is executed again on the
 run with papermill (the run's stages are finished, so each stage call reads the stage's recorded summary and
-nothing is generated or trained again). The copies are scrubbed of the machine: absolute paths of the
-repository, the run, the Python environment and the home directory become relative or placeholders, the
-values of environment variables that look like secrets are redacted, and a copy that still names an absolute
-path is refused. Per-cell timing metadata is dropped, so a copy changes only where its content does.
+nothing is generated or trained again). What a notebook shows also depends on slkit/lessons/, which the copy
+cannot tell: after a change there, --execute executes all six again.
+
+The copies are scrubbed of the machine: absolute paths of the repository, the run (where it is and where it
+ran), the Python environment and the home directory become relative paths or placeholders, the values of
+environment variables that look like secrets are redacted, and a copy that still names an absolute path or a
+token is refused. Execution timing and papermill's random cell id are dropped, so a copy changes only where
+its content does.
 """
 from __future__ import annotations
 
@@ -46,8 +51,9 @@ def executed_path(run_dir: Path, name: str, iteration: int) -> Path:
 
 def finished(run_dir: Path, iteration: int) -> list[str]:
     """What the run has not finished among the stages the six lessons show."""
-    stages = [f"iter_{iteration}/{stage}.done.json" for stage in
-              ("queries", "drafts", "extensions", "training", "evaluation")] + ["length_control/length_control.done.json"]
+    stages = [f"iter_{iteration}/{stage}.done.json" for stage in ("queries", "drafts", "extensions", "training",
+                                                                  "evaluation")]
+    stages.append("length_control/length_control.done.json")
     return [s for s in stages if not (run_dir / s).is_file()]
 
 
@@ -100,28 +106,32 @@ def scrub(text: str, pairs: list[tuple[str, str]]) -> str:
 
 
 def clean(notebook: dict, name: str, executed: str) -> dict:
-    """Per-cell execution timing dropped (papermill's and Jupyter's): a regenerated copy differs only where its
-    content does. papermill's paths name the notebook and the run's executed copy, wherever it was executed."""
+    """Execution timing dropped (papermill's and Jupyter's, per cell and per notebook): a regenerated copy differs
+    only where its content does. papermill's paths name the notebook and the run's executed copy, wherever it was
+    executed."""
     for cell in notebook["cells"]:
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a new one each time
         cell.get("metadata", {}).pop("papermill", None)
         cell.get("metadata", {}).pop("execution", None)
     papermill = notebook.get("metadata", {}).get("papermill", {})
-    papermill.pop("environment_variables", None)
+    for key in ("environment_variables", "start_time", "end_time", "duration"):
+        papermill.pop(key, None)
     papermill.update({"input_path": f"notebooks/{name}.ipynb", "output_path": executed})
     return notebook
 
 
-def make_copy(run_dir: Path, name: str, iteration: int, out: Path, scratch: Path) -> str:
-    """Write docs' copy of one lesson; says how it was made."""
+def make_copy(run_dir: Path, name: str, iteration: int, out: Path, scratch: Path, again: bool = False) -> str:
+    """Write docs' copy of one lesson (executed again when `again`); says how it was made."""
     executed = executed_path(run_dir, name, iteration)
     current = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8"))
     made = json.loads(executed.read_text(encoding="utf-8")) if executed.is_file() else None
-    if made is not None and sources(made) == sources(current):
+    if made is not None and sources(made) == sources(current) and not again:
         how, source = "copied from the run", executed
     else:
         source = scratch / f"{name}.ipynb"
         execute(name, run_dir, iteration, source)
-        how = "executed again on the run (notebooks/ changed since it ran)"
+        how = "executed again on the finished run" + ("" if again else ": notebooks/ changed since it ran")
     shown = f"runs/{run_dir.resolve().name}/{executed.relative_to(run_dir).as_posix()}"
     text = json.dumps(clean(json.loads(source.read_text(encoding="utf-8")), name, shown), indent=1,
                       ensure_ascii=False) + "\n"
@@ -134,19 +144,22 @@ def make_copy(run_dir: Path, name: str, iteration: int, out: Path, scratch: Path
 
 
 TITLES = {"00_queries": "the model writes its own writing requests", "01_drafts": "the Generator answers",
-          "02_extensions": "the Extender lengthens the drafts", "03_training": "the loop learns from its own long texts",
+          "02_extensions": "the Extender lengthens the drafts",
+          "03_training": "the loop learns from its own long texts",
           "04_evaluation": "does the Generator follow length constraints?",
           "05_length_control": "teach the Generator to follow a length"}
 
 
 def index(run_dir: Path, snapshot: dict, made: dict[str, str]) -> str:
     """docs/lessons/README.md: the six lessons and where they come from."""
-    environment = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    path = run_dir / "environment.json"
+    environment = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     commit = ((environment.get("slkit") or {}).get("git") or {}).get("commit")
     lines = [f"# The lessons, executed on the `{snapshot['run_name']}` run", "",
-             f"The six notebooks of [notebooks/](../../notebooks/) as they ran on the `{snapshot['run_name']}` run "
+             f"The six notebooks of [notebooks/](../../notebooks/) executed on the `{snapshot['run_name']}` run "
              f"(model `{snapshot['model']['path']}`, {snapshot['macro_iterations']} macro-iteration(s)"
-             + (f", slkit {commit[:10]}" if commit else "") + "), outputs, tables and figures included. Lessons 00-04 "
+             + (f"; its stages ran on slkit {commit[:10]}" if commit else "") + "), outputs, tables and figures "
+             "included. Lessons 00-04 "
              "are its last macro-iteration, 05 its final stage. Made by `make lessons` (tools/lessons.py); the "
              "README's *Learn the method* says how to read them and run your own.", ""]
     lines += [f"- [{name}]({name}.ipynb): {TITLES[name]} ({made[name]})" for name in NOTEBOOKS]
@@ -157,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a finished run, e.g. runs/demo")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "lessons")
+    parser.add_argument("--execute", action="store_true",
+                        help="execute all six again on the run, not only those whose cells changed since it ran")
     args = parser.parse_args(argv)
     snapshot = args.run_dir / "params.yaml"
     if not snapshot.is_file():
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="slkit-lessons-") as scratch:
         made = {}
         for name in NOTEBOOKS:
-            made[name] = make_copy(args.run_dir, name, iteration, args.out, Path(scratch))
+            made[name] = make_copy(args.run_dir, name, iteration, args.out, Path(scratch), args.execute)
             size = (args.out / f"{name}.ipynb").stat().st_size
             print(f"{args.out / name}.ipynb: {made[name]}, {size / 1024:.0f} KiB")
     (args.out / "README.md").write_text(scrub(index(args.run_dir, run, made), replacements(args.run_dir)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import re
 import shlex
 import sys
@@ -181,9 +182,11 @@ def show_source(*objects: Any, start: str | None = None, end: str | None = None)
 
 
 def _yaml_value(value: Any) -> str:
-    """A value as `--set KEY=VALUE` takes it: YAML in one line (flow style for lists and mappings)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True).strip()
-    return text.removesuffix("...").strip()
+    """A value as `--set KEY=VALUE` takes it (YAML): a scalar as YAML writes it, a list or mapping as JSON, which
+    YAML reads too and which quotes every string the same way ({"path": "builtin:x"})."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    return yaml.safe_dump(value, width=10**6, allow_unicode=True).strip().removesuffix("...").strip()
 
 
 def try_this(run_dir: str | Path, name: str, changes: dict[str, Any]) -> Markdown:

@@ -167,7 +167,8 @@ def length_rule_figure(table: pd.DataFrame, min_ratio: float, rejected: pd.DataF
                    marker=markers.get(language, "^"), alpha=0.75, label=f"{outcome} ({language})")
     ys = list(table["extended words"]) + (list(rejected["words"]) if rejected is not None else [])
     high = max([1.0] + list(table["draft words"]) + [y / min_ratio for y in ys]) * 1.1
-    ax.plot([0, high], [0, min_ratio * high], color="black", linewidth=1.2, label=f"y = {min_ratio:g} x: the length rule")
+    ax.plot([0, high], [0, min_ratio * high], color="black", linewidth=1.2,
+            label=f"y = {min_ratio:g} x: the length rule")
     ax.plot([0, high], [0, high], color="grey", linestyle="--", linewidth=1, label="y = x")
     ax.set(xlim=(0, high), ylim=(0, min_ratio * high * 1.05), xlabel="draft words", ylabel="extended words")
     ax.set_title(f"each attempt of each kept job: kept when extended > {min_ratio:g} x draft", fontsize=10)

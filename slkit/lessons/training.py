@@ -8,6 +8,7 @@ import pandas as pd
 import seaborn as sns
 from IPython.display import Markdown, display
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from slkit.lessons import steps
 from slkit.method.prompts import extension_prompt
@@ -95,6 +96,7 @@ def loss_figure(losses: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(6.5, 3.8))
     ax = fig.subplots()
     sns.lineplot(data=losses, x="step", y="loss", hue="adapter", marker="o", ax=ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     ax.set_title("training loss per step (answer tokens only)", fontsize=10)
     fig.tight_layout()
     return fig
