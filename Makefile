@@ -32,7 +32,7 @@ PINS = $(VENV)/pins.txt
 CONSTRAINED = $(if $(LOCK),-c $(PINS))
 LOCKED_EXTRAS = demo dev lab gpu
 
-.PHONY: install demo test lab lock test-newest clean FORCE
+.PHONY: install demo lessons test lab lock test-newest clean FORCE
 
 # .venv with torch alone; $@ records TORCH_BUILD, and only a different one remakes it (and so the extras below).
 $(VENV)/torch-build: FORCE
@@ -58,6 +58,13 @@ install: $(VENV)/installed-$(or $(EXTRAS),core)
 
 demo: $(VENV)/installed-demo
 	$(BIN)/slkit run params/demo.yaml
+
+# the six lessons executed again on the finished demo run (the code of now, the run's records; minutes on a CPU),
+# as readable copies in docs/lessons/ (tools/lessons.py; without --execute it copies the run's own where it can),
+# and the README's lessons examples from the same run (tools/lessons_readme.py)
+lessons: $(VENV)/installed-demo
+	$(BIN)/python tools/lessons.py runs/demo --execute
+	$(BIN)/python tools/lessons_readme.py runs/demo
 
 test: $(VENV)/installed-demo,dev
 	$(BIN)/python -m pytest -q -ra

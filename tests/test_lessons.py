@@ -1,22 +1,35 @@
 """The lessons' showing functions on records with known content, and the records they need: every extension
-round in extensions.jsonl, the prompt and verdicts of every query. The notebooks themselves run in
-tests/test_pipeline.py (the smoke run)."""
+round in extensions.jsonl, the prompt and verdicts of every query; the source they show, the "try this"
+commands of every notebook (each checked as `slkit check` reads it, on the demo and the smoke recipe), the
+length-rule figure, and the lessons' markdown. The notebooks themselves run in tests/test_pipeline.py (the smoke
+run)."""
+import ast
+import importlib.util
+import inspect
+import json
 import random
+import re
+import shlex
+import sys
+from pathlib import Path
 
-from conftest import ScriptedEngine
-from slkit.lessons import params_table, quality_table
+import pytest
+
+from conftest import REPO, ScriptedEngine
+from slkit.lessons import figure_image, params_table, quality_table, show_source, symbols, try_this
 from slkit.lessons import evaluation as evaluation_lesson
 from slkit.lessons import extensions as extensions_lesson
 from slkit.lessons import length_control as length_control_lesson
 from slkit.lessons import queries as queries_lesson
 from slkit.lessons import training as training_lesson
-from slkit.method.extensions import extend_drafts
+from slkit.method.extensions import extend_drafts, keep_head
 from slkit.method.prompts import self_instruct_list, self_instruct_prompt
 from slkit.method.quality import quality_failure
 from slkit.method.queries import synthesize_queries
 from slkit.method.textstats import count_words
 from slkit.method.training_sets import drop_lines, extender_examples
-from slkit.running.params import params_from_dict
+from slkit.running.cli import main as slkit_main
+from slkit.running.params import ParamsError, dump_params, load_params, params_from_dict
 from slkit.running.records import RecordWriter
 from test_extensions import StagedEngine
 
@@ -159,3 +172,201 @@ def test_the_length_score_is_shown_by_its_formula():
     assert length_control_lesson.describe({"kind": "about", "low": 100, "high": None}) == \
         "about 100 (accepted interval [80, 120])"
     assert count_words("one two") == 2
+
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def without_math(text: str) -> str:
+    """Markdown with its formulas ($...$ and $$...$$) left out: a formula's own constants (the half of the former
+    part, LonGen's 0.8 T) belong to the method, while its params appear in it as symbols."""
+    return re.sub(r"\$\$.+?\$\$|\$[^$\n]+?\$", "", text, flags=re.S)
+
+
+def _cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def _section(cells, heading):
+    """The cells under a `## heading` of a notebook, to the next `## `."""
+    inside, found = False, []
+    for cell in cells:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "markdown" and source.startswith("## "):
+            inside = source.startswith(f"## {heading}")
+        if inside:
+            found.append(cell)
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_lesson_states_its_rules_as_formulas_and_shows_the_code_that_applies_them(path):
+    cells = _cells(path)
+    idea = _section(cells, "The idea")
+    markdown = "\n".join("".join(c["source"]) for c in idea if c["cell_type"] == "markdown")
+    code = "\n".join("".join(c["source"]) for c in idea if c["cell_type"] == "code")
+    assert "### The rule" in markdown and "$$" in markdown, path.name  # a displayed formula
+    assert "symbols(params," in code and "show_source(" in code, path.name
+    # numbers in prose come from the params: the only digits of a lesson's markdown are in its title and formulas
+    prose = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    prose[0] = prose[0].split("\n", 1)[1]
+    assert not [ch for text in prose for ch in without_math(text) if ch.isdigit() and ch.isascii()], path.name
+    tries = [c for c in _section(cells, "Try this") if c["cell_type"] == "code"]
+    assert len(tries) >= 2 and all("try_this(run_dir," in "".join(c["source"]) for c in tries), path.name
+
+
+def test_without_math_keeps_prose_and_drops_formulas():
+    assert without_math("keep $U > c z^{e}$ when $$W > 1.2 x$$ holds") == "keep  when  holds"
+
+
+def test_show_source_shows_slkit_code_as_it_is_in_its_file():
+    shown = show_source(keep_head).data
+    lines, first = inspect.getsourcelines(keep_head)
+    assert f"(slkit/method/extensions.py, lines {first}-{first + len(lines) - 1})" in shown
+    assert "```python\n" + "".join(lines).rstrip("\n") + "\n```" in shown
+    excerpt = show_source(extend_drafts, start="if best_words > ep.min_ratio", end="counts[\"accepted\"] += 1").data
+    code = excerpt.split("```python\n")[1].split("\n```")[0]
+    assert code.startswith('if best_words > ep.min_ratio * d["words"]:') and code.endswith('counts["accepted"] += 1')
+    assert "for attempt" not in code  # only the lines asked for, dedented
+    with pytest.raises(ValueError, match="no line"):
+        show_source(keep_head, start="no such line")
+    assert show_source(keep_head, extend_drafts).data.count("```python") == 2
+
+
+@pytest.fixture
+def run_dirs(tmp_path):
+    """A run directory per recipe, holding only the params it would have started with."""
+    dirs = {}
+    for recipe in ("demo", "smoke"):
+        run_dir = tmp_path / "runs" / recipe
+        run_dir.mkdir(parents=True)
+        dump_params(load_params(REPO / "params" / f"{recipe}.yaml"), run_dir / "params.yaml")
+        dirs[recipe] = run_dir
+    return dirs
+
+
+def _check(command, capsys):
+    """`slkit check` on a shown `slkit run` command: its exit status."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["slkit", "run"]
+    status = slkit_main(["check"] + argv[2:])
+    capsys.readouterr()
+    return status
+
+
+def test_try_this_shows_a_command_that_slkit_check_accepts(run_dirs, capsys):
+    run_dir = run_dirs["demo"]
+    shown = try_this(run_dir, "more-rounds", {"extensions.micro_iterations": 2,
+                                              "length_control.proportions": {"about": 0.7, "range": 0.1, "above": 0.1,
+                                                                             "below": 0.1}}).data
+    command = re.fullmatch(r"```bash\n(.+)\n```", shown).group(1)
+    assert command.startswith(f"slkit run {run_dir / 'params.yaml'} --set run_name=demo-more-rounds ")
+    assert "--set extensions.micro_iterations=2 " in command
+    assert _check(command, capsys) == 0
+    assert shlex.split(command).count("--set") == 3
+    assert load_params(run_dir / "params.yaml").extensions.micro_iterations == 1  # the run's own params untouched
+    with pytest.raises(ValueError, match="this run's values already"):
+        try_this(run_dir, "same", {"extensions.micro_iterations": 1})
+    with pytest.raises(ParamsError, match="extensions.no_such_key"):
+        try_this(run_dir, "typo", {"extensions.no_such_key": 3})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_try_this_of_a_lesson_is_a_command_slkit_check_accepts(path, run_dirs, capsys):
+    """The notebook's import cell and its Try this cells, run on each recipe's params: every command they show
+    passes `slkit check` and names a new run."""
+    cells = _cells(path)
+    [imports] = [c for c in cells if c["cell_type"] == "code" and "setup(run_dir" in "".join(c["source"])]
+    tries = [c for c in _section(cells, "Try this") if c["cell_type"] == "code"]
+    for recipe, run_dir in run_dirs.items():
+        namespace = {"run_dir": str(run_dir), "iteration": 1}
+        exec("".join(imports["source"]), namespace)
+        shown = []
+        for cell in tries:
+            tree = ast.parse("".join(cell["source"]))
+            last = tree.body.pop()
+            exec(compile(tree, path.name, "exec"), namespace)
+            shown.append(eval(compile(ast.Expression(last.value), path.name, "eval"), namespace).data)
+        names = set()
+        for markdown in shown:
+            command = re.fullmatch(r"```bash\n(.+)\n```", markdown).group(1)
+            assert _check(command, capsys) == 0, (recipe, command)
+            names.add(re.search(r"--set run_name=(\S+)", command).group(1))
+        assert len(names) == len(shown) and recipe not in names, names
+
+
+def test_symbols_show_each_symbols_param_this_runs_value_and_the_reference():
+    table = symbols(_params(extensions={"min_ratio": 1.5}),
+                    {"ρ": "extensions.min_ratio", "π": "length_control.proportions",
+                     "K": ("drafts.max_new_tokens, else sampling.max_new_tokens",
+                           lambda p: p.drafts.max_new_tokens or p.sampling.max_new_tokens)})
+    assert table.loc["ρ", "param"] == "extensions.min_ratio"
+    assert (table.loc["ρ", "this run"], table.loc["ρ", "reference"]) == ("1.5", "1.2")
+    assert table.loc["π", "this run"] == str({"about": 0.4, "range": 0.25, "above": 0.1, "below": 0.25})
+    assert table.loc["K", "this run"] == table.loc["K", "reference"] == "16384"
+
+
+def test_the_length_rule_figure_draws_every_attempt_against_the_line():
+    def record(id_, draft, words, rounds):
+        return {"id": id_, "language": "en", "draft_words": draft, "words": words,
+                "attempts": max(a for a, _, _ in rounds),
+                "rounds": [{"attempt": a, "round": 1, "words": w, "verdict": v} for a, w, v in rounds]}
+
+    records = [record("a", 100, 150, [(1, 110, "accepted"), (2, 150, "accepted")]),  # 110 < 1.2 x 100: again
+               record("b", 50, 70, [(1, 90, "repetition"), (2, 70, "accepted")]),  # attempt 1 kept nothing
+               record("c", 80, 120, [(1, 120, "accepted")])]
+    table = extensions_lesson.attempts(records)
+    assert table[["id", "attempt", "draft words", "extended words", "outcome"]].values.tolist() == [
+        ["a", 1, 100, 110, "below the rule: started again"], ["a", 2, 100, 150, "kept"],
+        ["b", 1, 50, 50, "below the rule: started again"], ["b", 2, 50, 70, "kept"], ["c", 1, 80, 120, "kept"]]
+    rejected = extensions_lesson.rejected_rounds(records)
+    assert rejected[["id", "draft words", "words", "verdict"]].values.tolist() == [["b", 50, 90, "repetition"]]
+    fig = extensions_lesson.length_rule_figure(table, 1.2, rejected)
+    [ax] = fig.axes
+    rule = [line for line in ax.get_lines() if "length rule" in line.get_label()]
+    (x0, x1), (y0, y1) = rule[0].get_xdata(), rule[0].get_ydata()
+    assert y0 == 0 and y1 / x1 == pytest.approx(1.2)
+    points = sum(len(c.get_offsets()) for c in ax.collections)
+    assert points == len(table) + len(rejected)
+    assert [t.get_text() for t in ax.texts] == ["repetition"]
+    assert ax.get_ylim()[1] > 90  # every point inside the axes
+    png = figure_image(fig).data
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def _lessons_tool():
+    spec = importlib.util.spec_from_file_location("lessons_tool", REPO / "tools" / "lessons.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_docs_copies_name_no_path_or_secret_of_the_machine(tmp_path, monkeypatch):
+    """tools/lessons.py's scrubbing: this machine's repository, Python, home and secrets, and the directories of the
+    machine the run ran on (a run copied from elsewhere), read from its params.yaml and environment.json."""
+    tool = _lessons_tool()
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz123456")
+    run_dir = tmp_path / "copied" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.yaml").write_text("run_name: demo\noutput_dir: /srv/elsewhere/repo/runs\n")
+    (run_dir / "environment.json").write_text(json.dumps(
+        {"executable": "/opt/other/.venv/bin/python", "slkit": {"source": "/srv/elsewhere/repo"}}))
+    text = (f'run_dir = "{run_dir}"\n{REPO}/slkit/method/quality.py\n{sys.prefix}/bin/python\n'
+            f'{Path.home()}/.cache/slkit/models\ntoken hf_abcdefghijklmnopqrstuvwxyz123456\n{REPO}\n'
+            'ran in /srv/elsewhere/repo/runs/demo/iter_1 with /opt/other/.venv/bin/python from /srv/elsewhere/repo\n')
+    scrubbed = tool.scrub(text, tool.replacements(run_dir))
+    assert scrubbed == ('run_dir = "runs/demo"\nslkit/method/quality.py\n<venv>/bin/python\n~/.cache/slkit/models\n'
+                        'token <HF_TOKEN redacted>\n.\nran in runs/demo/iter_1 with <venv>/bin/python from .\n')
+    assert not tool.LEAKS.search(scrubbed)
+    assert tool.LEAKS.findall("see /home/someone/x.txt and /tmp/y") == ["/home/someone/x.txt", "/tmp/y"]
+    assert tool.LEAKS.search("hf_" + "a" * 30) and not tool.LEAKS.search("docs/lessons/x and runs/demo/params.yaml")
+
+
+def test_the_loss_figure_draws_each_adapters_steps():
+    summary = {"generator": {"losses": [2.0, 1.5, 1.2]}, "extender": {"losses": [1.0]}}
+    losses = training_lesson.losses(summary)
+    assert losses.values.tolist() == [["generator", 1, 2.0], ["generator", 2, 1.5], ["generator", 3, 1.2],
+                                      ["extender", 1, 1.0]]
+    [ax] = training_lesson.loss_figure(losses).axes
+    assert all(tick == int(tick) for tick in ax.get_xticks())
+    assert sorted(len(line.get_xdata()) for line in ax.get_lines())[-1] == 3  # the generator's three steps

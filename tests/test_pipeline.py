@@ -11,6 +11,7 @@ from conftest import REPO
 from slkit.running.params import ParamsError
 from slkit.running.pipeline import prepare_run, run_pipeline
 from slkit.running.registry import ITERATION_STAGES
+from test_lessons import without_math
 
 pytestmark = pytest.mark.slow
 
@@ -217,12 +218,17 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
         headings = [line[3:] for c in cells if c["cell_type"] == "markdown"
                     for line in "".join(c["source"]).splitlines() if line.startswith("## ")]
         assert [h for h in headings if h in SECTIONS] == list(SECTIONS), path
-        # numbers in prose come from the params: the only digits of a lesson's markdown are in its title
+        # numbers in prose come from the params: the only digits of a lesson's markdown are in its title and its
+        # formulas (whose params are symbols, their values shown by a code cell)
         prose = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
         prose[0] = prose[0].split("\n", 1)[1]
-        assert not any(ch.isdigit() and ch.isascii() for text in prose for ch in text), path
+        assert not any(ch.isdigit() and ch.isascii() for text in prose for ch in without_math(text)), path
         assert "extensions.micro_iterations" in _section_outputs(cells, "This run's params") or \
             path.stem != "02_extensions"
+        # the rule's code, read from slkit, and a command for every "try this"
+        assert "```python" in _section_outputs(cells, "The idea"), path
+        tries = _section_outputs(cells, "Try this")
+        assert tries.count("slkit run ") >= 2 and f"--set run_name={smoke_run.name}-" in tries, path
         name, field = shows[path.stem]
         records = read_jsonl(path.parent / name)
         walkthrough = _section_outputs(cells, "One item, step by step")
@@ -234,6 +240,9 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
         shown = [r for r in read_jsonl(smoke_run / f"iter_{k}" / "extensions.jsonl") if f"`{r['id']}`" in walkthrough]
         assert shown and shown[0]["rounds"]
         assert all(r["continuation"].strip()[:40] in walkthrough for r in shown[0]["rounds"][:4])
+        # the length rule's figure, drawn in the notebook
+        looked = [c for c in cells if c["cell_type"] == "code" and "length_rule_figure" in "".join(c["source"])]
+        assert looked and any("image/png" in out.get("data", {}) for out in looked[0]["outputs"])
 
 
 def test_the_readme_lessons_block_is_made_from_a_run(smoke_run, tmp_path):
@@ -252,3 +261,35 @@ def test_the_readme_lessons_block_is_made_from_a_run(smoke_run, tmp_path):
     shown = re.search(r"\*\*02_extensions\*\*: the rounds of extension `([^`]+)`", text)
     assert shown and shown.group(1) in ids  # a real record of the run's last iteration
     assert (tmp_path / "docs" / "lessons" / "required_vs_produced.png").stat().st_size > 1000
+
+
+def test_the_docs_lessons_are_the_runs_notebooks_without_the_machine(smoke_run, tmp_path):
+    """tools/lessons.py: the six executed notebooks of the run's last iteration and final stage, copied when their
+    cells are notebooks/' and executed again on the finished run when not, with no absolute path of the machine."""
+    import shutil
+
+    run = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, run)
+    stale = run / "iter_2" / "00_queries.ipynb"  # as if notebooks/00_queries.ipynb had changed since the run
+    notebook = json.loads(stale.read_text())
+    notebook["cells"][0]["source"] = ["# an older title\n"]
+    stale.write_text(json.dumps(notebook))
+    out = tmp_path / "lessons"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "lessons.py"), str(run), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "00_queries.ipynb: executed again on the finished run" in done.stdout
+    assert done.stdout.count("copied from the run") == 5
+    names = ["00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation", "05_length_control"]
+    assert sorted(p.stem for p in out.glob("*.ipynb")) == names
+    for name in names:
+        text = (out / f"{name}.ipynb").read_text()
+        assert str(run) not in text and str(REPO) not in text and str(tmp_path) not in text, name
+        notebook = json.loads(text)
+        [injected] = [c for c in notebook["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+        assert f'run_dir = "runs/{run.name}"' in "".join(injected["source"]), name
+        current = json.loads((REPO / "notebooks" / f"{name}.ipynb").read_text())
+        assert notebook["cells"][0]["source"] == current["cells"][0]["source"], name
+        assert all(c["execution_count"] for c in notebook["cells"] if c["cell_type"] == "code"), name
+        assert str(smoke_run) not in text, name  # where the run ran, before it was copied
+    assert "[02_extensions](02_extensions.ipynb)" in (out / "README.md").read_text()

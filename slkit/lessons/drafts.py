@@ -13,18 +13,6 @@ from slkit.running.params import Params
 from slkit.running.records import read_jsonl
 
 
-def idea(params: Params) -> Markdown:
-    d, qc = params.drafts, params.quality
-    return Markdown(
-        f"- The Generator answers each query **{d.samples_per_query}** times (new tokens at most "
-        f"**{d.max_new_tokens or params.sampling.max_new_tokens}**).\n"
-        f"- Each answer must pass the quality check: at least **{qc.min_words}** words; "
-        f"{'a clean last character' if qc.check_ending else 'any ending (the ending check is off)'}; "
-        f"no repeated **{qc.ngram_en}**-gram of words (English) or **{qc.ngram_zh}**-gram of characters (Chinese); "
-        f"no meta word in the first **{qc.meta_head_lines}** or last **{qc.meta_tail_lines}** lines.\n"
-        f"- A failing answer is sampled again, up to **{d.max_tries}** tries per answer.")
-
-
 def pick(records: list[dict]) -> dict | None:
     """The draft the lesson follows: the one that took the most tries (it shows the retries), first by id."""
     return min(records, key=lambda r: (-r["tries"], r["id"])) if records else None

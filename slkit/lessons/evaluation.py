@@ -6,30 +6,8 @@ from pathlib import Path
 from IPython.display import Markdown
 
 from slkit.evaluation.benchmarks import longbench_write_score, longen_score
-from slkit.evaluation.judge import DIMENSIONS
 from slkit.lessons import steps
-from slkit.running.params import Params
 from slkit.running.records import read_jsonl
-
-
-def idea(params: Params) -> Markdown:
-    ev = params.evaluation
-    subset = "the whole benchmark" if ev.subset_size is None else f"**{ev.subset_size}** queries drawn evenly over language x type"
-    cap = ("" if ev.max_required_words is None
-           else f" (queries asking for more than **{ev.max_required_words:g}** words left out first)")
-    judge = (f"An LLM judge scores one in every query's first **{ev.judge.samples_per_query}** answer(s) 1-10 on "
-             f"{', '.join(DIMENSIONS)}, as JSON, told to ignore length (up to **{ev.judge.max_tries}** tries)."
-             if ev.judge.enabled else "The judge is off in this run (`evaluation.judge.enabled`).")
-    return Markdown(
-        f"- Benchmark `{ev.benchmark}`: {subset}{cap}, **{ev.samples_per_query}** answer(s) per query from this "
-        f"iteration's Generator.\n"
-        "- LonGen's length score for an answer of L words, with the constraint's accepted interval [a, b] "
-        "(about T: [0.8T, 1.2T]; between A and B: [A, B]; more than T: [T, 1.5T]; less than T: [0.5T, T]): "
-        "**1** inside, **max(2L/a - 1, 0)** below, **max(3 - 2L/b, 0)** above.\n"
-        "- LongBench-Write's S_l for y words produced, x required: 100 x max(0, 1 - (y/x - 1)/3) when y > x, "
-        "else 100 x max(0, 1 - (x/y - 1)/2).\n"
-        "- Length stability: per query, the coefficient of variation (sd / mean) of the words of its answers.\n"
-        f"- {judge}")
 
 
 def score_steps(record: dict) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown
+from matplotlib.figure import Figure
 
 from slkit.lessons import counts_table, steps
 from slkit.method.extensions import first_paragraphs, former_part, stage2_prefill, stage2_text
@@ -19,24 +20,6 @@ from slkit.method.prompts import extension_prompt
 from slkit.method.textstats import count_words
 from slkit.running.params import Params
 from slkit.running.records import read_jsonl
-
-
-def idea(params: Params) -> Markdown:
-    e, r = params.extensions, params.resampling
-    resample = (f"- First the drafts are resampled by length: ranked within their language (r = 1 - rank/N, "
-                f"r near 1 for the shortest), a draft is kept when U(0,1) > **{r.coefficient}** x r^**{r.exponent}**.\n"
-                if params.drafts.resample else "- Draft resampling is off in this run (`drafts.resample`).\n")
-    return Markdown(
-        resample +
-        f"- Each kept draft gets **{e.samples_per_draft}** independent job(s); a job runs up to "
-        f"**{e.micro_iterations}** round(s).\n"
-        f"- Stage 1: the extension template over the request and the **former half** of the current text; of the "
-        f"n paragraphs the Extender returns, the first floor(n x **{e.keep_fraction:.3g}**) are kept (none of one).\n"
-        f"- Stage 2: the same template over the **whole** current text, the answer pre-filled with the kept head; "
-        f"the Extender continues. New text = kept head + continuation.\n"
-        f"- A round is accepted when the new text passes the quality check and is longer than the best so far.\n"
-        f"- The job is kept when words(best) > **{e.min_ratio}** x words(draft); else it starts again from the "
-        f"draft, up to **{e.max_tries}** attempts.")
 
 
 def replay(record: dict) -> list[dict]:
@@ -134,3 +117,61 @@ def ratios(out: Path) -> pd.DataFrame:
     return ext.groupby("language").agg(jobs=("words", "size"), draft_words=("draft_words", "mean"),
                                        words=("words", "mean"), ratio_min=("ratio", "min"),
                                        ratio_mean=("ratio", "mean"), attempts=("attempts", "mean")).round(2)
+
+
+def attempts(records: list[dict]) -> pd.DataFrame:
+    """Every attempt of every kept job: the draft's words and the words of the attempt's best text (the draft's
+    when no round was accepted). The last attempt of a job is the one kept; each earlier one ended at or below
+    the length rule and the job started again from the draft. Jobs that gave up write no record: they are
+    counted in the stage's summary only."""
+    rows = []
+    for record in records:
+        best: dict[int, int] = {}
+        for r in record.get("rounds", []):
+            best.setdefault(r["attempt"], record["draft_words"])
+            if r["verdict"] == "accepted":
+                best[r["attempt"]] = max(best[r["attempt"]], r["words"])
+        best.setdefault(record["attempts"], record["words"])  # a record without rounds: its kept attempt only
+        for attempt, words in sorted(best.items()):
+            kept = attempt == record["attempts"]
+            rows.append({"id": record["id"], "language": record["language"], "attempt": attempt,
+                         "draft words": record["draft_words"], "extended words": record["words"] if kept else words,
+                         "outcome": "kept" if kept else "below the rule: started again"})
+    return pd.DataFrame(rows, columns=["id", "language", "attempt", "draft words", "extended words", "outcome"])
+
+
+def rejected_rounds(records: list[dict]) -> pd.DataFrame:
+    """Every rejected round of the kept jobs: the draft's words, the words of the round's new text, the verdict."""
+    return pd.DataFrame([{"id": record["id"], "draft words": record["draft_words"], "words": r["words"],
+                          "verdict": r["verdict"]} for record in records for r in record.get("rounds", [])
+                         if r["verdict"] != "accepted"], columns=["id", "draft words", "words", "verdict"])
+
+
+def length_rule_figure(table: pd.DataFrame, min_ratio: float, rejected: pd.DataFrame | None = None) -> Figure:
+    """Draft words against extended words, one point per attempt (attempts()), coloured by outcome, with the
+    length rule's line y = min_ratio x (a job is kept above it) and y = x (an attempt that accepted no round);
+    with `rejected` (rejected_rounds()), each rejected round's new text as a grey cross, its verdict beside it."""
+    fig = Figure(figsize=(6.5, 4.6))
+    ax = fig.subplots()
+    rejected = rejected if rejected is not None and len(rejected) else None
+    if rejected is not None:
+        ax.scatter(rejected["draft words"], rejected["words"], marker="x", c="grey", alpha=0.8,
+                   label="a round's new text, rejected")
+        for _, r in rejected.iterrows():
+            ax.annotate(r["verdict"], (r["draft words"], r["words"]), fontsize=7, color="grey",
+                        xytext=(4, -3), textcoords="offset points")
+    colours = {"kept": "tab:green", "below the rule: started again": "tab:red"}
+    markers = {"en": "o", "zh": "s"}
+    for (outcome, language), part in table.groupby(["outcome", "language"]):
+        ax.scatter(part["draft words"], part["extended words"], c=colours.get(outcome, "tab:grey"),
+                   marker=markers.get(language, "^"), alpha=0.75, label=f"{outcome} ({language})")
+    ys = list(table["extended words"]) + (list(rejected["words"]) if rejected is not None else [])
+    high = max([1.0] + list(table["draft words"]) + [y / min_ratio for y in ys]) * 1.1
+    ax.plot([0, high], [0, min_ratio * high], color="black", linewidth=1.2,
+            label=f"y = {min_ratio:g} x: the length rule")
+    ax.plot([0, high], [0, high], color="grey", linestyle="--", linewidth=1, label="y = x")
+    ax.set(xlim=(0, high), ylim=(0, min_ratio * high * 1.05), xlabel="draft words", ylabel="extended words")
+    ax.set_title(f"each attempt of each kept job: kept when extended > {min_ratio:g} x draft", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -13,25 +13,6 @@ from slkit.running.params import Params
 from slkit.running.records import read_jsonl
 
 
-def idea(params: Params) -> Markdown:
-    lc = params.length_control
-    kinds = {"about": "about N", "range": "between A and B", "above": "more than A", "below": "less than B"}
-    shares = ", ".join(f"**{share:.0%}** {kinds[k]}" for k, share in lc.proportions.items())
-    collect = (f"plus a collection pass: **{lc.collect_queries}** new self-instructed queries per language answered by "
-               "the last Generator" if lc.collect_queries else "no collection pass in this run "
-               "(`length_control.collect_queries`)")
-    return Markdown(
-        f"- Pairs: every iteration's drafts and extensions of **{lc.min_words} to {lc.max_words}** words, {collect}.\n"
-        f"- Each pair gets a constraint its own answer meets, of a kind drawn {shares}; its numbers are multiples of "
-        f"**{lc.round_to}** (of twice that with probability **{lc.coarse_prob}**) inside the window. Where the drawn "
-        "kind has no true constraint, a range (counted as a fallback).\n"
-        "- True means inside LonGen's accepted interval: about N: [0.8N, 1.2N]; more than A: [A, 1.5A]; less than "
-        "B: [0.5B, B].\n"
-        f"- The query is rewritten to carry it ({'templates' if lc.rewrite == 'template' else 'the model, checked, with templates as the fallback'}); "
-        "a query that already names a length is skipped. The Generator is fine-tuned once more on the pairs, "
-        + ("from a fresh adapter." if lc.fresh_adapter else "continuing from the last iteration's adapter."))
-
-
 def describe(constraint: dict) -> str:
     c = Constraint(constraint["kind"], constraint["low"], constraint["high"])
     a, b = c.interval()

@@ -13,22 +13,6 @@ from slkit.running.params import Params
 from slkit.running.records import read_jsonl
 
 
-def idea(params: Params) -> Markdown:
-    """The stage's rules with this run's numbers."""
-    q = params.queries
-    judge = ("a judge call with the same model must answer yes to \"is this request fit for a long article?\""
-             if q.judge else "the judge is off in this run (`queries.judge`)")
-    return Markdown(
-        f"- Each query slot asks the model, in a chat turn, for instructions that lead to long texts, and starts its "
-        f"answer with **{q.examples_per_prompt}** instructions of its language drawn from the pool, as "
-        f"`Instruction 1 ... Instruction {q.examples_per_prompt}:`; the model writes "
-        f"`Instruction {q.examples_per_prompt + 1}` (a model without a chat template completes a plain list).\n"
-        f"- A candidate is kept when it has **{q.min_words} to {q.max_words}** words, is no near-duplicate "
-        f"(character 5-gram Jaccard similarity below **{q.dedup_similarity}** with every query seen) and {judge}.\n"
-        f"- Up to **{q.max_tries}** tries per slot; **{q.per_language}** queries per language, languages "
-        f"{', '.join(q.languages)}.")
-
-
 def slot_language(record: dict, params: Params) -> str:
     """The language a query's slot asked for (slot s asks for languages[s % L]); the record's own `language`
     is the one it was written in."""

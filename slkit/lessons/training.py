@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import seaborn as sns
 from IPython.display import Markdown, display
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from slkit.lessons import steps
 from slkit.method.prompts import extension_prompt
@@ -15,22 +18,6 @@ from slkit.running.params import Params
 from slkit.running.records import read_jsonl
 from slkit.training.batches import tokenize_example
 from slkit.training.long_context import IGNORE
-
-
-def idea(params: Params) -> Markdown:
-    r, t = params.resampling, params.training
-    resample = (f"- Length-biased resampling of the extensions: ranked within their language (r = 1 - rank/N, "
-                f"r near 1 for the shortest), one is kept when U(0,1) > **{r.coefficient}** x r^**{r.exponent}**.\n"
-                if r.enabled else "- Resampling is off in this run (`resampling.enabled`): every extension trains.\n")
-    return Markdown(
-        resample +
-        "- Generator set: (request -> extended text). Extender set: (the extension template over the request and "
-        f"the draft with each line kept with probability **{t.line_keep_prob}** -> extended text): the dropped "
-        "lines teach it to add, not copy.\n"
-        f"- Both adapters: LoRA rank **{t.lora_r}**, alpha **{t.lora_alpha}** on `{t.target_modules}`, learning "
-        f"rate **{t.learning_rate:g}**, **{t.epochs:g}** epoch(s), samples cut at **{t.max_length}** tokens; the loss "
-        "counts the answer's tokens only."
-        + (" Each iteration continues from the previous iteration's adapters." if t.continue_adapters else ""))
 
 
 def dropped_lines(draft: str, prompt: str, query: str, language: str) -> list[str]:
@@ -102,3 +89,14 @@ def losses(summary: dict) -> pd.DataFrame:
     return pd.DataFrame([{"adapter": role, "step": i + 1, "loss": loss} for role in ROLES
                          for i, loss in enumerate(summary.get(role, {}).get("losses", []))],
                         columns=["adapter", "step", "loss"])
+
+
+def loss_figure(losses: pd.DataFrame) -> Figure:
+    """The loss of every training step per adapter (losses()), on a Figure of its own."""
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    sns.lineplot(data=losses, x="step", y="loss", hue="adapter", marker="o", ax=ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    ax.set_title("training loss per step (answer tokens only)", fontsize=10)
+    fig.tight_layout()
+    return fig
