@@ -33,7 +33,7 @@ def run(shape: str, workdir: Path, prompts: int, new_tokens: int, batch: int, bf
 
     from slkit.engines.base import Request
     from slkit.engines.transformers import TransformersEngine
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
 
     model_dir = build_checkpoint(shape, workdir)
     on_gpu = torch.cuda.is_available()
@@ -112,7 +112,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
     """One measurement in this process: 'bare' (vLLM's own API) or 'slkit' (the drafts stage on VLLMEngine)."""
     import torch
 
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.models.chat import render_user_turn, with_bos
 
     utilization = round(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 4)
@@ -148,7 +148,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
         from slkit.method.drafts import write_drafts
         from slkit.engines.base import Request
         from slkit.engines import load_engine
-        from slkit.running.records import RecordWriter
+        from slkit.core.records import RecordWriter
 
         engine = load_engine(params, {"generator": str(adapter), "extender": str(adapter)})
         engine.generate([Request(engine.render(texts[0]), "generator", new_tokens)], params.sampling)  # warm-up

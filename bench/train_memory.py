@@ -95,7 +95,7 @@ def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) 
     import torch
 
     from slkit.models.loading import load_tokenizer
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
 
     on_gpu = torch.cuda.is_available()

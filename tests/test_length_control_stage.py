@@ -13,12 +13,12 @@ import time
 import pytest
 
 from conftest import FAKE_VLLM, REPO
-from slkit.running.layout import adapter_dir, iter_dir, stage_done
+from slkit.core.layout import adapter_dir, iter_dir, stage_done
 from slkit.engines.base import stable_seed
 from slkit.method.training_sets import resample_by_length
 from slkit.stages.length_control import COLLECTION, PHASES, ChildPhaseError, length_control_stage
-from slkit.running.params import dump_params, load_params
-from slkit.running.records import read_json, read_jsonl
+from slkit.core.params import dump_params, load_params
+from slkit.core.records import read_json, read_jsonl
 from slkit.method.textstats import count_words
 from test_length_control import longen_accepts
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from slkit.running.params import ParamsError
+from slkit.core.params import ParamsError
 from slkit.running.pipeline import prepare_run, run_pipeline
-from slkit.running.registry import ITERATION_STAGES
+from slkit.core.registry import ITERATION_STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +202,7 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
     """Each notebook has the lesson's sections in order, no markdown number that the params could set, and its
     walk-through shows a real record of the run it belongs to."""
     from slkit.lessons import SECTIONS
-    from slkit.running.records import read_jsonl
+    from slkit.core.records import read_jsonl
 
     notebooks = [(smoke_run / f"iter_{k}" / name, k) for k in (1, 2) for name in
                  ("00_queries.ipynb", "01_drafts.ipynb", "02_extensions.ipynb", "03_training.ipynb", "04_evaluation.ipynb")]

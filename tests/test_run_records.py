@@ -14,11 +14,11 @@ import pytest
 from conftest import REPO, ScriptedEngine
 from slkit.evaluation.reports import compare_runs, environment_table
 from slkit.running.environment import write_environment
-from slkit.running.layout import environment_path, iter_dir, log_path
-from slkit.running.params import ParamsError, load_params
+from slkit.core.layout import environment_path, iter_dir, log_path
+from slkit.core.params import ParamsError, load_params
 from slkit.running.pipeline import check_inputs, prepare_run, run_pipeline
-from slkit.running.records import read_json, read_jsonl, write_jsonl_atomic
-from slkit.running.registry import STAGES
+from slkit.core.records import read_json, read_jsonl, write_jsonl_atomic
+from slkit.core.registry import STAGES
 from slkit.stages.queries import queries_stage
 from test_stages import _answer, fake_train
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from conftest import FAKE_VLLM, REPO, free_port
 
+from slkit.core.params import ParamsError, dump_params, load_params
 from slkit.engines import Request, load_engine
 from slkit.engines.server import (
     INFO_FILE,
@@ -28,7 +29,6 @@ from slkit.engines.server import (
     server_environment,
     stop_stale_server,
 )
-from slkit.running.params import ParamsError, dump_params, load_params
 
 sys.path.insert(0, str(FAKE_VLLM))
 from vllm.entrypoints.cli.main import serve_parser  # noqa: E402  the fake's flags: vLLM 0.25.1's names

@@ -19,11 +19,11 @@ import pandas as pd
 from IPython.display import Markdown
 from pydantic import BaseModel
 
+from slkit.core.layout import load_run_params, stage_dir
+from slkit.core.params import Params, QualityParams
+from slkit.core.registry import BY_NAME
 from slkit.method.quality import ends_cleanly, meta_talk_words, quality_failure
 from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
-from slkit.running.layout import load_run_params, stage_dir
-from slkit.running.params import Params, QualityParams
-from slkit.running.registry import BY_NAME
 
 # The headings of every lesson notebook, in order (tests/test_lessons.py checks each notebook has them).
 SECTIONS = ("The idea", "This run's params", "The whole stage", "One item, step by step", "What to look for",
@@ -50,7 +50,7 @@ def _flatten(section: BaseModel, reference: BaseModel, prefix: str) -> list[dict
 
 
 def params_table(params: Params, stage: str) -> pd.DataFrame:
-    """Every param of the stage's params sections (slkit.running.registry): this run's value, the default
+    """Every param of the stage's params sections (slkit.core.registry): this run's value, the default
     (the reference's value, where the method has one), whether this run changed it, and its description."""
     rows = [row for name in BY_NAME[stage].params
             for row in _flatten(getattr(params, name), type(getattr(params, name))(), name)]

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from IPython.display import Markdown
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.evaluation.benchmarks import longbench_write_score, longen_score
 from slkit.evaluation.judge import DIMENSIONS
 from slkit.lessons import steps
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 
 
 def idea(params: Params) -> Markdown:

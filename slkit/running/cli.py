@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
+from slkit.core.logs import library_output, quiet_library_handlers
+from slkit.core.params import ParamsError, add_set_option, load_params, parse_overrides
+from slkit.core.records import RecordFileError
+from slkit.core.runlock import RunLockedError
 from slkit.models.builtin import ModelFetchError
 from slkit.running.explain import explain
-from slkit.running.logs import library_output, quiet_library_handlers
-from slkit.running.params import ParamsError, add_set_option, load_params, parse_overrides
-from slkit.running.records import RecordFileError
-from slkit.running.runlock import RunLockedError
 
 
 def _add_evaluate_parser(sub: Any) -> None:

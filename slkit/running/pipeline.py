@@ -5,7 +5,7 @@
 Writes runs/<run>/params.yaml (the params the run started with) and, per iteration,
 runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
 A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
-One run directory, one run: the run holds runs/<run>/run.lock (slkit.running.runlock) from before it
+One run directory, one run: the run holds runs/<run>/run.lock (slkit.core.runlock) from before it
 writes params.yaml to its end; a second `slkit run` on the same directory is refused. With engine.backend vllm
 the run starts one `vllm serve` before its first stage and stops it after its last (slkit.engines.server).
 """
@@ -30,17 +30,17 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from tqdm.auto import tqdm
 from traitlets.config import Config
 
+from slkit.core.layout import BASELINE, lock_path, stage_dir, stage_done
+from slkit.core.logs import run_log, stage_label
+from slkit.core.params import Params, ParamsError, dump_params, load_params, params_from_dict
+from slkit.core.records import RecordFileError
+from slkit.core.registry import BY_NAME, ITERATION_STAGES
+from slkit.core.runlock import boot_id, hold_run_dir
 from slkit.engines.server import managed_server
 from slkit.evaluation.benchmarks import load_benchmark, locate_benchmark
 from slkit.method.exemplars import load_exemplars
 from slkit.models.loading import resolve_model_path
 from slkit.running.environment import write_environment
-from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
-from slkit.running.logs import run_log, stage_label
-from slkit.running.params import Params, ParamsError, dump_params, load_params, params_from_dict
-from slkit.running.records import RecordFileError
-from slkit.running.registry import BY_NAME, ITERATION_STAGES
-from slkit.running.runlock import boot_id, hold_run_dir
 from slkit.training.trainer import unavailable_integrations
 
 KERNEL_NAME = "slkit"
@@ -220,7 +220,7 @@ def stop_orphaned_stage(lock: Path) -> None:
 
 
 class ProgressPoller:
-    """Mirrors the running stage's progress.json (slkit.running.records.Progress) into a tqdm bar: texts the engine
+    """Mirrors the running stage's progress.json (slkit.core.records.Progress) into a tqdm bar: texts the engine
     finished of those expected, once there are any (they move within a record: an extension job is several),
     else records; the bar shows their rate and ETA, and the records done in its postfix."""
 
@@ -282,7 +282,7 @@ def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str,
 def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = None,
                  show_progress: bool = True) -> Path:
     """Execute every stage notebook of every macro-iteration; returns the run directory.
-    The run directory is held by this run alone (slkit.running.runlock): a second `slkit run` is refused."""
+    The run directory is held by this run alone (slkit.core.runlock): a second `slkit run` is refused."""
     params = check_inputs(params_path, overrides)
     with hold_run_dir(make_run_dir(params, params_path)) as lock, \
             tempfile.TemporaryDirectory(prefix="slkit-kernels-") as socket_dir:  # created with mode 0700

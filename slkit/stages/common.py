@@ -3,7 +3,7 @@ records incrementally with an engine whose texts count in the stage's progress a
 and the stage's one engine (StageEngine).
 
 A stage is a function (run_dir, iteration) -> summary in slkit.stages.<name>, one module per stage of
-slkit.running.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
+slkit.core.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
 runs/<run>/length_control/), records its summary in <name>.done.json last, and returns that summary. The
 notebooks call these and show the results; `slkit run` skips a stage whose done-marker exists. A killed
 stage resumes from its `.partial` records.
@@ -21,10 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slkit.engines import load_engine
-from slkit.engines.base import CapTally, Request
-from slkit.method.exemplars import load_exemplars
-from slkit.running.layout import (
+from slkit.core.layout import (
     current_adapters,
     iter_dir,
     load_run_params,
@@ -33,11 +30,14 @@ from slkit.running.layout import (
     stage_done,
     stage_summary,
 )
-from slkit.running.logs import counts, run_log, stage_label
-from slkit.running.params import Params, SamplingParams
-from slkit.running.records import Progress, RecordWriter, read_records
-from slkit.running.runlock import boot_id, lock_for_stage
-from slkit.running.schema import QueryRecord, record_type
+from slkit.core.logs import counts, run_log, stage_label
+from slkit.core.params import Params, SamplingParams
+from slkit.core.records import Progress, RecordWriter, read_records
+from slkit.core.runlock import boot_id, lock_for_stage
+from slkit.core.schema import QueryRecord, record_type
+from slkit.engines import load_engine
+from slkit.engines.base import CapTally, Request
+from slkit.method.exemplars import load_exemplars
 
 OOM_ADVICE = {
     "training": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import prepare_iteration
+from slkit.core.records import mark_done, read_records
+from slkit.core.schema import DraftsSummary, QueryRecord
 from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
-from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_records
-from slkit.running.schema import DraftsSummary, QueryRecord
 from slkit.stages.common import generate_records, skip_when_done
 
 

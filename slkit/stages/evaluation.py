@@ -7,6 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import BASELINE, ROLES, adapter_dir, prepare_iteration
+from slkit.core.params import Params
+from slkit.core.records import Progress, RecordWriter, mark_done, read_records, write_json_atomic
+from slkit.core.schema import BenchmarkOutput, EvaluationSummary
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import share
 from slkit.evaluation.benchmarks import (
@@ -20,10 +24,6 @@ from slkit.evaluation.benchmarks import (
 )
 from slkit.evaluation.judge import judge_responses, summarize_judgements
 from slkit.evaluation.reports import WORD_FILES, stage_word_means, write_iteration_figures
-from slkit.running.layout import BASELINE, ROLES, adapter_dir, prepare_iteration
-from slkit.running.params import Params
-from slkit.running.records import Progress, RecordWriter, mark_done, read_records, write_json_atomic
-from slkit.running.schema import BenchmarkOutput, EvaluationSummary
 from slkit.stages.common import StageEngine, WatchedEngine, skip_when_done, stage_engine
 
 

@@ -6,13 +6,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import prepare_iteration
+from slkit.core.records import mark_done, read_records, write_jsonl_atomic
+from slkit.core.schema import DraftRecord, ExtensionsSummary
 from slkit.engines import stable_seed
 from slkit.engines.base import CapTally
 from slkit.method.extensions import extend_drafts
 from slkit.method.training_sets import resample_by_length
-from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_records, write_jsonl_atomic
-from slkit.running.schema import DraftRecord, ExtensionsSummary
 from slkit.stages.common import generate_records, skip_when_done
 
 

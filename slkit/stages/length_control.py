@@ -30,6 +30,28 @@ from typing import Any, Callable
 
 import torch
 
+from slkit.core.layout import adapter_dir, iter_dir, load_run_params, stage_dir
+from slkit.core.params import Params
+from slkit.core.records import (
+    mark_done,
+    read_document,
+    read_json,
+    read_records,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from slkit.core.schema import (
+    AdapterTrainingSummary,
+    AfterIteration,
+    CollectionSummary,
+    ConstrainedCounts,
+    ConstrainedRecord,
+    EvaluationSummary,
+    LengthControlSummary,
+    StoredConstraint,
+    TrainingExample,
+    record_type,
+)
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import CapTally
 from slkit.engines.server import asleep_for_training, live_server, wants_server
@@ -44,28 +66,6 @@ from slkit.method.length_control import (
 )
 from slkit.method.queries import synthesize_queries
 from slkit.method.training_sets import resample_by_length
-from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
-from slkit.running.params import Params
-from slkit.running.records import (
-    mark_done,
-    read_document,
-    read_json,
-    read_records,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
-from slkit.running.schema import (
-    AdapterTrainingSummary,
-    AfterIteration,
-    CollectionSummary,
-    ConstrainedCounts,
-    ConstrainedRecord,
-    EvaluationSummary,
-    LengthControlSummary,
-    StoredConstraint,
-    TrainingExample,
-    record_type,
-)
 from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done
 from slkit.stages.evaluation import score_benchmark
 from slkit.training.adapters import train_adapter

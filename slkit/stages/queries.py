@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import prepare_iteration
+from slkit.core.records import mark_done
+from slkit.core.schema import QueriesSummary
 from slkit.engines.base import CapTally
 from slkit.method.queries import synthesize_queries
-from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done
-from slkit.running.schema import QueriesSummary
 from slkit.stages.common import earlier_queries, exemplar_pool, generate_records, skip_when_done
 
 

@@ -7,12 +7,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import ROLES, adapter_dir, current_adapters, prepare_iteration
+from slkit.core.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
+from slkit.core.schema import AdapterTrainingSummary, ExtensionRecord, TrainingSummary
 from slkit.engines import stable_seed
 from slkit.engines.server import asleep_for_training
 from slkit.method.training_sets import extender_examples, generator_examples, resample_by_length
-from slkit.running.layout import ROLES, adapter_dir, current_adapters, prepare_iteration
-from slkit.running.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
-from slkit.running.schema import AdapterTrainingSummary, ExtensionRecord, TrainingSummary
 from slkit.stages.common import skip_when_done
 from slkit.training.adapters import train_adapter
 

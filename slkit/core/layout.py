@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slkit.running.params import Params, load_params
-from slkit.running.records import done_marker, read_document, read_json
-from slkit.running.schema import DoneMarker
+from slkit.core.params import Params, load_params
+from slkit.core.records import done_marker, read_document, read_json
+from slkit.core.schema import DoneMarker
 
 ROLES = ("generator", "extender")
 
@@ -26,7 +26,7 @@ def environment_path(run_dir: str | Path) -> Path:
 
 
 def log_path(run_dir: str | Path) -> Path:
-    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.running.logs)."""
+    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.core.logs)."""
     return Path(run_dir) / "slkit.log"
 
 
