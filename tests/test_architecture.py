@@ -15,7 +15,8 @@ from conftest import REPO
 from importlinter.cli import lint_imports
 
 from slkit.core.params import Params
-from slkit.core.registry import STAGES, loop_table
+from slkit.core.registry import ITERATION_STAGES, STAGES, loop_table
+from slkit.running.loop import self_lengthen
 
 PACKAGE = REPO / "slkit"
 
@@ -176,6 +177,24 @@ def test_the_registry_lists_every_notebook_and_stage_module():
     assert sorted(s.notebook for s in STAGES) == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
     modules = {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__", "common"}
     assert modules == {s.name for s in STAGES}
+
+
+@pytest.mark.parametrize("baseline, final", [(True, True), (False, False)])
+def test_the_loop_runs_the_registrys_stages_in_order(smoke_params, baseline, final):
+    params = smoke_params.model_copy(update={
+        "macro_iterations": 2, "evaluation": smoke_params.evaluation.model_copy(update={"baseline": baseline}),
+        "length_control": smoke_params.length_control.model_copy(update={"enabled": final})})
+    assert params.evaluation.benchmark
+    assert list(self_lengthen(params)) == ([(0, "evaluation")] * baseline
+                                           + [(k, stage) for k in (1, 2) for stage in ITERATION_STAGES]
+                                           + [(2, "length_control")] * final)
+
+
+def test_the_readme_links_the_loop_module():
+    loop = (REPO / "slkit" / "running" / "loop.py")
+    assert len(loop.read_text().splitlines()) <= 80, "the loop module should read at once"
+    section = (REPO / "README.md").read_text().split("## The loop", 1)[1].split("\n## ", 1)[0]
+    assert "(slkit/running/loop.py)" in section
 
 
 def test_the_readme_loop_table_is_the_registry():

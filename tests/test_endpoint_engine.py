@@ -129,7 +129,7 @@ def test_a_refused_request_is_not_retried_on_other_servers(served_model, smoke_p
 def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_model, smoke_params, tmp_path):
     """Seed -> generate -> extend -> train -> evaluate (and its judge) through the endpoint engine, with an
     API key set: no file of the run (records, metrics, executed notebooks, logs, params) holds the key."""
-    from slkit.running.pipeline import run_pipeline
+    from slkit.running.loop import run_loop
 
     model_dir, urls = served_model
     secret = "sk-slkit-test-9f8e7d6c5b4a"
@@ -146,7 +146,7 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
         from slkit.core.params import dump_params, params_from_dict
 
         dump_params(params_from_dict(data), tmp_path / "endpoint.yaml")
-        run_dir = run_pipeline(tmp_path / "endpoint.yaml", show_progress=False)
+        run_dir = run_loop(tmp_path / "endpoint.yaml", show_progress=False)
     finally:
         del os.environ["SLKIT_TEST_KEY"]
     records = [json.loads(line) for line in (run_dir / "iter_1" / "extensions.jsonl").read_text().splitlines()]

@@ -304,7 +304,8 @@ def test_on_vllm_each_engine_phase_runs_in_a_child_process_of_its_own(run_dir, m
     monkeypatch.delenv("FAKE_VLLM_LOG")
     _set(here, **{"engine.backend": "vllm", "length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK),
                   "engine.vllm.gpu_memory_utilization": 0.45})
-    monkeypatch.setattr("slkit.stages.length_control.run_in_child", lambda phase, run, k: PHASES[phase](run, k))
+    monkeypatch.setattr("slkit.stages.length_control.run_in_child",
+                        lambda phase, run, k: PHASES[phase](run, k, load_params(run / "params.yaml")))
     length_control_stage(here, 1)
     assert len(fake_vllm.llms) == 2
     for name in ["queries.jsonl", "drafts.jsonl", "constrained.jsonl", "generator_sft.jsonl", "benchmark_outputs.jsonl"]:

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO
 from slkit.core.params import ParamsError
-from slkit.running.pipeline import prepare_run, run_pipeline
+from slkit.running.loop import run_loop
+from slkit.running.pipeline import prepare_run
 from slkit.core.registry import ITERATION_STAGES
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, tiny_model_path):
     out = tmp_path_factory.mktemp("runs")
-    run_dir = run_pipeline(REPO / "params" / "smoke.yaml", {"output_dir": str(out)}, show_progress=False)
+    run_dir = run_loop(REPO / "params" / "smoke.yaml", {"output_dir": str(out)}, show_progress=False)
     return run_dir
 
 
@@ -102,7 +103,7 @@ def test_the_run_and_every_kernel_write_slkit_log_and_the_run_its_environment(sm
 
 def test_rerun_skips_finished_stages(smoke_run):
     before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")}
-    run_pipeline(smoke_run / "params.yaml", show_progress=False)
+    run_loop(smoke_run / "params.yaml", show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")} == before
 
 

@@ -46,14 +46,9 @@ def current_adapters(run_dir: str | Path, iteration: int) -> dict[str, str | Non
 
 
 def load_run_params(run_dir: str | Path) -> Params:
+    """The params the run started with (runs/<run>/params.yaml). A process reads them once: a stage's notebook
+    passes what it read to the stage, and the stage passes them on."""
     return load_params(Path(run_dir) / "params.yaml")
-
-
-def prepare_iteration(run_dir: str | Path, iteration: int) -> tuple[Params, Path]:
-    params = load_run_params(run_dir)
-    out = iter_dir(run_dir, iteration)
-    out.mkdir(parents=True, exist_ok=True)
-    return params, out
 
 
 def stage_dir(run_dir: str | Path, iteration: int, stage: str) -> Path:

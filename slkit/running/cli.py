@@ -110,10 +110,10 @@ def _command(args: argparse.Namespace) -> int:
 
             return export_command(args)
         if args.command == "run":
-            from slkit.running.pipeline import run_pipeline
+            from slkit.running.loop import run_loop
 
             quiet_library_handlers()
-            run_dir = run_pipeline(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
+            run_dir = run_loop(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
         elif args.command == "compare":
             from slkit.evaluation.reports import compare_runs, markdown_table
