@@ -4,8 +4,8 @@
     python bench/generate_speed.py --tiny --workdir /tmp/b       # CPU check (tests run it)
     python bench/generate_speed.py --vllm --workdir /tmp/slkit-bench --prompts 64 --new-tokens 2048 --gib 22
 
---vllm compares, side by side, a bare vLLM `LLM.generate` with a rank-16 LoRA (the probe of
-FINDINGS.md) against slkit's VLLMEngine driven by slkit's own drafts stage code
+--vllm compares, side by side, a bare vLLM `LLM.generate` with a rank-16 LoRA (an earlier probe's setup,
+docs/benchmarks.md) against slkit's VLLMEngine driven by slkit's own drafts stage code
 (slkit.method.drafts.write_drafts writing records), bf16 and 4-bit weights, same prompt token ids, same
 sampling, same memory budget; each measurement in a fresh process so vLLM gets the GPU back.
 
