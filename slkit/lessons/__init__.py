@@ -31,7 +31,8 @@ SECTIONS = ("The idea", "This run's params", "The whole stage", "One item, step 
 
 
 def setup(run_dir: str | Path, iteration: int, stage: str) -> tuple[Params, Path]:
-    """The run's params and the directory `stage` writes in; pandas shows whole cells of text."""
+    """The run's params (read here, once: the notebook passes them to its stage) and the directory `stage` writes
+    in; pandas shows whole cells of text."""
     pd.set_option("display.max_colwidth", 160)
     pd.set_option("display.max_rows", 60)
     return load_run_params(run_dir), stage_dir(run_dir, iteration, stage)
