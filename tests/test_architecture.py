@@ -126,7 +126,8 @@ def test_the_layers_contract_has_no_exception_and_covers_every_package():
     assert layers["type"] == "layers" and layers["containers"] == ["slkit"] and layers["exhaustive"] is True
     assert not {"ignore_imports", "exhaustive_ignores"} & set(layers), "the layers contract lists exceptions"
     named = {name.strip() for layer in layers["layers"] for name in layer.split("|")}
-    assert named == {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()} - {"__init__"}
+    packages = {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert named == packages - {"__init__"}
 
 
 def test_slkit_imports_only_point_down_the_layers():
@@ -191,7 +192,7 @@ def test_the_loop_runs_the_registrys_stages_in_order(smoke_params, baseline, fin
 
 
 def test_the_readme_links_the_loop_module():
-    loop = (REPO / "slkit" / "running" / "loop.py")
+    loop = REPO / "slkit" / "running" / "loop.py"
     assert len(loop.read_text().splitlines()) <= 80, "the loop module should read at once"
     section = (REPO / "README.md").read_text().split("## The loop", 1)[1].split("\n## ", 1)[0]
     assert "(slkit/running/loop.py)" in section

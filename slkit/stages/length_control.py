@@ -217,7 +217,8 @@ def score_final_adapter(run_dir: str | Path, iteration: int, params: Params) -> 
 
 
 # The phases that start an engine, by the name a child process is given.
-PHASES: dict[str, Callable[[str | Path, int, Params], Any]] = {"constrain": constrain_pairs, "score": score_final_adapter}
+PHASES: dict[str, Callable[[str | Path, int, Params], Any]] = {"constrain": constrain_pairs,
+                                                             "score": score_final_adapter}
 
 
 class ChildPhaseError(RuntimeError):
@@ -239,8 +240,9 @@ def run_phase(phase: str, run_dir: str | Path, iteration: int, params: Params) -
 
 
 def run_in_child(phase: str, run_dir: str | Path, iteration: int) -> Any:
-    """Run PHASES[phase] in a fresh Python process of this slkit, which reads the run's params: its output streams are this process's (logs and
-    tracebacks show as they come), its result or its error comes back as json through a temporary directory."""
+    """Run PHASES[phase] in a fresh Python process of this slkit, which reads the run's params: its output streams
+    are this process's (logs and tracebacks show as they come), its result or its error comes back as json through
+    a temporary directory."""
     if torch.cuda.is_initialized():  # training ran here: what the child's engine will find
         free, total = torch.cuda.mem_get_info()
         print(f"length_control: the {phase} phase starts in a child process; GPU memory free: "
