@@ -4,8 +4,8 @@
     python bench/generate_speed.py --tiny --workdir /tmp/b       # CPU check (tests run it)
     python bench/generate_speed.py --vllm --workdir /tmp/slkit-bench --prompts 64 --new-tokens 2048 --gib 22
 
---vllm compares, side by side, a bare vLLM `LLM.generate` with a rank-16 LoRA (the probe of
-FINDINGS.md) against slkit's VLLMEngine driven by slkit's own drafts stage code
+--vllm compares, side by side, a bare vLLM `LLM.generate` with a rank-16 LoRA (an earlier probe's setup,
+docs/benchmarks.md) against slkit's VLLMEngine driven by slkit's own drafts stage code
 (slkit.method.drafts.write_drafts writing records), bf16 and 4-bit weights, same prompt token ids, same
 sampling, same memory budget; each measurement in a fresh process so vLLM gets the GPU back.
 
@@ -33,7 +33,7 @@ def run(shape: str, workdir: Path, prompts: int, new_tokens: int, batch: int, bf
 
     from slkit.engines.base import Request
     from slkit.engines.transformers import TransformersEngine
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
 
     model_dir = build_checkpoint(shape, workdir)
     on_gpu = torch.cuda.is_available()
@@ -112,7 +112,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
     """One measurement in this process: 'bare' (vLLM's own API) or 'slkit' (the drafts stage on VLLMEngine)."""
     import torch
 
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.models.chat import render_user_turn, with_bos
 
     utilization = round(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 4)
@@ -148,7 +148,7 @@ def vllm_case(case: str, model_dir: Path, adapter: Path, prompts: int, new_token
         from slkit.method.drafts import write_drafts
         from slkit.engines.base import Request
         from slkit.engines import load_engine
-        from slkit.running.records import RecordWriter
+        from slkit.core.records import RecordWriter
 
         engine = load_engine(params, {"generator": str(adapter), "extender": str(adapter)})
         engine.generate([Request(engine.render(texts[0]), "generator", new_tokens)], params.sampling)  # warm-up

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from slkit.method.extensions import stage2_text
 from slkit.method.quality import quality_failure
-from slkit.running.params import QualityParams
+from slkit.core.params import QualityParams
 
 rules = QualityParams()
 tally, examples = Counter(), []

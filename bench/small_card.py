@@ -170,8 +170,8 @@ def child_build(spec: dict) -> None:
 def child_train(spec: dict) -> None:
     import torch
 
+    from slkit.core.params import load_params
     from slkit.models.loading import load_tokenizer
-    from slkit.running.params import load_params
     from slkit.training.adapters import train_adapter
 
     workdir = Path(spec["workdir"])
@@ -269,8 +269,8 @@ def run_child(kind: str, spec: dict, log: Path) -> dict:
 def measure(args: argparse.Namespace) -> list[dict]:
     import torch
 
+    from slkit.core.params import load_params
     from slkit.engines.server import SERVED_MODEL, asleep_for_training, managed_server
-    from slkit.running.params import load_params
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     memory = DeviceMemory()
@@ -342,8 +342,8 @@ def _version(name: str) -> str | None:
 
 def dry_run(args: argparse.Namespace) -> None:
     """What measure() would run, on a card of --total-gib, with the asleep server assumed to hold 1 GiB."""
+    from slkit.core.params import load_params
     from slkit.engines.server import server_command
-    from slkit.running.params import load_params
 
     model_dir = args.workdir / f"{SHAPE}-random"
     with tempfile.TemporaryDirectory() as stand_in:  # model.path must be a model directory: a config stands in

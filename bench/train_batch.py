@@ -37,8 +37,8 @@ def set_loss(params, data: Path, adapter: Path | None) -> float:
     which leaves the base model unchanged)."""
     import torch
 
+    from slkit.core.records import read_jsonl
     from slkit.models.loading import load_tokenizer
-    from slkit.running.records import read_jsonl
     from slkit.training.adapters import build_lora_model
     from slkit.training.batches import tokenize_example
     from slkit.training.long_context import IGNORE
@@ -58,7 +58,7 @@ def set_loss(params, data: Path, adapter: Path | None) -> float:
 
 
 def main() -> None:
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

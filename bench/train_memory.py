@@ -85,7 +85,7 @@ def build_checkpoint(shape: str, workdir: Path) -> Path:
 
 def write_samples(path: Path, tokenizer, length: int, n: int = 2) -> None:
     """n (prompt, completion) pairs whose tokens reach `length` (training cuts them there)."""
-    words = " ".join(line for line in (REPO / "slkit" / "method" / "exemplars" / "en.txt").read_text().splitlines())
+    words = " ".join(line for line in (REPO / "slkit" / "core" / "exemplars" / "en.txt").read_text().splitlines())
     per_copy = len(tokenizer(words)["input_ids"])
     completion = " ".join([words] * (length // per_copy + 2))
     path.write_text("".join(json.dumps({"prompt": "Write at length.", "completion": completion}) + "\n" for _ in range(n)))
@@ -95,7 +95,7 @@ def measure_slkit(model_dir: Path, length: int, overrides: dict, workdir: Path) 
     import torch
 
     from slkit.models.loading import load_tokenizer
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
 
     on_gpu = torch.cuda.is_available()

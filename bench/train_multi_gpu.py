@@ -34,8 +34,8 @@ def main() -> None:
 
     import torch
 
+    from slkit.core.params import load_params
     from slkit.models.loading import load_tokenizer
-    from slkit.running.params import load_params
     from slkit.training.adapters import train_adapter
 
     on_gpu = torch.cuda.is_available()

@@ -20,7 +20,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_params():
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
 
     return load_params(REPO / "params" / "smoke.yaml")
 

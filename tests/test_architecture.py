@@ -1,15 +1,22 @@
-"""The layout's contracts: imports between slkit's modules form no cycle, every stage of the registry has its
-notebook, module, function and (where it has one) params section under one name, and the README's loop table is
-the registry's."""
+"""The layout's contracts: slkit's packages are layers whose imports only point down (pyproject.toml's
+[tool.importlinter] contract, checked by import-linter, with no exception), imports between slkit's modules form
+no cycle, every stage of the registry has its notebook, module, function and (where it has one) params section
+under one name, the loop runs the registry's stages in order, and the README's loop table is the registry's."""
 import ast
 import importlib
 import json
+import os
+import subprocess
+import sys
+import tomllib
 
 import pytest
-
 from conftest import REPO
-from slkit.running.params import Params
-from slkit.running.registry import STAGES, loop_table
+from importlinter.cli import lint_imports
+
+from slkit.core.params import Params
+from slkit.core.registry import ITERATION_STAGES, STAGES, loop_table
+from slkit.running.loop import self_lengthen
 
 PACKAGE = REPO / "slkit"
 
@@ -79,7 +86,7 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_local_import(tmp_path
 
 def test_slkit_imports_form_no_cycle():
     graph = import_graph()
-    assert len(graph) > 30 and graph["slkit.stages.common"] >= {"slkit.engines", "slkit.running.layout"}
+    assert len(graph) > 30 and graph["slkit.stages.common"] >= {"slkit.engines", "slkit.core.layout"}
     assert cycles(graph) == []
 
 
@@ -111,13 +118,48 @@ def test_imports_are_at_the_top_of_modules_but_the_optional_ones():
     assert found == []
 
 
-def test_the_foundation_imports_no_stage_and_no_engine():
-    """Params, records and the run layout sit below everything; the method's steps never reach for stages."""
-    graph = import_graph()
-    for name in ("slkit.running.params", "slkit.running.records", "slkit.running.layout", "slkit.running.registry"):
-        assert not any(dep.startswith(("slkit.stages", "slkit.engines", "slkit.method")) for dep in graph[name]), name
-    for name in (n for n in graph if n.startswith("slkit.method")):
-        assert not any(dep.startswith(("slkit.stages", "slkit.running.pipeline", "slkit.running.cli")) for dep in graph[name]), name
+CONTRACTS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_the_layers_contract_has_no_exception_and_covers_every_package():
+    [layers] = CONTRACTS
+    assert layers["type"] == "layers" and layers["containers"] == ["slkit"] and layers["exhaustive"] is True
+    assert not {"ignore_imports", "exhaustive_ignores"} & set(layers), "the layers contract lists exceptions"
+    named = {name.strip() for layer in layers["layers"] for name in layer.split("|")}
+    packages = {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert named == packages - {"__init__"}
+
+
+def test_slkit_imports_only_point_down_the_layers():
+    """import-linter on slkit: a module that imports from a layer above its own breaks the contract (its report,
+    naming the import, is in the captured output)."""
+    assert lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True, no_logo=True) == 0
+
+
+def _fake_slkit(root, upward_import):
+    """A package named slkit with one empty package per layer of the contract, and `upward_import` in the ground."""
+    (root / "slkit").mkdir()
+    (root / "slkit" / "__init__.py").write_text("")
+    for layer in CONTRACTS[0]["layers"]:
+        for name in (n.strip() for n in layer.split("|")):
+            if name == "__main__":
+                (root / "slkit" / "__main__.py").write_text("import slkit.running\n")
+                continue
+            (root / "slkit" / name).mkdir()
+            (root / "slkit" / name / "__init__.py").write_text("")
+    (root / "slkit" / "core" / "ground.py").write_text(upward_import)
+    (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize("upward", [False, True], ids=["down only", "upward import"])
+def test_the_contract_fails_an_upward_import(tmp_path, upward):
+    _fake_slkit(tmp_path, "from slkit.running import x\n" if upward else "import json\n")
+    lint = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    done = subprocess.run([sys.executable, "-c", lint, "pyproject.toml", "--no-cache", "--no-logo"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == (1 if upward else 0), done.stdout + done.stderr
+    assert ("slkit.core.ground -> slkit.running" in done.stdout) == upward, done.stdout
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
@@ -136,6 +178,24 @@ def test_the_registry_lists_every_notebook_and_stage_module():
     assert sorted(s.notebook for s in STAGES) == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
     modules = {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__", "common"}
     assert modules == {s.name for s in STAGES}
+
+
+@pytest.mark.parametrize("baseline, final", [(True, True), (False, False)])
+def test_the_loop_runs_the_registrys_stages_in_order(smoke_params, baseline, final):
+    params = smoke_params.model_copy(update={
+        "macro_iterations": 2, "evaluation": smoke_params.evaluation.model_copy(update={"baseline": baseline}),
+        "length_control": smoke_params.length_control.model_copy(update={"enabled": final})})
+    assert params.evaluation.benchmark
+    assert list(self_lengthen(params)) == ([(0, "evaluation")] * baseline
+                                           + [(k, stage) for k in (1, 2) for stage in ITERATION_STAGES]
+                                           + [(2, "length_control")] * final)
+
+
+def test_the_readme_links_the_loop_module():
+    loop = REPO / "slkit" / "running" / "loop.py"
+    assert len(loop.read_text().splitlines()) <= 80, "the loop module should read at once"
+    section = (REPO / "README.md").read_text().split("## The loop", 1)[1].split("\n## ", 1)[0]
+    assert "(slkit/running/loop.py)" in section
 
 
 def test_the_readme_loop_table_is_the_registry():

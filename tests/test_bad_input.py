@@ -5,10 +5,10 @@ import sys
 import pytest
 
 from conftest import REPO, slkit_message
-from slkit.running.params import ParamsError, load_params
+from slkit.core.params import ParamsError, load_params
 from slkit.running.pipeline import prepare_run
-from slkit.running.records import RecordFileError
-from slkit.running.layout import lock_path
+from slkit.core.records import RecordFileError
+from slkit.core.layout import lock_path
 from slkit.stages.training import training_stage
 
 SMOKE = REPO / "params" / "smoke.yaml"

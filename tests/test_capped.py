@@ -4,10 +4,10 @@ import json
 
 from conftest import REPO, ScriptedEngine
 from slkit.engines.base import CapTally, Generated, Request, finished
-from slkit.running.params import SamplingParams
+from slkit.core.params import SamplingParams
 from slkit.running.pipeline import prepare_run
-from slkit.running.layout import iter_dir
-from slkit.running.records import write_jsonl_atomic
+from slkit.core.layout import iter_dir
+from slkit.core.records import write_jsonl_atomic
 from slkit.stages.drafts import drafts_stage
 
 GREEDY = SamplingParams(temperature=0, stop=["---"])

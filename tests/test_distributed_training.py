@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slkit.running.params import load_params
+from slkit.core.params import load_params
 from slkit.training.adapters import train_adapter
 from slkit.training.distributed import accelerate_config_path
 

@@ -15,8 +15,8 @@ from conftest import free_port
 from slkit.engines.endpoint import EndpointEngine, adapter_name, request_body
 from slkit.engines.base import Request
 from slkit.engines.transformers import TransformersEngine
-from slkit.running.params import SamplingParams
-from slkit.running.layout import iter_dir
+from slkit.core.params import SamplingParams
+from slkit.core.layout import iter_dir
 from slkit.stages.evaluation import evaluation_stage
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
@@ -63,7 +63,7 @@ def served_model(tiny_model_path, tmp_path_factory):
 
 
 def _params(smoke_params, model_dir, **endpoint):
-    from slkit.running.params import params_from_dict
+    from slkit.core.params import params_from_dict
 
     data = smoke_params.to_dict()
     data["model"]["path"] = str(model_dir)
@@ -129,7 +129,7 @@ def test_a_refused_request_is_not_retried_on_other_servers(served_model, smoke_p
 def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_model, smoke_params, tmp_path):
     """Seed -> generate -> extend -> train -> evaluate (and its judge) through the endpoint engine, with an
     API key set: no file of the run (records, metrics, executed notebooks, logs, params) holds the key."""
-    from slkit.running.pipeline import run_pipeline
+    from slkit.running.loop import run_loop
 
     model_dir, urls = served_model
     secret = "sk-slkit-test-9f8e7d6c5b4a"
@@ -143,10 +143,10 @@ def test_the_pipeline_runs_on_servers_and_the_key_never_reaches_a_file(served_mo
         data["evaluation"]["judge"].update(enabled=True, model={"path": str(model_dir)}, engine={
             "backend": "openai", "endpoint": {"base_urls": urls, "api": "chat", "api_key_env": "SLKIT_TEST_KEY",
                                               "adapters": "none", "vllm_sampling": False, "max_retries": 0}})
-        from slkit.running.params import dump_params, params_from_dict
+        from slkit.core.params import dump_params, params_from_dict
 
         dump_params(params_from_dict(data), tmp_path / "endpoint.yaml")
-        run_dir = run_pipeline(tmp_path / "endpoint.yaml", show_progress=False)
+        run_dir = run_loop(tmp_path / "endpoint.yaml", show_progress=False)
     finally:
         del os.environ["SLKIT_TEST_KEY"]
     records = [json.loads(line) for line in (run_dir / "iter_1" / "extensions.jsonl").read_text().splitlines()]
@@ -162,8 +162,8 @@ def test_a_server_killed_mid_stage_fails_it_once_and_the_rerun_completes_it(serv
     """The only server dies while the evaluate stage's judge is asking it (the stage's benchmark outputs are
     written): the stage fails with one error naming the server, after the client's retries. With a server
     back on the same address the rerun judges every output once and keeps the benchmark outputs as written."""
-    from slkit.running.params import dump_params, params_from_dict
-    from slkit.running.records import read_jsonl
+    from slkit.core.params import dump_params, params_from_dict
+    from slkit.core.records import read_jsonl
 
     model_dir, _ = served_model
     port = free_port()
@@ -272,8 +272,8 @@ def test_the_judge_asks_a_server_for_the_json_schema_and_falls_back_where_it_is_
     (422): the judge's requests carry the schema; on the refusal the engine asks again without it, sends no schema
     from then on, and the judge's retries judge what the server answers."""
     from slkit.evaluation.judge import JUDGEMENT_SCHEMA, judge_responses
-    from slkit.running.params import JudgeParams
-    from slkit.running.records import RecordWriter
+    from slkit.core.params import JudgeParams
+    from slkit.core.records import RecordWriter
 
     model_dir, urls = served_model
     items = [{"index": i, "sample": 0, "query": f"q{i}", "output": f"text {i}"} for i in range(2)]
@@ -301,7 +301,7 @@ def test_a_servers_finish_reason_says_which_texts_the_cap_cut(served_model, smok
 def test_slkit_evaluate_scores_a_served_model_with_a_served_judge(served_model, tmp_path, sent):
     from slkit.evaluation.judge import JUDGEMENT_SCHEMA
     from slkit.running.cli import main
-    from slkit.running.records import read_jsonl
+    from slkit.core.records import read_jsonl
 
     model_dir, urls = served_model
     out = tmp_path / "eval"

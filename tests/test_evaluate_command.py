@@ -6,9 +6,9 @@ import pytest
 
 from conftest import REPO
 from slkit.running.cli import main
-from slkit.running.layout import BASELINE, iter_dir
+from slkit.core.layout import BASELINE, iter_dir
 from slkit.running.pipeline import prepare_run
-from slkit.running.records import read_jsonl
+from slkit.core.records import read_jsonl
 from slkit.stages.evaluation import evaluation_stage
 
 BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
@@ -43,7 +43,7 @@ def test_evaluate_scores_the_builtin_model_as_the_stage_does(tmp_path, tiny_mode
 
 
 def test_evaluate_loads_an_adapter_and_refuses_other_params_in_the_same_directory(tmp_path, tiny_model_path, capsys):
-    from slkit.running.params import load_params
+    from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
 
     # an adapter the way training writes one: two steps on two examples

@@ -4,7 +4,7 @@ from conftest import LONGEN
 import json
 
 from slkit.evaluation.benchmarks import (length_bin, length_stability, load_benchmark, load_longen, longbench_write_score, longen_interval, longen_score, stratified_subset, summarize_scores)
-from slkit.running.records import RecordFileError
+from slkit.core.records import RecordFileError
 from slkit.stages.evaluation import score_benchmark
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from conftest import REPO
 from slkit.running.cli import main
 from slkit.running.explain import all_settings, markdown, settings
-from slkit.running.params import NO_REFERENCE
+from slkit.core.params import NO_REFERENCE
 
 # The fields whose default is not the method's value, and why (each description says it too).
 DEPARTURES = {

@@ -9,9 +9,9 @@ import yaml
 from conftest import REPO
 from slkit.running.cli import main
 from slkit.running.export import export_run, public_base_model
-from slkit.running.layout import adapter_dir, iter_dir, log_path
+from slkit.core.layout import adapter_dir, iter_dir, log_path
 from slkit.running.pipeline import prepare_run
-from slkit.running.records import write_jsonl_atomic
+from slkit.core.records import write_jsonl_atomic
 
 LENGTH = {"benchmark": "longen_mini.jsonl", "format": "longen", "max_score": 1.0, "overall": 0.5,
           "per_type": {"about": 0.5}, "per_length_bin": {}, "per_language": {"en": 0.5}, "n": 2, "stability": None,

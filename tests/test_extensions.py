@@ -6,9 +6,9 @@ import pytest
 from conftest import ScriptedEngine
 from slkit.method.extensions import (extend_drafts, former_part, keep_head, kept_paragraphs, stage2_prefill,
                                      stage2_text)
-from slkit.running.params import params_from_dict
+from slkit.core.params import params_from_dict
 from slkit.method.prompts import extension_prompt
-from slkit.running.records import RecordWriter
+from slkit.core.records import RecordWriter
 from slkit.method.textstats import count_words
 from slkit.method.training_sets import extender_examples
 

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from slkit.core.params import JudgeParams, QualityParams, SamplingParams, params_from_dict
+from slkit.core.records import RecordWriter
 from slkit.engines.base import Generated, Request, postprocess
 from slkit.engines.jobs import jobs_target, run_jobs
 from slkit.evaluation.judge import judge_responses
@@ -16,8 +18,6 @@ from slkit.method.drafts import write_drafts
 from slkit.method.extensions import extend_drafts
 from slkit.method.quality import RepetitionWatch, quality_failure, settled_text
 from slkit.method.textstats import count_words, ngram_units
-from slkit.running.params import JudgeParams, QualityParams, SamplingParams, params_from_dict
-from slkit.running.records import RecordWriter
 
 WORDS = "the a river stone light morning city garden letter window road music".split()
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from slkit.evaluation.judge import (BASE_MODEL_PREFILL, DIMENSIONS, parse_judgement, judge_responses, summarize_judgements)
-from slkit.running.params import JudgeParams
-from slkit.running.records import RecordWriter
+from slkit.core.params import JudgeParams
+from slkit.core.records import RecordWriter
 
 GOOD = {d: i + 3 for i, d in enumerate(DIMENSIONS)}  # 3..9
 

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from slkit.method.length_control import (Constraint, assign_constraint, chinese_numeral, constraint_phrase, mentions_number, names_length, rewrite_failure, satisfies, template_rewrite)
-from slkit.running.params import ParamsError, params_from_dict
+from slkit.core.params import ParamsError, params_from_dict
 
 PROPORTIONS = {"about": 0.40, "range": 0.25, "above": 0.10, "below": 0.25}
 KINDS = tuple(PROPORTIONS)

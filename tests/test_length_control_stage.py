@@ -13,12 +13,12 @@ import time
 import pytest
 
 from conftest import FAKE_VLLM, REPO
-from slkit.running.layout import adapter_dir, iter_dir, stage_done
+from slkit.core.layout import adapter_dir, iter_dir, stage_done
 from slkit.engines.base import stable_seed
 from slkit.method.training_sets import resample_by_length
 from slkit.stages.length_control import COLLECTION, PHASES, ChildPhaseError, length_control_stage
-from slkit.running.params import dump_params, load_params
-from slkit.running.records import read_json, read_jsonl
+from slkit.core.params import dump_params, load_params
+from slkit.core.records import read_json, read_jsonl
 from slkit.method.textstats import count_words
 from test_length_control import longen_accepts
 
@@ -304,7 +304,8 @@ def test_on_vllm_each_engine_phase_runs_in_a_child_process_of_its_own(run_dir, m
     monkeypatch.delenv("FAKE_VLLM_LOG")
     _set(here, **{"engine.backend": "vllm", "length_control.rewrite": "model", "evaluation.benchmark": str(BENCHMARK),
                   "engine.vllm.gpu_memory_utilization": 0.45})
-    monkeypatch.setattr("slkit.stages.length_control.run_in_child", lambda phase, run, k: PHASES[phase](run, k))
+    monkeypatch.setattr("slkit.stages.length_control.run_in_child",
+                        lambda phase, run, k: PHASES[phase](run, k, load_params(run / "params.yaml")))
     length_control_stage(here, 1)
     assert len(fake_vllm.llms) == 2
     for name in ["queries.jsonl", "drafts.jsonl", "constrained.jsonl", "generator_sft.jsonl", "benchmark_outputs.jsonl"]:

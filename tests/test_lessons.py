@@ -28,9 +28,9 @@ from slkit.method.quality import quality_failure
 from slkit.method.queries import synthesize_queries
 from slkit.method.textstats import count_words
 from slkit.method.training_sets import drop_lines, extender_examples
+from slkit.core.params import ParamsError, dump_params, load_params, params_from_dict
+from slkit.core.records import RecordWriter
 from slkit.running.cli import main as slkit_main
-from slkit.running.params import ParamsError, dump_params, load_params, params_from_dict
-from slkit.running.records import RecordWriter
 from test_extensions import StagedEngine
 
 

@@ -66,7 +66,7 @@ NOT_SETTINGS = [
     (r"step \d|[Ss]tage[- ][12]|stage2_\w+", "names of steps and stages"),
     (r"\$r = 1 - \\text\{rank\}/N\$ \(\$r\$ near 1 for the shortest\)|U\(0,1\) > c \\cdot r\^\{e\}",
      "the resampling formula (tests/test_training_sets.py)"),
-    (r"\(reference: 10 per language;", "the exemplar pool is data (slkit/method/exemplars), not a setting"),
+    (r"\(reference: 10 per language;", "the exemplar pool is data (slkit/core/exemplars), not a setting"),
     (r"over 2,000 words", "part of the judge prompt's question (slkit/method/prompts.py)"),
     (r"gives at most 2 pieces", "the former part's rule (slkit/method/extensions.former_part)"),
     (r"r = 1 - rank/N|r near 1 for the shortest|About 60% survive; the shortest ~20% always go",

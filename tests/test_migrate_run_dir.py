@@ -6,8 +6,8 @@ import sys
 import yaml
 
 from conftest import REPO
-from slkit.running.layout import stage_done
-from slkit.running.params import load_params
+from slkit.core.layout import stage_done
+from slkit.core.params import load_params
 
 
 def _old_run(tmp_path):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from slkit.running.params import ParamsError, load_params
+from slkit.core.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from conftest import REPO
-from slkit.running.params import ParamsError
-from slkit.running.pipeline import prepare_run, run_pipeline
-from slkit.running.registry import ITERATION_STAGES
+from slkit.core.params import ParamsError
+from slkit.core.registry import ITERATION_STAGES
+from slkit.running.loop import run_loop
+from slkit.running.pipeline import prepare_run
 from test_lessons import without_math
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, tiny_model_path):
     out = tmp_path_factory.mktemp("runs")
-    run_dir = run_pipeline(REPO / "params" / "smoke.yaml", {"output_dir": str(out)}, show_progress=False)
+    run_dir = run_loop(REPO / "params" / "smoke.yaml", {"output_dir": str(out)}, show_progress=False)
     return run_dir
 
 
@@ -103,7 +104,7 @@ def test_the_run_and_every_kernel_write_slkit_log_and_the_run_its_environment(sm
 
 def test_rerun_skips_finished_stages(smoke_run):
     before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")}
-    run_pipeline(smoke_run / "params.yaml", show_progress=False)
+    run_loop(smoke_run / "params.yaml", show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*.jsonl")} == before
 
 
@@ -203,7 +204,7 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
     """Each notebook has the lesson's sections in order, no markdown number that the params could set, and its
     walk-through shows a real record of the run it belongs to."""
     from slkit.lessons import SECTIONS
-    from slkit.running.records import read_jsonl
+    from slkit.core.records import read_jsonl
 
     notebooks = [(smoke_run / f"iter_{k}" / name, k) for k in (1, 2) for name in
                  ("00_queries.ipynb", "01_drafts.ipynb", "02_extensions.ipynb", "03_training.ipynb", "04_evaluation.ipynb")]

@@ -6,9 +6,9 @@ import json
 from tqdm import tqdm
 
 from conftest import REPO, ScriptedEngine
-from slkit.running.layout import iter_dir
+from slkit.core.layout import iter_dir
 from slkit.running.pipeline import ProgressPoller, prepare_run
-from slkit.running.records import Progress, write_jsonl_atomic
+from slkit.core.records import Progress, write_jsonl_atomic
 from slkit.stages.extensions import extensions_stage
 
 
@@ -75,11 +75,11 @@ def test_progress_is_written_safely_from_engine_threads(tmp_path, monkeypatch):
     """Texts finish on an engine's worker threads while records end on the stage's: every write is whole."""
     import threading
 
-    from slkit.running.records import Progress
+    from slkit.core.records import Progress
 
     import time
 
-    from slkit.running import records
+    from slkit.core import records
 
     monkeypatch.setattr(Progress, "interval_s", 0.0)  # write at every call
     writing, most = [0], [0]

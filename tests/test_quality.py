@@ -1,4 +1,4 @@
-from slkit.running.params import QualityParams
+from slkit.core.params import QualityParams
 from slkit.method.quality import ends_cleanly, meta_window, quality_failure
 from slkit.method.textstats import ngram_units
 
@@ -105,7 +105,7 @@ def test_rules_can_be_relaxed():
 
 
 def test_a_refusal_is_too_short_when_min_words_is_set():
-    from slkit.running.params import QualityParams
+    from slkit.core.params import QualityParams
 
     refusal = "I'm sorry, but I can't assist with that request."
     assert quality_failure(refusal, "en") is None  # the reference has no such rule (min_words 0)

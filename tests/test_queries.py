@@ -1,9 +1,9 @@
-from slkit.running.params import params_from_dict
+from slkit.core.params import params_from_dict
 from slkit.method.prompts import (SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct,
                                   self_instruct_list, self_instruct_prompt)
 from slkit.method.queries import (NearDuplicateIndex, judge_request, judge_sampling, self_instruct_request,
                                   synthesize_queries)
-from slkit.running.records import RecordWriter
+from slkit.core.records import RecordWriter
 
 
 def test_self_instruct_prompt_and_parse():

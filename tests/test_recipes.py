@@ -3,7 +3,7 @@ method (every count, ratio and memory switch) with a smaller model. tests/test_p
 import re
 
 from conftest import REPO
-from slkit.running.params import load_params
+from slkit.core.params import load_params
 from slkit.running.pipeline import changed_keys
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from slkit.running.layout import iter_dir
-from slkit.running.records import RecordFileError, RecordWriteError, RecordWriter, read_jsonl
+from slkit.core.layout import iter_dir
+from slkit.core.records import RecordFileError, RecordWriteError, RecordWriter, read_jsonl
 from slkit.stages.drafts import drafts_stage
 
 
@@ -83,7 +83,7 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_rerun_resumes(tmp_path
 
 
 def test_a_full_disk_while_a_whole_file_is_written_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
-    from slkit.running import records
+    from slkit.core import records
 
     out = tmp_path / "resampled.jsonl"
     records.write_jsonl_atomic(out, [{"id": 1}])
@@ -112,7 +112,7 @@ def test_a_finished_file_of_an_unfinished_stage_is_resumed_not_redone(tmp_path):
 _FILL_A_TMPFS = '''
 import json, subprocess, sys
 from pathlib import Path
-from slkit.running.layout import iter_dir
+from slkit.core.layout import iter_dir
 from slkit.stages import common
 from slkit.stages.drafts import drafts_stage
 
@@ -158,7 +158,7 @@ def test_a_stage_on_a_really_full_disk_stops_naming_the_file_and_resumes(tmp_pat
     import subprocess
     import sys
 
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
 
     queries = "".join(json.dumps({"id": f"q{i}", "query": f"Write about {i}.", "language": "en", "words": 3,
                                   "tries": 1}) + "\n"

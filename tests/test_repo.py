@@ -49,7 +49,7 @@ def test_environment_yml_installs_pyproject_and_names_no_package_of_its_own():
 
 def test_no_recipe_default_or_user_command_names_the_shared_folder():
     """Users have no ../shared: recipes, param defaults, the Makefile and the README must not need it."""
-    from slkit.running.params import EvaluationParams, QueryParams
+    from slkit.core.params import EvaluationParams, QueryParams
 
     files = sorted((REPO / "params").glob("*.yaml")) + [REPO / "Makefile", REPO / "README.md", REPO / "environment.yml"]
     for path in files:

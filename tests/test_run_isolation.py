@@ -1,4 +1,4 @@
-"""One run directory, one run: the run lock (slkit/running/runlock.py) and kernels no other local user can reach.
+"""One run directory, one run: the run lock (slkit/core/runlock.py) and kernels no other local user can reach.
 
 A second holder is refused and changes nothing, the lock of a killed run is taken over, a stage run
 by hand on a held directory is refused (and the holder's own kernels pass), and papermill's kernels
@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, slkit_message
-from slkit.running.layout import iter_dir
-from slkit.running.registry import ITERATION_STAGES
+from slkit.core.layout import iter_dir
+from slkit.core.registry import ITERATION_STAGES
 from slkit.stages.drafts import drafts_stage
-from slkit.running.params import dump_params
-from slkit.running.runlock import TOKEN_ENV, RunLock, RunLockedError
+from slkit.core.params import dump_params
+from slkit.core.runlock import TOKEN_ENV, RunLock, RunLockedError
 
-HOLD = "import sys, time\nfrom slkit.running.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
+HOLD = "import sys, time\nfrom slkit.core.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(600)\n"
 
 
@@ -75,7 +75,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, holder,
 def test_without_flock_the_record_decides(tmp_path, holder, monkeypatch, capsys):
     """Windows and some network filesystems have no flock: a live holder on this host still refuses the
     run, a dead one's record is taken over."""
-    from slkit.running import runlock
+    from slkit.core import runlock
 
     run_dir = tmp_path / "run"
     first = holder(run_dir)
@@ -199,7 +199,7 @@ def test_a_stage_lock_from_another_machine_stops_no_process_here(tmp_path):
     the machine it came from; here the same number can be any process, the resumed `slkit run` itself
     included. Only a lock written on this boot may stop the process it names."""
     from slkit.running.pipeline import stop_orphaned_stage
-    from slkit.running.runlock import boot_id
+    from slkit.core.runlock import boot_id
 
     kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "slkit-kernel-stand-in"])
     try:

@@ -14,11 +14,12 @@ import pytest
 from conftest import REPO, ScriptedEngine
 from slkit.evaluation.reports import compare_runs, environment_table
 from slkit.running.environment import write_environment
-from slkit.running.layout import environment_path, iter_dir, log_path
-from slkit.running.params import ParamsError, load_params
-from slkit.running.pipeline import check_inputs, prepare_run, run_pipeline
-from slkit.running.records import read_json, read_jsonl, write_jsonl_atomic
-from slkit.running.registry import STAGES
+from slkit.core.layout import environment_path, iter_dir, log_path
+from slkit.core.params import ParamsError, load_params
+from slkit.running.loop import run_loop
+from slkit.running.pipeline import check_inputs, prepare_run
+from slkit.core.records import read_json, read_jsonl, write_jsonl_atomic
+from slkit.core.registry import STAGES
 from slkit.stages.queries import queries_stage
 from test_stages import _answer, fake_train
 
@@ -98,7 +99,7 @@ def test_another_packages_lines_go_to_slkit_log_not_the_terminal(scripted_pipeli
 def test_a_run_logs_every_stage_start_and_end_with_counts_to_slkit_log(scripted_pipeline, tmp_path):
     overrides = {"output_dir": str(tmp_path), "macro_iterations": 1, "evaluation.judge.enabled": False,
                  "engine.endpoint.api_key_env": "SLKIT_TEST_KEY"}
-    run_dir = run_pipeline(REPO / "params" / "smoke.yaml", overrides, show_progress=False)
+    run_dir = run_loop(REPO / "params" / "smoke.yaml", overrides, show_progress=False)
     log = log_path(run_dir).read_text()
     labels = ["baseline evaluation"] + [f"iteration 1 {s}" for s in ("queries", "drafts", "extensions", "training",
                                                                       "evaluation")] + ["length_control (after iteration 1)"]
@@ -111,7 +112,7 @@ def test_a_run_logs_every_stage_start_and_end_with_counts_to_slkit_log(scripted_
     assert log.splitlines()[-1].endswith("run finished")
     assert SECRET not in log
 
-    run_pipeline(REPO / "params" / "smoke.yaml", overrides, show_progress=False)  # everything is done: skipped
+    run_loop(REPO / "params" / "smoke.yaml", overrides, show_progress=False)  # everything is done: skipped
     assert "iteration 1 drafts: done before, skipped" in log_path(run_dir).read_text()
 
 
@@ -145,7 +146,7 @@ def test_warnings_shown_during_a_stage_reach_the_log_and_are_still_shown(tmp_pat
 
 
 def test_environment_json_records_versions_gpus_and_the_slkit_commit(scripted_pipeline, tmp_path, monkeypatch):
-    run_dir = run_pipeline(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path), "macro_iterations": 1,
+    run_dir = run_loop(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path), "macro_iterations": 1,
                                                             "length_control.enabled": False}, show_progress=False)
     env = read_json(environment_path(run_dir))
     assert set(env) >= {"python", "packages", "cuda", "gpus", "slkit", "started_at"}

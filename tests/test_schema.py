@@ -1,4 +1,4 @@
-"""The schema of the files the stages write (slkit/running/schema.py): a record with a missing or misspelt field
+"""The schema of the files the stages write (slkit/core/schema.py): a record with a missing or misspelt field
 fails where it is written, a reader of a record lacking a field fails naming file:line:field, every file a run
 writes is in the schema, and the README's file table is the schema's."""
 import ast
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO, ScriptedEngine
-from slkit.running.records import RecordFileError, RecordWriter, mark_done, write_jsonl_atomic
+from slkit.core.records import RecordFileError, RecordWriter, mark_done, write_jsonl_atomic
 from test_stages import BENCHMARK, _answer
 
 DRAFT = {"id": "q0-d0", "query_id": "q0", "query": "Write long.", "language": "en", "sample": 0,
@@ -69,7 +69,7 @@ def test_no_writer_in_slkit_writes_a_dict_literal():
 def run_dir(tmp_path, monkeypatch):
     """A smoke run directory whose stages generate with a scripted engine and train stand-in adapters."""
     from slkit.running.pipeline import prepare_run
-    from slkit.running.records import read_jsonl, write_json_atomic
+    from slkit.core.records import read_jsonl, write_json_atomic
 
     monkeypatch.setattr("slkit.stages.common.load_engine", lambda params, adapters=None: ScriptedEngine(_answer))
 
@@ -90,9 +90,9 @@ def run_dir(tmp_path, monkeypatch):
 
 
 def test_every_file_a_run_writes_is_in_the_schema_and_reads_back_as_its_type(run_dir):
-    from slkit.running.records import read_document, read_records
-    from slkit.running.registry import ITERATION_STAGES
-    from slkit.running.schema import run_file
+    from slkit.core.records import read_document, read_records
+    from slkit.core.registry import ITERATION_STAGES
+    from slkit.core.schema import run_file
     from slkit.stages.evaluation import evaluation_stage
     from slkit.stages.length_control import length_control_stage
 
@@ -108,7 +108,7 @@ def test_every_file_a_run_writes_is_in_the_schema_and_reads_back_as_its_type(run
             "after_iteration.json", "progress.json"} <= names
     for path in written:
         entry = run_file(path)
-        assert entry is not None, f"{path.relative_to(run_dir)} is not in slkit.running.schema.FILES"
+        assert entry is not None, f"{path.relative_to(run_dir)} is not in slkit.core.schema.FILES"
         records = [read_document(path, entry.record)] if path.suffix == ".json" else read_records(path, entry.record)
         assert records, path
 
@@ -136,8 +136,8 @@ def test_a_done_marker_lacking_a_summary_field_names_the_file_and_field(run_dir)
 
 
 def test_every_field_has_a_description_and_every_stage_a_summary_type():
-    from slkit.running.registry import STAGES
-    from slkit.running.schema import FILES, STAGE_SUMMARIES, Record
+    from slkit.core.registry import STAGES
+    from slkit.core.schema import FILES, STAGE_SUMMARIES, Record
 
     def types(record):
         yield record
@@ -161,14 +161,14 @@ def _readme_section():
 
 
 def test_the_readme_file_table_is_the_schema():
-    from slkit.running.schema import file_table
+    from slkit.core.schema import file_table
 
     section = _readme_section()
     assert section.split("<!-- files:begin -->\n", 1)[1].split("\n<!-- files:end -->", 1)[0] == file_table()
 
 
 def test_every_file_the_readme_lists_is_in_the_schema_and_back():
-    from slkit.running.schema import FILES
+    from slkit.core.schema import FILES
 
     tree = _readme_section().split("```", 2)[1]
     listed = set(re.findall(r"[\w<>.-]+\.jsonl?\b", tree))

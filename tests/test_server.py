@@ -14,6 +14,7 @@ import httpx
 import pytest
 from conftest import FAKE_VLLM, REPO, free_port
 
+from slkit.core.params import ParamsError, dump_params, load_params
 from slkit.engines import Request, load_engine
 from slkit.engines.server import (
     INFO_FILE,
@@ -28,7 +29,6 @@ from slkit.engines.server import (
     server_environment,
     stop_stale_server,
 )
-from slkit.running.params import ParamsError, dump_params, load_params
 
 sys.path.insert(0, str(FAKE_VLLM))
 from vllm.entrypoints.cli.main import serve_parser  # noqa: E402  the fake's flags: vLLM 0.25.1's names
@@ -275,9 +275,9 @@ def _recipe(tmp_path, **overrides) -> Path:
 
 @pytest.mark.slow
 def test_the_smoke_pipeline_runs_on_one_server(fake_serve, tmp_path):
-    from slkit.running.pipeline import run_pipeline
+    from slkit.running.loop import run_loop
 
-    run_dir = run_pipeline(_recipe(tmp_path), show_progress=False)
+    run_dir = run_loop(_recipe(tmp_path), show_progress=False)
     assert (run_dir / "length_control" / "length_control.done.json").exists()
     assert len(_events(fake_serve, "serve")) == 1  # one server start for the whole run
     [(server_pid, core, group)] = _server_pids(fake_serve)
@@ -289,22 +289,22 @@ def test_the_smoke_pipeline_runs_on_one_server(fake_serve, tmp_path):
     loaded = {e["path"] for e in _events(fake_serve, "load_lora_adapter")}
     assert str(run_dir / "iter_1" / "adapters" / "generator") in loaded
     assert str(run_dir / "length_control" / "adapters" / "generator") in loaded
-    rerun = run_pipeline(_recipe(tmp_path), show_progress=False)  # all done: no server is started
+    rerun = run_loop(_recipe(tmp_path), show_progress=False)  # all done: no server is started
     assert rerun == run_dir and len(_events(fake_serve, "serve")) == 1
 
 
 @pytest.mark.slow
 def test_a_server_dying_mid_stage_fails_the_run_with_the_reason_and_a_rerun_finishes(fake_serve, tmp_path, monkeypatch):
-    from slkit.running.pipeline import run_pipeline
+    from slkit.running.loop import run_loop
 
     recipe = _recipe(tmp_path, **{"macro_iterations": 1, "length_control.enabled": False})
     monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "12")  # during the baseline's benchmark answers
     with pytest.raises(RuntimeError, match="stage evaluation of iteration 0 failed: ServerGone(.|\n)*CUDA error"):
-        run_pipeline(recipe, show_progress=False)
+        run_loop(recipe, show_progress=False)
     [(server_pid, core, group)] = _server_pids(fake_serve)
     assert _gone([server_pid, core, group])  # the failed run left no server
     monkeypatch.delenv("FAKE_VLLM_DIE_AFTER")
-    run_dir = run_pipeline(recipe, show_progress=False)
+    run_dir = run_loop(recipe, show_progress=False)
     assert (run_dir / "iter_1" / "evaluation.done.json").exists() and len(_events(fake_serve, "serve")) == 2
 
 

@@ -8,12 +8,12 @@ from collections import defaultdict
 import pytest
 
 from conftest import REPO, ScriptedEngine
-from slkit.running.layout import BASELINE, adapter_dir, iter_dir, load_run_params
-from slkit.running.registry import ITERATION_STAGES
+from slkit.core.layout import BASELINE, adapter_dir, iter_dir, load_run_params
+from slkit.core.registry import ITERATION_STAGES
 from slkit.stages.evaluation import evaluation_stage, score_benchmark
 from slkit.stages.extensions import extensions_stage
 from slkit.running.pipeline import prepare_run
-from slkit.running.records import read_jsonl, write_jsonl_atomic
+from slkit.core.records import read_jsonl, write_jsonl_atomic
 
 BENCHMARK = REPO / "tests" / "fixtures" / "longen_mini.jsonl"
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from slkit.running.cli import main
-from slkit.running.params import ParamsError, parse_overrides
+from slkit.core.params import ParamsError, parse_overrides
 from slkit.running.sweep import parse_gpus, parse_grid, plan_sweep, run_command, run_sweep
 
 SMOKE = REPO / "params" / "smoke.yaml"

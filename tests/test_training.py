@@ -148,7 +148,7 @@ def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_
 
     from safetensors.torch import load_file
 
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"word {i} " * 30}) + "\n"
@@ -157,7 +157,7 @@ def test_kill_9_during_training_resumes_from_the_last_complete_checkpoint(smoke_
         update={"save_steps": 3, "epochs": 1.0, "learning_rate": 5e-3, "lr_scheduler": "linear"})})
     dump_params(params, tmp_path / "params.yaml")
     out = tmp_path / "killed" / "generator"
-    script = ("import sys; from slkit.running.params import load_params; from slkit.training.adapters import train_adapter; "
+    script = ("import sys; from slkit.core.params import load_params; from slkit.training.adapters import train_adapter; "
               "print(train_adapter(load_params(sys.argv[1]), sys.argv[2], sys.argv[3])['steps'])")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "params.yaml"), str(data), str(out)])
     checkpoints = out.parent / ".generator-checkpoints"
@@ -218,7 +218,7 @@ def test_the_default_global_batch_is_8_and_accumulation_trains_as_one_batch(smok
     padded batch of k gives (the loss is averaged over the response tokens of the whole global batch)."""
     from safetensors.torch import load_file
 
-    from slkit.running.params import TrainingParams
+    from slkit.core.params import TrainingParams
 
     assert TrainingParams().gradient_accumulation == 8 and TrainingParams().batch_size == 1
     data = tmp_path / "sft.jsonl"

@@ -3,7 +3,7 @@ The engine itself runs in tests/test_vllm_gpu.py on a GPU with vLLM installed.""
 import pytest
 
 from slkit.engines.base import Request
-from slkit.running.params import SamplingParams, load_params
+from slkit.core.params import SamplingParams, load_params
 from slkit.engines.vllm import engine_kwargs, lora_ids, sampling_kwargs, supported_lora_rank
 
 from conftest import REPO

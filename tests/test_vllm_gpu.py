@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 
 from conftest import free_port  # noqa: E402
 from slkit.engines.base import Request  # noqa: E402
-from slkit.running.layout import adapter_dir  # noqa: E402
-from slkit.running.params import SamplingParams, load_params  # noqa: E402
+from slkit.core.layout import adapter_dir  # noqa: E402
+from slkit.core.params import SamplingParams, load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams(temperature=0, stop=[])
@@ -88,7 +88,7 @@ def test_stages_run_on_vllm_each_in_its_own_process(small_model, tmp_path):
     """seed -> generate -> extend (vLLM) -> train (transformers, GPU) -> iteration 2 generate with the
     trained Generator adapter (vLLM LoRA), each stage a fresh process as under papermill."""
     from slkit.running.pipeline import prepare_run
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
 
     model_dir, _ = small_model
     params = _params(model_dir, output_dir=str(tmp_path / "runs"), run_name="vllm-stages")
@@ -112,7 +112,7 @@ def test_the_length_control_stage_runs_each_engine_in_a_child_process(small_mode
 
     from test_length_control_stage import _iteration
 
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
     from slkit.running.pipeline import prepare_run
 
     model_dir, adapters = small_model
@@ -231,12 +231,12 @@ def test_the_run_server_dies_with_its_run_killed(small_model, tmp_path):
     model_dir, _ = small_model
     params = _server_params(model_dir, tmp_path)
     params.run_dir.mkdir(parents=True)
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
 
     dump_params(params, tmp_path / "server.yaml")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from slkit.running.params import load_params; from slkit.engines.server import managed_server\n"
+        "import time; from slkit.core.params import load_params; from slkit.engines.server import managed_server\n"
         f"p = load_params({str(tmp_path / 'server.yaml')!r})\n"
         "with managed_server(p, p.run_dir):\n    print('ready', flush=True); time.sleep(100000)")],
         env=env, stdout=subprocess.PIPE, text=True)
@@ -257,7 +257,7 @@ def test_stages_run_on_the_run_server_and_training_sleeps_it(small_model, tmp_pa
     """The stages as `slkit run` runs them with the run's server, each in a fresh process: iteration 1's
     generation, training beside the sleeping server (its adapters then loaded at runtime), iteration 2's drafts."""
     from slkit.engines.server import managed_server
-    from slkit.running.params import dump_params
+    from slkit.core.params import dump_params
     from slkit.running.pipeline import prepare_run
 
     model_dir, _ = small_model

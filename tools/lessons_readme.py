@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from slkit.core.layout import load_run_params, stage_dir, stage_summary
+from slkit.core.records import read_jsonl
 from slkit.evaluation.reports import markdown_table
 from slkit.lessons import drafts, extensions, length_control, quality_table, queries, training
-from slkit.running.layout import load_run_params, stage_dir, stage_summary
-from slkit.running.records import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- lessons:begin -->", "<!-- lessons:end -->"

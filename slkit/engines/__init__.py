@@ -15,12 +15,12 @@ OpenAI-compatible servers). Every engine is a context manager: `with load_engine
 """
 from __future__ import annotations
 
+from slkit.core.params import Params
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.endpoint import EndpointEngine
 from slkit.engines.server import server_engine
 from slkit.engines.transformers import TransformersEngine
 from slkit.engines.vllm import VLLMEngine
-from slkit.running.params import Params
 
 __all__ = ["Engine", "Request", "load_engine", "stable_seed"]
 

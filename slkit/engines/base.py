@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from slkit.core.params import Params, SamplingParams
+from slkit.core.schema import EngineTiming
 from slkit.models.chat import render_user_turn, uses_chat_template
-from slkit.running.params import Params, SamplingParams
-from slkit.running.schema import EngineTiming
 
 _CLOSERS = "[\"')\\]”’」』》）】]*"
 # An ASCII sentence end is followed by whitespace (not "3.5" or "e.g"); a CJK one needs nothing after it.

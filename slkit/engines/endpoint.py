@@ -37,9 +37,9 @@ from typing import Any, Callable
 import httpx
 from openai import OpenAI
 
+from slkit.core.params import EndpointParams, Params, SamplingParams
 from slkit.engines.base import Generated, LocalPrompts, Request, finished
 from slkit.models.loading import load_tokenizer
-from slkit.running.params import EndpointParams, Params, SamplingParams
 
 
 def api_key(ep: EndpointParams) -> str:

@@ -24,8 +24,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
+from slkit.core.params import SamplingParams
 from slkit.engines.base import Request
-from slkit.running.params import SamplingParams
 
 Call = tuple[Request, SamplingParams]
 Job = Generator[Call, str, Any]

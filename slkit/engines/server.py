@@ -45,12 +45,12 @@ from typing import Any, Iterator
 
 import httpx
 
+from slkit.core.params import EndpointParams, Params, ParamsError
+from slkit.core.runlock import boot_id
 from slkit.engines.base import log_engine_timing
 from slkit.engines.endpoint import EndpointEngine
 from slkit.engines.vllm import engine_kwargs
 from slkit.models.loading import resolve_model_path
-from slkit.running.params import EndpointParams, Params, ParamsError
-from slkit.running.runlock import boot_id
 
 SERVED_MODEL = "slkit-base"  # the base model's served name: the same whatever model.path says
 INFO_FILE = "engine.json"

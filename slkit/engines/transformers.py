@@ -10,10 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from slkit.core.params import Params, SamplingParams
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, stable_seed, stop_token_ids
 from slkit.models.chat import with_bos
 from slkit.models.loading import load_model, load_tokenizer, pick_device, quantize_int8_for_cpu
-from slkit.running.params import Params, SamplingParams
 
 
 def top_k_top_p_probs(scores: Any, temperature: float, top_k: int, top_p: float) -> tuple[Any, Any]:

@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from slkit.core.params import Params, SamplingParams
 from slkit.engines.base import Generated, LocalPrompts, Request, finished, log_engine_timing, stop_token_ids
 from slkit.models.chat import with_bos
 from slkit.models.loading import compute_dtype, load_tokenizer, resolve_model_path
-from slkit.running.params import Params, SamplingParams
 
 # Requests handed to vLLM per call: big enough to keep its scheduler full, small enough for progress.
 CALL_SIZE = 1024

@@ -5,8 +5,8 @@ Self-Lengthen's (textstats.count_words, also the method's), LongBench-Write with
 (textstats.count_words_longwriter; on Chinese text the first counts 13-14% more: CJK punctuation).
 An output record holds "words" by its format's counter and the count of every counter (output_lengths).
 
-- LonGen (docs/method.md): accepted interval [a, b]: about T -> [0.8T, 1.2T]; range -> its bounds;
-  above T -> [T, 1.5T]; below T -> [0.5T, T]. Score of a length L in [0, 1]: 1 inside;
+- LonGen (docs/method.md): accepted interval [a, b] of slkit.method.constraints: about T -> [0.8T, 1.2T];
+  range -> its bounds; above T -> [T, 1.5T]; below T -> [0.5T, T]. Score of a length L in [0, 1]: 1 inside;
   max(2L/a - 1, 0) below; max(3 - 2L/b, 0) above.
 - LongBench-Write format (jsonl with prompt, type, length = required words x): score of an output
   of y words in [0, 100]: S_l = 100 max(0, 1 - (y/x - 1)/3) if y > x, else 100 max(0, 1 - (x/y - 1)/2).
@@ -24,32 +24,18 @@ from statistics import mean, pstdev
 
 from datasets import load_dataset
 
+from slkit.core.builtins import BUILTIN_PREFIX
+from slkit.core.records import RecordFileError, read_jsonl_lines
+from slkit.method.constraints import LONGEN_TYPES, accepted_interval
 from slkit.method.textstats import count_words, count_words_longwriter, detect_language
-from slkit.models.builtin import BUILTIN_PREFIX
-from slkit.running.records import RecordFileError, read_jsonl_lines
 
 LONGEN_FIELDS = ("language", "range", "type", "constraint", "query")
-LONGEN_TYPES = ("about", "range", "above", "below")
 LONGBENCH_WRITE_FIELDS = ("prompt", "type", "length")
 # LongWriter's length bins of the required length, in words.
 LENGTH_BINS = ((0, 500, "<500"), (500, 2000, "500-2k"), (2000, 4000, "2k-4k"), (4000, math.inf, ">=4k"))
 SCALES = {"longen": 1.0, "longbench_write": 100.0}  # a perfect score on each benchmark
 COUNTERS = {"slkit": count_words, "longwriter": count_words_longwriter}
 FORMAT_COUNTER = {"longen": "slkit", "longbench_write": "longwriter"}  # the counter each benchmark scores with
-
-
-def accepted_interval(kind: str, numbers: list[int]) -> tuple[float, float]:
-    """The accepted word interval of a constraint kind given its numbers (about/above/below: [T]; range: [A, B])."""
-    if kind == "range":
-        return float(min(numbers[:2])), float(max(numbers[:2]))
-    t = numbers[0]
-    if kind == "about":
-        return 0.8 * t, 1.2 * t
-    if kind == "above":
-        return float(t), 1.5 * t
-    if kind == "below":
-        return 0.5 * t, float(t)
-    raise ValueError(f"unknown LonGen type {kind!r}; expected one of {', '.join(LONGEN_TYPES)}")
 
 
 def longen_interval(kind: str, constraint: str) -> tuple[float, float]:

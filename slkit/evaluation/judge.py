@@ -14,11 +14,11 @@ import re
 from statistics import mean
 from typing import Callable
 
+from slkit.core.params import JudgeParams, SamplingParams
+from slkit.core.records import RecordWriter
+from slkit.core.schema import Judgement
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.jobs import Job, run_jobs
-from slkit.running.params import JudgeParams, SamplingParams
-from slkit.running.records import RecordWriter
-from slkit.running.schema import Judgement
 
 DIMENSIONS = ("relevance", "coherence", "accuracy", "consistency", "clarity", "creativity", "engagement")
 

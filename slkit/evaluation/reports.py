@@ -27,6 +27,9 @@ from typing import Any
 import pandas as pd
 from IPython.display import Image, display
 
+from slkit.core.layout import BASELINE, environment_path, iter_dir, stage_summary
+from slkit.core.records import read_document, read_json, read_records
+from slkit.core.schema import BenchmarkOutput, EvaluationSummary, record_type
 from slkit.evaluation.benchmarks import length_stability
 from slkit.evaluation.figures import (
     plot_distinct,
@@ -37,9 +40,6 @@ from slkit.evaluation.figures import (
     plot_required_vs_produced,
 )
 from slkit.method.textstats import distinct_n
-from slkit.running.layout import BASELINE, environment_path, iter_dir, stage_summary
-from slkit.running.records import read_document, read_json, read_records
-from slkit.running.schema import BenchmarkOutput, EvaluationSummary, record_type
 
 
 def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:

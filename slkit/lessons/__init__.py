@@ -29,11 +29,11 @@ from IPython.display import Image, Markdown
 from matplotlib.figure import Figure
 from pydantic import BaseModel
 
+from slkit.core.layout import load_run_params, stage_dir
+from slkit.core.params import Params, QualityParams, load_params, parse_overrides
+from slkit.core.registry import BY_NAME
 from slkit.method.quality import ends_cleanly, meta_talk_words, quality_failure
 from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
-from slkit.running.layout import load_run_params, stage_dir
-from slkit.running.params import Params, QualityParams, load_params, parse_overrides
-from slkit.running.registry import BY_NAME
 
 # The headings of every lesson notebook, in order (tests/test_lessons.py checks each notebook has them).
 SECTIONS = ("The idea", "This run's params", "The whole stage", "One item, step by step", "What to look for",
@@ -41,7 +41,8 @@ SECTIONS = ("The idea", "This run's params", "The whole stage", "One item, step 
 
 
 def setup(run_dir: str | Path, iteration: int, stage: str) -> tuple[Params, Path]:
-    """The run's params and the directory `stage` writes in; pandas shows whole cells of text."""
+    """The run's params (read here, once: the notebook passes them to its stage) and the directory `stage` writes
+    in; pandas shows whole cells of text."""
     pd.set_option("display.max_colwidth", 160)
     pd.set_option("display.max_rows", 60)
     return load_run_params(run_dir), stage_dir(run_dir, iteration, stage)
@@ -60,7 +61,7 @@ def _flatten(section: BaseModel, reference: BaseModel, prefix: str) -> list[dict
 
 
 def params_table(params: Params, stage: str) -> pd.DataFrame:
-    """Every param of the stage's params sections (slkit.running.registry): this run's value, the default
+    """Every param of the stage's params sections (slkit.core.registry): this run's value, the default
     (the reference's value, where the method has one), whether this run changed it, and its description."""
     rows = [row for name in BY_NAME[stage].params
             for row in _flatten(getattr(params, name), type(getattr(params, name))(), name)]

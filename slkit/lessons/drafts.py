@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.lessons import counts_table, quality_table, steps
 from slkit.models.chat import render_user_turn
 from slkit.models.loading import load_tokenizer
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 
 
 def pick(records: list[dict]) -> dict | None:

@@ -5,9 +5,10 @@ from pathlib import Path
 
 from IPython.display import Markdown
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.evaluation.benchmarks import longbench_write_score, longen_score
 from slkit.lessons import steps
-from slkit.running.records import read_jsonl
 
 
 def score_steps(record: dict) -> str:

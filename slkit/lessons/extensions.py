@@ -14,12 +14,12 @@ import pandas as pd
 from IPython.display import Markdown
 from matplotlib.figure import Figure
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.lessons import counts_table, steps
 from slkit.method.extensions import first_paragraphs, former_part, stage2_prefill, stage2_text
 from slkit.method.prompts import extension_prompt
 from slkit.method.textstats import count_words
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 
 
 def replay(record: dict) -> list[dict]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.lessons import steps
 from slkit.method.length_control import Constraint
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 
 
 def describe(constraint: dict) -> str:

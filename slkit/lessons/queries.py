@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown
 
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.lessons import counts_table, steps
 from slkit.method.prompts import SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct, self_instruct_list
 from slkit.method.queries import shingles
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 
 
 def slot_language(record: dict, params: Params) -> str:

@@ -10,12 +10,12 @@ from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from slkit.core.layout import ROLES
+from slkit.core.params import Params
+from slkit.core.records import read_jsonl
 from slkit.lessons import steps
 from slkit.method.prompts import extension_prompt
 from slkit.models.loading import load_tokenizer
-from slkit.running.layout import ROLES
-from slkit.running.params import Params
-from slkit.running.records import read_jsonl
 from slkit.training.batches import tokenize_example
 from slkit.training.long_context import IGNORE
 

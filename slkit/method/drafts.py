@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
+from slkit.core.params import Params, QualityParams
+from slkit.core.records import RecordWriter
+from slkit.core.schema import DraftRecord
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.jobs import Job, JobsRun, run_jobs
 from slkit.method.quality import quality_failure, repetition_watch
 from slkit.method.textstats import count_words
-from slkit.running.params import Params, QualityParams
-from slkit.running.records import RecordWriter
-from slkit.running.schema import DraftRecord
 
 
 def draft_id(query_id: str, sample: int) -> str:

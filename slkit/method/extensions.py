@@ -21,14 +21,14 @@ import math
 from collections import Counter
 from typing import Callable
 
+from slkit.core.params import Params, QualityParams
+from slkit.core.records import RecordWriter
+from slkit.core.schema import ExtensionRecord
 from slkit.engines.base import Engine, Request, stable_seed
 from slkit.engines.jobs import Job, run_jobs
 from slkit.method.prompts import extension_prompt
 from slkit.method.quality import quality_failure, repetition_watch
 from slkit.method.textstats import count_words
-from slkit.running.params import Params, QualityParams
-from slkit.running.records import RecordWriter
-from slkit.running.schema import ExtensionRecord
 
 
 def former_part(text: str) -> str:

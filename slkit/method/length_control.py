@@ -4,7 +4,7 @@ Long (query, response) pairs from all iterations get a length constraint that th
 satisfies, of four kinds drawn 40% about / 25% range / 10% above / 25% below, and the query is
 rewritten to carry it: by templates (varied phrasing and placement, en and zh, Chinese numerals
 sometimes) or by the model, whose rewrite is kept only if it shows the number and keeps the query.
-"True" means inside LonGen's accepted interval for that kind (evaluation.accepted_interval), and
+"True" means inside LonGen's accepted interval for that kind (slkit.method.constraints), and
 "more/less than N" is never said of exactly N words, so the Chinese "more/less than" bounds cannot be
 swapped without a test failing. Where the reference clamps a bound into the window (which can make it
 false), slkit falls back to a kind that is true (assign_constraint). A query that already names a
@@ -17,7 +17,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from slkit.evaluation.benchmarks import accepted_interval
+from slkit.method.constraints import accepted_interval
 from slkit.method.queries import shingles
 
 

@@ -1,9 +1,9 @@
 """The quality check every generated text must pass (docs/method.md, "The quality check")."""
 from __future__ import annotations
 
+from slkit.core.params import QualityParams, SamplingParams
 from slkit.engines.base import cut_at_stop, trim_unfinished
 from slkit.method.textstats import count_words, first_repeated_ngram, ngram_units
-from slkit.running.params import QualityParams, SamplingParams
 
 
 def ends_cleanly(text: str, language: str, rules: QualityParams = QualityParams()) -> bool:

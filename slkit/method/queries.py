@@ -16,9 +16,9 @@ from slkit.engines.base import Engine, Request, stable_seed
 from slkit.method.prompts import (SELF_INSTRUCT_TASK, judge_prompt, parse_judge, parse_self_instruct,
                                   self_instruct_list, self_instruct_prompt)
 from slkit.method.textstats import count_words, detect_language
-from slkit.running.params import Params, SamplingParams
-from slkit.running.records import RecordWriter
-from slkit.running.schema import QueryRecord
+from slkit.core.params import Params, SamplingParams
+from slkit.core.records import RecordWriter
+from slkit.core.schema import QueryRecord
 
 
 def shingles(text: str, k: int = 5) -> set[str]:

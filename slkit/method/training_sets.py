@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 
+from slkit.core.schema import TrainingExample
 from slkit.method.prompts import extension_prompt
-from slkit.running.schema import TrainingExample
 
 
 def resample_by_length(items: list[dict], rng: random.Random, coefficient: float = 2.0,

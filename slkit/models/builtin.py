@@ -23,13 +23,6 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "tiny-random-llama")
-
-
-def is_builtin(path: str) -> bool:
-    return path.startswith(BUILTIN_PREFIX)
-
 
 def cache_dir() -> Path:
     """Where converted/built models live: $SLKIT_CACHE, else the user's cache dir."""

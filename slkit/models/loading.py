@@ -31,10 +31,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from slkit.method.exemplars import load_shipped_exemplars
+from slkit.core.builtins import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
+from slkit.core.exemplars import load_shipped_exemplars
 from slkit.models.builtin import (
-    BUILTIN_MODELS,
-    BUILTIN_PREFIX,
     SPLIT_GGUF_MODELS,
     Downloader,
     ModelFetchError,
@@ -42,7 +41,6 @@ from slkit.models.builtin import (
     cache_dir,
     check_gguf,
     fetch_gguf,
-    is_builtin,
     require_gguf,
 )
 

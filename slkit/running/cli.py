@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
+from slkit.core.logs import library_output, quiet_library_handlers
+from slkit.core.params import ParamsError, add_set_option, load_params, parse_overrides
+from slkit.core.records import RecordFileError
+from slkit.core.runlock import RunLockedError
 from slkit.models.builtin import ModelFetchError
 from slkit.running.explain import explain
-from slkit.running.logs import library_output, quiet_library_handlers
-from slkit.running.params import ParamsError, add_set_option, load_params, parse_overrides
-from slkit.running.records import RecordFileError
-from slkit.running.runlock import RunLockedError
 
 
 def _add_evaluate_parser(sub: Any) -> None:
@@ -110,10 +110,10 @@ def _command(args: argparse.Namespace) -> int:
 
             return export_command(args)
         if args.command == "run":
-            from slkit.running.pipeline import run_pipeline
+            from slkit.running.loop import run_loop
 
             quiet_library_handlers()
-            run_dir = run_pipeline(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
+            run_dir = run_loop(args.params, parse_overrides(args.set), show_progress=not args.no_progress)
             print(f"done: {run_dir}")
         elif args.command == "compare":
             from slkit.evaluation.reports import compare_runs, markdown_table

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from slkit.running.layout import environment_path
-from slkit.running.records import read_json, write_json_atomic
+from slkit.core.layout import environment_path
+from slkit.core.records import read_json, write_json_atomic
 
 # The packages whose versions change what a run computes, in the order the report shows them.
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "vllm", "bitsandbytes", "liger-kernel",

@@ -20,13 +20,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from slkit.core.params import Params, ParamsError, apply_overrides, dump_params, load_params, params_from_dict
+from slkit.core.records import RecordFileError, write_json_atomic
+from slkit.core.schema import ModelEvaluation
 from slkit.engines.server import managed_server
 from slkit.evaluation.benchmarks import locate_benchmark
 from slkit.evaluation.reports import evaluation_report, write_output_figures
-from slkit.running.params import Params, ParamsError, apply_overrides, dump_params, load_params, params_from_dict
 from slkit.running.pipeline import ProgressPoller, changes_since
-from slkit.running.records import RecordFileError, write_json_atomic
-from slkit.running.schema import ModelEvaluation
 from slkit.stages.evaluation import evaluate_model
 
 PARAMS_FILE = "evaluate.yaml"

@@ -3,7 +3,7 @@
     slkit check params/demo.yaml --explain              # a recipe's values; those that differ are marked
     python -m slkit.running.explain > docs/params.md    # every setting, from the schema (a test keeps it in step)
 
-The descriptions, units and reference values live next to each field in slkit/running/params.py (`setting`).
+The descriptions, units and reference values live next to each field in slkit/core/params.py (`setting`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from slkit.running.params import NO_REFERENCE, Params
+from slkit.core.params import NO_REFERENCE, Params
 
 REQUIRED: Any = object()  # the default of a setting every recipe must give (run_name, model.path)
 _NO_VALUE: Any = object()  # rows of the schema alone (docs), which have no recipe's value
@@ -147,7 +147,7 @@ def _code(value: Any) -> str:
 def markdown() -> str:
     """docs/params.md: every setting of the schema, a table per section."""
     lines = ["# Params", "",
-             "Every setting of a recipe (`params/*.yaml`), from the schema in `slkit/running/params.py`; this file is",
+             "Every setting of a recipe (`params/*.yaml`), from the schema in `slkit/core/params.py`; this file is",
              "written by `python -m slkit.running.explain > docs/params.md` and a test keeps it in step.",
              "`slkit check RECIPE --explain` prints the same for a recipe, with its values. *reference* is the value",
              "that reproduces the reference implementation (the numbers of the paper's code); none: the method has no",

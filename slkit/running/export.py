@@ -30,14 +30,15 @@ import yaml
 from huggingface_hub import HfApi
 from peft import PeftModel
 
+from slkit.core.builtins import BUILTIN_PREFIX, is_builtin
+from slkit.core.layout import ROLES, adapter_dir, environment_path, iter_dir, load_run_params, stage_dir, stage_done
+from slkit.core.logs import run_log
+from slkit.core.params import HUB_ID, Params
+from slkit.core.records import read_json, read_jsonl
 from slkit.evaluation.reports import markdown_table, summary_table
 from slkit.method.textstats import count_words
-from slkit.models.builtin import BUILTIN_PREFIX, SPLIT_GGUF_MODELS, is_builtin
+from slkit.models.builtin import SPLIT_GGUF_MODELS
 from slkit.models.loading import load_model, load_tokenizer
-from slkit.running.layout import ROLES, adapter_dir, environment_path, iter_dir, load_run_params, stage_dir, stage_done
-from slkit.running.logs import run_log
-from slkit.running.params import HUB_ID, Params
-from slkit.running.records import read_json, read_jsonl
 
 MARKER = "slkit-export.json"  # in an export directory: it may be replaced by the next export
 PAPER = "https://arxiv.org/abs/2410.23933"

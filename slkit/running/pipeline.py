@@ -1,11 +1,11 @@
-"""`slkit run`: the notebooks in order with papermill, for every macro-iteration.
+"""How `slkit run` runs the loop's stages (slkit.running.loop): the run's setup, resume, locks, the run's server
+and the notebooks executed with papermill.
 
-    run_pipeline("params/demo.yaml")  # == slkit run params/demo.yaml
-
-Writes runs/<run>/params.yaml (the params the run started with) and, per iteration,
-runs/<run>/iter_<k>/ with each stage's records, the executed notebooks, adapters and metrics.
-A stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
-One run directory, one run: the run holds runs/<run>/run.lock (slkit.running.runlock) from before it
+Before the first stage, the recipe is checked (check_inputs: params, exemplar and benchmark files) and the run
+directory made: runs/<run>/params.yaml (the params the run started with), environment.json, slkit.log.
+Each stage is its notebook executed into its directory (runs/<run>/iter_<k>/, baseline/, length_control/);
+a stage whose done-marker exists is skipped, so a rerun continues where the last one stopped.
+One run directory, one run: the run holds runs/<run>/run.lock (slkit.core.runlock) from before it
 writes params.yaml to its end; a second `slkit run` on the same directory is refused. With engine.backend vllm
 the run starts one `vllm serve` before its first stage and stops it after its last (slkit.engines.server).
 """
@@ -19,8 +19,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import papermill as pm
 import yaml
@@ -30,17 +32,17 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from tqdm.auto import tqdm
 from traitlets.config import Config
 
+from slkit.core.layout import lock_path, stage_dir, stage_done
+from slkit.core.logs import run_log, stage_label
+from slkit.core.params import Params, ParamsError, dump_params, load_params, params_from_dict
+from slkit.core.records import RecordFileError
+from slkit.core.registry import BY_NAME
+from slkit.core.runlock import boot_id, hold_run_dir
 from slkit.engines.server import managed_server
 from slkit.evaluation.benchmarks import load_benchmark, locate_benchmark
 from slkit.method.exemplars import load_exemplars
 from slkit.models.loading import resolve_model_path
 from slkit.running.environment import write_environment
-from slkit.running.layout import BASELINE, lock_path, stage_dir, stage_done
-from slkit.running.logs import run_log, stage_label
-from slkit.running.params import Params, ParamsError, dump_params, load_params, params_from_dict
-from slkit.running.records import RecordFileError
-from slkit.running.registry import BY_NAME, ITERATION_STAGES
-from slkit.running.runlock import boot_id, hold_run_dir
 from slkit.training.trainer import unavailable_integrations
 
 KERNEL_NAME = "slkit"
@@ -220,7 +222,7 @@ def stop_orphaned_stage(lock: Path) -> None:
 
 
 class ProgressPoller:
-    """Mirrors the running stage's progress.json (slkit.running.records.Progress) into a tqdm bar: texts the engine
+    """Mirrors the running stage's progress.json (slkit.core.records.Progress) into a tqdm bar: texts the engine
     finished of those expected, once there are any (they move within a record: an extension job is several),
     else records; the bar shows their rate and ETA, and the records done in its postfix."""
 
@@ -279,10 +281,20 @@ def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str,
                         cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}))
 
 
-def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = None,
-                 show_progress: bool = True) -> Path:
-    """Execute every stage notebook of every macro-iteration; returns the run directory.
-    The run directory is held by this run alone (slkit.running.runlock): a second `slkit run` is refused."""
+@dataclass(frozen=True)
+class Run:
+    """A started run: its params (read once, from the recipe), its directory, its log and the private
+    directory of its kernels' sockets."""
+    params: Params
+    dir: Path
+    log: logging.Logger
+    socket_dir: str
+
+
+@contextmanager
+def started_run(params_path: str | Path, overrides: dict[str, Any] | None = None) -> Iterator[Run]:
+    """Check the recipe, hold the run directory (slkit.core.runlock: a second `slkit run` is refused), write its
+    params.yaml and environment.json and open its log, for the block's stages; a block that raises is logged."""
     params = check_inputs(params_path, overrides)
     with hold_run_dir(make_run_dir(params, params_path)) as lock, \
             tempfile.TemporaryDirectory(prefix="slkit-kernels-") as socket_dir:  # created with mode 0700
@@ -295,25 +307,21 @@ def run_pipeline(params_path: str | Path, overrides: dict[str, Any] | None = Non
                      Path(params_path).name, params.macro_iterations, params.model.path, params.engine.backend,
                      env["python"], env["packages"]["torch"], env["packages"]["transformers"])
             try:
-                _run_stages(params, run_dir, socket_dir, show_progress, log)
+                yield Run(params, run_dir, log, socket_dir)
             except BaseException as err:
                 log.error("run stopped: %s: %s", type(err).__name__, err)
                 raise
             log.info("run finished")
-    return run_dir
 
 
-def _run_stages(params: Params, run_dir: Path, socket_dir: str, show_progress: bool, log: logging.Logger) -> None:
+def run_stages(run: Run, plan: list[tuple[int, str]], show_progress: bool = True) -> None:
+    """Execute the notebook of every (iteration, stage) of `plan` in order, but those done before; the run's
+    server (slkit.engines.server) lives around them when one is wanted and a stage is still to run."""
     kernel = ensure_kernel()
-    resolve_model_path(params.model.path)  # build or convert a builtin model once, before any notebook
-    plan = [(k, stage) for k in range(1, params.macro_iterations + 1) for stage in ITERATION_STAGES]
-    if params.evaluation.baseline and params.evaluation.benchmark:
-        plan.insert(0, (BASELINE, "evaluation"))
-    if params.length_control.enabled:
-        plan.append((params.macro_iterations, "length_control"))
-    todo = [(k, stage) for k, stage in plan if not stage_done(run_dir, k, stage)]
-    with managed_server(params, run_dir, needed=bool(todo), log=log) as server:
-        _run_plan(plan, run_dir, socket_dir, kernel, server, show_progress, log)
+    resolve_model_path(run.params.model.path)  # build or convert a builtin model once, before any notebook
+    todo = [(k, stage) for k, stage in plan if not stage_done(run.dir, k, stage)]
+    with managed_server(run.params, run.dir, needed=bool(todo), log=run.log) as server:
+        _run_plan(plan, run.dir, run.socket_dir, kernel, server, show_progress, run.log)
 
 
 def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kernel: str, server: Any,

@@ -30,11 +30,11 @@ from typing import Any, Callable, get_args, get_origin
 
 from pydantic import BaseModel
 
+from slkit.core.params import Params, ParamsError, load_params, parse_overrides
+from slkit.core.records import write_json_atomic
 from slkit.evaluation.reports import compare_runs, markdown_table
 from slkit.models.loading import resolve_model_path
-from slkit.running.params import Params, ParamsError, load_params, parse_overrides
 from slkit.running.pipeline import ensure_kernel
-from slkit.running.records import write_json_atomic
 
 # Directory names stay well below the 255 bytes of most filesystems; longer names end in a hash of the values.
 MAX_NAME = 120

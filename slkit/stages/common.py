@@ -2,11 +2,12 @@
 records incrementally with an engine whose texts count in the stage's progress and cap tally (WatchedEngine),
 and the stage's one engine (StageEngine).
 
-A stage is a function (run_dir, iteration) -> summary in slkit.stages.<name>, one module per stage of
-slkit.running.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
+A stage is a function (run_dir, iteration, params=None) -> summary in slkit.stages.<name>, one module per stage
+of slkit.core.registry.STAGES. It reads and writes runs/<run>/iter_<k>/ (the final stage
 runs/<run>/length_control/), records its summary in <name>.done.json last, and returns that summary. The
 notebooks call these and show the results; `slkit run` skips a stage whose done-marker exists. A killed
-stage resumes from its `.partial` records.
+stage resumes from its `.partial` records. Params are read once: the notebook passes the ones it read from
+runs/<run>/params.yaml, a stage called without them reads them, and everything below takes them as arguments.
 """
 from __future__ import annotations
 
@@ -21,23 +22,22 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slkit.engines import load_engine
-from slkit.engines.base import CapTally, Request
-from slkit.method.exemplars import load_exemplars
-from slkit.running.layout import (
+from slkit.core.layout import (
     current_adapters,
     iter_dir,
     load_run_params,
     lock_path,
-    prepare_iteration,
     stage_done,
     stage_summary,
 )
-from slkit.running.logs import counts, run_log, stage_label
-from slkit.running.params import Params, SamplingParams
-from slkit.running.records import Progress, RecordWriter, read_records
-from slkit.running.runlock import boot_id, lock_for_stage
-from slkit.running.schema import QueryRecord, record_type
+from slkit.core.logs import counts, run_log, stage_label
+from slkit.core.params import Params, SamplingParams
+from slkit.core.records import Progress, RecordWriter, read_records
+from slkit.core.runlock import boot_id, lock_for_stage
+from slkit.core.schema import QueryRecord, record_type
+from slkit.engines import load_engine
+from slkit.engines.base import CapTally, Request
+from slkit.method.exemplars import load_exemplars
 
 OOM_ADVICE = {
     "training": ("lower training.max_length (now {t.max_length}) or training.batch_size (now {t.batch_size}), or set "
@@ -54,14 +54,19 @@ def raised_in_training(err: BaseException) -> bool:
                for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
-def skip_when_done(stage: str) -> Callable:
-    """A finished stage returns its recorded summary instead of running again. A running stage
-    leaves its PID in <stage>.lock; out of GPU memory, it stops with the params to lower."""
-    def wrap(fn: Callable[[str | Path, int], dict[str, Any]]) -> Callable[[str | Path, int], dict[str, Any]]:
+StageFunction = Callable[[str | Path, int, Params], dict[str, Any]]
+
+
+def skip_when_done(stage: str) -> Callable[[StageFunction], Callable[..., dict[str, Any]]]:
+    """A finished stage returns its recorded summary instead of running again. A stage to run gets the run's
+    params (`params`, or runs/<run>/params.yaml read once here) and its directory, made; while it runs it leaves
+    its PID in <stage>.lock; out of GPU memory, it stops with the params to lower."""
+    def wrap(fn: StageFunction) -> Callable[..., dict[str, Any]]:
         @functools.wraps(fn)
-        def run(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+        def run(run_dir: str | Path, iteration: int, params: Params | None = None) -> dict[str, Any]:
             if stage_done(run_dir, iteration, stage):
                 return stage_summary(run_dir, iteration, stage)
+            params = params if params is not None else load_run_params(run_dir)
             run_lock = lock_for_stage(run_dir, stage)  # refused while another run holds run_dir
             lock = lock_path(run_dir, iteration, stage)
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -73,14 +78,13 @@ def skip_when_done(stage: str) -> Callable:
                     log.warning("took over the run lock of %s, which is no longer running", run_lock.took_over)
                 log.info("%s: start", where)
                 try:
-                    summary = fn(run_dir, iteration)
+                    summary = fn(run_dir, iteration, params)
                 except Exception as err:
                     failure = err
                     # by name: torch's, or one a child process of the stage reported (stages.length_control)
                     if "OutOfMemoryError" in (type(err).__name__, getattr(err, "child_error", None)):
-                        p = load_run_params(run_dir)
                         advice = OOM_ADVICE["training" if stage == "training" or raised_in_training(err) else "generation"].format(
-                            t=p.training, e=p.engine, s=p.sampling)
+                            t=params.training, e=params.engine, s=params.sampling)
                         failure = MemoryError(f"out of GPU memory in stage {stage} of iteration {iteration}: {advice}. "
                                               f"Finished work is kept: rerun slkit run with --set KEY=VALUE to resume.")
                     log.error("%s: failed after %.1f s: %s: %s", where, time.monotonic() - start,
@@ -137,20 +141,17 @@ class WatchedEngine:
         return future
 
 
-def generate_records(run_dir: str | Path, iteration: int, stage: str, output: str, total: int,
-                      work: Callable[..., Counter], out: Path | None = None,
-                      shared: StageEngine | None = None, caps: CapTally | None = None,
-                      texts_per_item: int = 1) -> tuple[list[dict], Counter]:
-    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing `output` in the iteration's
-    directory (or `out`) incrementally. A finished `output` is read, not rewritten. With `shared`, its engine
-    is used and left open for the rest of the stage. The engine's texts count in `caps` and in the progress
+def generate_records(params: Params, run_dir: str | Path, iteration: int, stage: str, path: Path, total: int,
+                     work: Callable[..., Counter], shared: StageEngine | None = None, caps: CapTally | None = None,
+                     texts_per_item: int = 1) -> tuple[list[dict], Counter]:
+    """Run `work(engine, writer, on_done)` with this iteration's adapters, writing the records file `path`
+    incrementally. A finished `path` is read, not rewritten. With `shared`, its engine is used and left open for
+    the rest of the stage. The engine's texts count in `caps` and in the progress, in `path`'s directory
     (`texts_per_item` texts expected per record of `total`)."""
-    params, iteration_out = prepare_iteration(run_dir, iteration)
-    out = out or iteration_out
-    if (out / output).exists():
-        return read_records(out / output, record_type(output)), Counter()
-    with RecordWriter(out / output) as writer:
-        progress = Progress(out, stage, total, len(writer.records), texts_per_item)
+    if path.exists():
+        return read_records(path, record_type(path)), Counter()
+    with RecordWriter(path) as writer:
+        progress = Progress(path.parent, stage, total, len(writer.records), texts_per_item)
         with stage_engine(shared, params, current_adapters(run_dir, iteration)) as engine:
             counts = work(WatchedEngine(engine, progress, caps), writer, progress.advance)
         return writer.finish(), counts

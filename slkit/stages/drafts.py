@@ -4,22 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import iter_dir
+from slkit.core.params import Params
+from slkit.core.records import mark_done, read_records
+from slkit.core.schema import DraftsSummary, QueryRecord
 from slkit.engines.base import CapTally
 from slkit.method.drafts import write_drafts
-from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_records
-from slkit.running.schema import DraftsSummary, QueryRecord
 from slkit.stages.common import generate_records, skip_when_done
 
 
 @skip_when_done("drafts")
-def drafts_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def drafts_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """queries.jsonl -> drafts.jsonl: Generator drafts that pass the quality check."""
-    params, out = prepare_iteration(run_dir, iteration)
+    out = iter_dir(run_dir, iteration)
     queries = read_records(out / "queries.jsonl", QueryRecord)
     caps = CapTally()
     records, rejected = generate_records(
-        run_dir, iteration, "drafts", "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
+        params, run_dir, iteration, "drafts", out / "drafts.jsonl", len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, iteration, writer, params.quality, on_done),
         caps=caps)
     summary = DraftsSummary(drafts=len(records), rejected=dict(rejected), finish_share=params.drafts.finish_share,

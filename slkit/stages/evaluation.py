@@ -7,6 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import BASELINE, ROLES, adapter_dir, iter_dir
+from slkit.core.params import Params
+from slkit.core.records import Progress, RecordWriter, mark_done, read_records, write_json_atomic
+from slkit.core.schema import BenchmarkOutput, EvaluationSummary
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import share
 from slkit.evaluation.benchmarks import (
@@ -20,10 +24,6 @@ from slkit.evaluation.benchmarks import (
 )
 from slkit.evaluation.judge import judge_responses, summarize_judgements
 from slkit.evaluation.reports import WORD_FILES, stage_word_means, write_iteration_figures
-from slkit.running.layout import BASELINE, ROLES, adapter_dir, prepare_iteration
-from slkit.running.params import Params
-from slkit.running.records import Progress, RecordWriter, mark_done, read_records, write_json_atomic
-from slkit.running.schema import BenchmarkOutput, EvaluationSummary
 from slkit.stages.common import StageEngine, WatchedEngine, skip_when_done, stage_engine
 
 
@@ -104,11 +104,11 @@ def evaluate_model(params: Params, adapters: dict[str, str | None], out: Path, s
 
 
 @skip_when_done("evaluation")
-def evaluation_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def evaluation_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """Benchmark with this iteration's Generator (length scores, stability, judge) -> benchmark_outputs.jsonl,
     judgements.jsonl, evaluation.json and the figures of slkit.evaluation.figures. Iteration 0 (BASELINE) evaluates the
     untrained base model with the same subset, samples and seeds, into runs/<run>/baseline/."""
-    params, out = prepare_iteration(run_dir, iteration)
+    out = iter_dir(run_dir, iteration)
     adapters = {} if iteration == BASELINE else {role: str(adapter_dir(run_dir, iteration, role)) for role in ROLES}
     evaluated = evaluate_model(params, adapters, out, "evaluation")
     counts = {name: sum(1 for _ in open(out / f"{name}.jsonl", encoding="utf-8"))

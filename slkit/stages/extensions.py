@@ -6,18 +6,19 @@ import random
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import iter_dir
+from slkit.core.params import Params
+from slkit.core.records import mark_done, read_records, write_jsonl_atomic
+from slkit.core.schema import DraftRecord, ExtensionsSummary
 from slkit.engines import stable_seed
 from slkit.engines.base import CapTally
 from slkit.method.extensions import extend_drafts
 from slkit.method.training_sets import resample_by_length
-from slkit.running.layout import prepare_iteration
-from slkit.running.records import mark_done, read_records, write_jsonl_atomic
-from slkit.running.schema import DraftRecord, ExtensionsSummary
 from slkit.stages.common import generate_records, skip_when_done
 
 
 @skip_when_done("extensions")
-def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def extensions_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """drafts.jsonl -> resampled_drafts.jsonl -> extensions.jsonl.
 
     With drafts.resample, the drafts first go through the length-biased resampling, ranked within their
@@ -27,7 +28,7 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     so a resumed stage extends the same drafts. Each kept draft then gets extensions.samples_per_draft
     two-stage extension jobs ("jobs"), each kept when > min_ratio x draft.
     """
-    params, out = prepare_iteration(run_dir, iteration)
+    out = iter_dir(run_dir, iteration)
     # In id order: files hold records in completion order, which a resumed stage changes.
     drafts = sorted(read_records(out / "drafts.jsonl", DraftRecord), key=lambda r: r["id"])
     rp = params.resampling
@@ -37,7 +38,7 @@ def extensions_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
     jobs = len(kept) * params.extensions.samples_per_draft
     caps = CapTally()
     records, counts = generate_records(
-        run_dir, iteration, "extensions", "extensions.jsonl", jobs,
+        params, run_dir, iteration, "extensions", out / "extensions.jsonl", jobs,
         lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done),
         caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two stages a round
     summary = ExtensionsSummary(extensions=len(records), drafts=len(drafts), resampled_drafts=len(kept), jobs=jobs,

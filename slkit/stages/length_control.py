@@ -30,6 +30,28 @@ from typing import Any, Callable
 
 import torch
 
+from slkit.core.layout import adapter_dir, iter_dir, load_run_params, stage_dir
+from slkit.core.params import Params
+from slkit.core.records import (
+    mark_done,
+    read_document,
+    read_json,
+    read_records,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from slkit.core.schema import (
+    AdapterTrainingSummary,
+    AfterIteration,
+    CollectionSummary,
+    ConstrainedCounts,
+    ConstrainedRecord,
+    EvaluationSummary,
+    LengthControlSummary,
+    StoredConstraint,
+    TrainingExample,
+    record_type,
+)
 from slkit.engines import Request, stable_seed
 from slkit.engines.base import CapTally
 from slkit.engines.server import asleep_for_training, live_server, wants_server
@@ -44,28 +66,6 @@ from slkit.method.length_control import (
 )
 from slkit.method.queries import synthesize_queries
 from slkit.method.training_sets import resample_by_length
-from slkit.running.layout import adapter_dir, iter_dir, load_run_params, stage_dir
-from slkit.running.params import Params
-from slkit.running.records import (
-    mark_done,
-    read_document,
-    read_json,
-    read_records,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
-from slkit.running.schema import (
-    AdapterTrainingSummary,
-    AfterIteration,
-    CollectionSummary,
-    ConstrainedCounts,
-    ConstrainedRecord,
-    EvaluationSummary,
-    LengthControlSummary,
-    StoredConstraint,
-    TrainingExample,
-    record_type,
-)
 from slkit.stages.common import StageEngine, earlier_queries, exemplar_pool, generate_records, skip_when_done
 from slkit.stages.evaluation import score_benchmark
 from slkit.training.adapters import train_adapter
@@ -109,15 +109,16 @@ def collect_drafts(run_dir: str | Path, iteration: int, params: Params, out: Pat
     # synthesize_queries makes queries.per_language queries in each language: here the collection's count.
     sized = params.model_copy(update={"queries": params.queries.model_copy(update={"per_language": count})})
     queries, rejected = generate_records(
-        run_dir, iteration, "length_control (collect queries)", "queries.jsonl", count * len(params.queries.languages),
+        params, run_dir, iteration, "length_control (collect queries)", out / "queries.jsonl",
+        count * len(params.queries.languages),
         lambda engine, writer, on_done: synthesize_queries(engine, pool, [r["query"] for r in earlier], sized,
-                                                           COLLECTION, writer, on_done), out=out, shared=engines,
+                                                           COLLECTION, writer, on_done), shared=engines,
         caps=caps, texts_per_item=2 if params.queries.judge else 1)
     drafts, refused = generate_records(
-        run_dir, iteration, "length_control (collect drafts)", "drafts.jsonl",
+        params, run_dir, iteration, "length_control (collect drafts)", out / "drafts.jsonl",
         len(queries) * params.drafts.samples_per_query,
         lambda engine, writer, on_done: write_drafts(engine, queries, params, COLLECTION, writer, params.quality,
-                                                     on_done), out=out, shared=engines, caps=caps)
+                                                     on_done), shared=engines, caps=caps)
     return CollectionSummary(queries=len(queries), drafts=len(drafts), rejected_queries=dict(rejected),
                              rejected_drafts=dict(refused))
 
@@ -146,14 +147,13 @@ def long_responses(run_dir: str | Path, iteration: int, params: Params) -> list[
     return sorted(pairs, key=lambda p: p["id"])
 
 
-def constrain_pairs(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def constrain_pairs(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """Phase "constrain": the collection pass, then every pair in the word window gets a constraint its response
     meets and a query that carries it -> constrained.jsonl, generator_sft.jsonl, and their counts in
     constrained.json (written last: a phase that has it is done, and returns it)."""
     out = stage_dir(run_dir, iteration, "length_control")
     if (out / "constrained.json").exists():
         return read_document(out / "constrained.json", ConstrainedCounts)
-    params = load_run_params(run_dir)
     lc = params.length_control
     # Every generation of the phase runs on one engine: the last iteration's Generator for the collection, the
     # base model (role None) for the rewrites.
@@ -209,16 +209,16 @@ def final_adapter_dir(run_dir: str | Path, iteration: int) -> Path:
     return stage_dir(run_dir, iteration, "length_control") / "adapters" / "generator"
 
 
-def score_final_adapter(run_dir: str | Path, iteration: int) -> dict[str, Any] | None:
+def score_final_adapter(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any] | None:
     """Phase "score": the final adapter answers the benchmark -> benchmark_outputs.jsonl (resumable); its length
     scores, or None without a benchmark."""
-    params = load_run_params(run_dir)
     return score_benchmark(params, {"generator": str(final_adapter_dir(run_dir, iteration))},
                            stage_dir(run_dir, iteration, "length_control"), "length_control")
 
 
 # The phases that start an engine, by the name a child process is given.
-PHASES: dict[str, Callable[[str | Path, int], Any]] = {"constrain": constrain_pairs, "score": score_final_adapter}
+PHASES: dict[str, Callable[[str | Path, int, Params], Any]] = {"constrain": constrain_pairs,
+                                                             "score": score_final_adapter}
 
 
 class ChildPhaseError(RuntimeError):
@@ -235,13 +235,14 @@ def run_phase(phase: str, run_dir: str | Path, iteration: int, params: Params) -
     back when it ends, so this process starts no engine; on the run's server, and on other backends (a closed
     engine's memory goes back), it runs here."""
     if params.engine.backend != "vllm" or (wants_server(params) and live_server(run_dir, params.model.path)):
-        return PHASES[phase](run_dir, iteration)
+        return PHASES[phase](run_dir, iteration, params)
     return run_in_child(phase, run_dir, iteration)
 
 
 def run_in_child(phase: str, run_dir: str | Path, iteration: int) -> Any:
-    """Run PHASES[phase] in a fresh Python process of this slkit: its output streams are this process's (logs and
-    tracebacks show as they come), its result or its error comes back as json through a temporary directory."""
+    """Run PHASES[phase] in a fresh Python process of this slkit, which reads the run's params: its output streams
+    are this process's (logs and tracebacks show as they come), its result or its error comes back as json through
+    a temporary directory."""
     if torch.cuda.is_initialized():  # training ran here: what the child's engine will find
         free, total = torch.cuda.mem_get_info()
         print(f"length_control: the {phase} phase starts in a child process; GPU memory free: "
@@ -273,7 +274,7 @@ def main(argv: list[str]) -> None:
     phase, run_dir, iteration, reply = argv
     _end_with_parent()
     try:
-        result = PHASES[phase](run_dir, int(iteration))
+        result = PHASES[phase](run_dir, int(iteration), load_run_params(run_dir))
     except BaseException as err:  # KeyboardInterrupt too: the stage process says why its child stopped
         (Path(reply) / "error.json").write_text(json.dumps({"type": type(err).__name__, "message": str(err)}))
         raise
@@ -281,11 +282,10 @@ def main(argv: list[str]) -> None:
 
 
 @skip_when_done("length_control")
-def length_control_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def length_control_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """Every iteration's drafts and extensions, and the collection pass's drafts, in the word window ->
     length_control/constrained.jsonl (queries carrying a length their response meets), a final Generator
     adapter trained on them, length scores before and after. Records the iteration it ran after."""
-    params = load_run_params(run_dir)
     out = stage_dir(run_dir, iteration, "length_control")
     out.mkdir(parents=True, exist_ok=True)
     _discard_stale_results(out, iteration)

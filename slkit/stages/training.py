@@ -7,20 +7,21 @@ import random
 from pathlib import Path
 from typing import Any
 
+from slkit.core.layout import ROLES, adapter_dir, current_adapters, iter_dir
+from slkit.core.params import Params
+from slkit.core.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
+from slkit.core.schema import AdapterTrainingSummary, ExtensionRecord, TrainingSummary
 from slkit.engines import stable_seed
 from slkit.engines.server import asleep_for_training
 from slkit.method.training_sets import extender_examples, generator_examples, resample_by_length
-from slkit.running.layout import ROLES, adapter_dir, current_adapters, prepare_iteration
-from slkit.running.records import Progress, mark_done, read_document, read_records, write_jsonl_atomic
-from slkit.running.schema import AdapterTrainingSummary, ExtensionRecord, TrainingSummary
 from slkit.stages.common import skip_when_done
 from slkit.training.adapters import train_adapter
 
 
 @skip_when_done("training")
-def training_stage(run_dir: str | Path, iteration: int) -> dict[str, Any]:
+def training_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[str, Any]:
     """extensions.jsonl -> resampled_extensions.jsonl, {generator,extender}_sft.jsonl, adapters/{generator,extender}."""
-    params, out = prepare_iteration(run_dir, iteration)
+    out = iter_dir(run_dir, iteration)
     # In id order: files hold records in completion order, which a resumed stage changes.
     extensions = sorted(read_records(out / "extensions.jsonl", ExtensionRecord), key=lambda r: r["id"])
     rng = random.Random(stable_seed(params.seed, iteration, "train"))

@@ -23,10 +23,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import set_seed
 
+from slkit.core.params import Params, load_params
+from slkit.core.records import read_jsonl, write_json_atomic
+from slkit.core.schema import AdapterTrainingSummary
 from slkit.models.loading import load_model, load_tokenizer
-from slkit.running.params import Params, load_params
-from slkit.running.records import read_jsonl, write_json_atomic
-from slkit.running.schema import AdapterTrainingSummary
 from slkit.training.batches import tokenize_example
 from slkit.training.distributed import launch_distributed
 from slkit.training.long_context import IGNORE

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slkit.running.params import Params, dump_params
-from slkit.running.records import read_document
-from slkit.running.schema import AdapterTrainingSummary
+from slkit.core.params import Params, dump_params
+from slkit.core.records import read_document
+from slkit.core.schema import AdapterTrainingSummary
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 

@@ -22,7 +22,7 @@ from transformers.integrations import is_mlflow_available, is_tensorboard_availa
 from transformers.utils import is_liger_kernel_available
 from trl import SFTConfig, SFTTrainer
 
-from slkit.running.params import Params
+from slkit.core.params import Params
 from slkit.training.long_context import tile_mlps
 
 # Liger's layer kernels; TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off.

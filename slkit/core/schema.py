@@ -1,11 +1,11 @@
 """The schema of every file the stages write: one record type per file, and the registry file name -> type.
 
-    python -m slkit.running.schema      # the README's table of the files a run writes
+    python -m slkit.core.schema      # the README's table of the files a run writes
 
 A `.jsonl` file holds one record of its type per line; a `.json` file one document of its type. Writers
 build records through these types (`DraftRecord(...)`), so a misspelt or missing field fails where the
 record is written; writing to a registered file checks what is written against its type
-(slkit.running.records), and readers name the type they expect (`read_records(path, DraftRecord)`), so
+(slkit.core.records), and readers name the type they expect (`read_records(path, DraftRecord)`), so
 a record lacking a field fails naming file:line:field. Every field has a one-line description.
 """
 from __future__ import annotations
@@ -389,7 +389,7 @@ def record_type(path: str | Path) -> type[Record]:
     """The record type of a file the stages write (by its name); ValueError for a file the registry lacks."""
     entry = run_file(path)
     if entry is None:
-        raise ValueError(f"{path}: not a file the stages write (slkit.running.schema.FILES)")
+        raise ValueError(f"{path}: not a file the stages write (slkit.core.schema.FILES)")
     return entry.record
 
 

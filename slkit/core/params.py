@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slkit.models.builtin import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
+from slkit.core.builtins import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _RUN_NAME = re.compile(r"[\w.-]+")  # letters, digits, _, - and .: one directory name
@@ -241,7 +241,7 @@ class QueryParams(_Section):
     """Query synthesis (self-instruct): new writing requests imitating a pool of exemplars, judged and filtered."""
     exemplar_files: list[str] = setting(
         [], "jsonl files with a \"query\" field (and \"language\") to imitate; empty: the exemplars shipped with "
-        "slkit (slkit/method/exemplars; the reference's pool holds 10 per language).", unit="none",
+        "slkit (slkit/core/exemplars; the reference's pool holds 10 per language).", unit="none",
         reference=NO_REFERENCE)
     languages: list[Literal["en", "zh"]] = setting(
         ["en", "zh"], "Languages of the queries; slots advance through them together. The reference runs one "

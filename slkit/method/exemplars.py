@@ -1,21 +1,10 @@
-"""Exemplar writing requests that self-instruct imitates: the ones shipped with slkit (en.txt, zh.txt, one per line) or the user's jsonl."""
+"""Exemplar writing requests that self-instruct imitates: the ones shipped with slkit (slkit.core.exemplars) or the
+user's jsonl."""
 from __future__ import annotations
 
-from pathlib import Path
-
+from slkit.core.exemplars import load_shipped_exemplars
+from slkit.core.records import RecordFileError, read_jsonl
 from slkit.method.textstats import detect_language
-from slkit.running.records import RecordFileError, read_jsonl
-
-EXEMPLAR_DIR = Path(__file__).parent
-
-
-def load_shipped_exemplars() -> list[dict[str, str]]:
-    exemplars = []
-    for language in ("en", "zh"):
-        for line in (EXEMPLAR_DIR / f"{language}.txt").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                exemplars.append({"query": line.strip(), "language": language})
-    return exemplars
 
 
 def load_exemplars(exemplar_files: list[str]) -> list[dict[str, str]]:

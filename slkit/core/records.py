@@ -4,7 +4,7 @@ A stage appends each finished record to `<name>.jsonl.partial` (flushed per reco
 stage resumes with its finished records; `finish()` renames the file to `<name>.jsonl` and only
 then is the output complete. `<stage>.done.json` is written last of all.
 
-A file the stages write has a record type (slkit.running.schema): what is written to it is checked against
+A file the stages write has a record type (slkit.core.schema): what is written to it is checked against
 that type, and readers name the type they expect (read_records, read_document), so a record lacking a field
 fails naming file:line:field.
 """
@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
-from slkit.running.schema import DoneMarker, ProgressState, Record, describe_errors, run_file
+from slkit.core.schema import DoneMarker, ProgressState, Record, describe_errors, run_file
 
 
 class RecordFileError(ValueError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slkit.running.params import Params, load_params
-from slkit.running.records import done_marker, read_document, read_json
-from slkit.running.schema import DoneMarker
+from slkit.core.params import Params, load_params
+from slkit.core.records import done_marker, read_document, read_json
+from slkit.core.schema import DoneMarker
 
 ROLES = ("generator", "extender")
 
@@ -26,7 +26,7 @@ def environment_path(run_dir: str | Path) -> Path:
 
 
 def log_path(run_dir: str | Path) -> Path:
-    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.running.logs)."""
+    """runs/<run>/slkit.log: what the run did, from the CLI and every stage's kernel (slkit.core.logs)."""
     return Path(run_dir) / "slkit.log"
 
 
@@ -46,14 +46,9 @@ def current_adapters(run_dir: str | Path, iteration: int) -> dict[str, str | Non
 
 
 def load_run_params(run_dir: str | Path) -> Params:
+    """The params the run started with (runs/<run>/params.yaml). A process reads them once: a stage's notebook
+    passes what it read to the stage, and the stage passes them on."""
     return load_params(Path(run_dir) / "params.yaml")
-
-
-def prepare_iteration(run_dir: str | Path, iteration: int) -> tuple[Params, Path]:
-    params = load_run_params(run_dir)
-    out = iter_dir(run_dir, iteration)
-    out.mkdir(parents=True, exist_ok=True)
-    return params, out
 
 
 def stage_dir(run_dir: str | Path, iteration: int, stage: str) -> Path:

@@ -2,7 +2,8 @@
 
 One word per concept: a stage's name is its notebook's (`NN_<name>.ipynb`), its module's
 (`slkit.stages.<name>`, function `<name>_stage`), its params section's (where it has one) and its done-marker's
-(`<name>.done.json`). The pipeline, the resume check and the README's loop table come from here.
+(`<name>.done.json`). The pipeline finds each stage's notebook here, and the README's loop table comes from
+here; the loop (slkit.running.loop) runs the stages in this order (tests/test_architecture.py).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def loop_table() -> str:
-    """The README's table of the loop, one row per stage (tests/test_repo.py keeps the README in step)."""
+    """The README's table of the loop, one row per stage (tests/test_architecture.py keeps the README in step)."""
     rows = ["| stage | notebook | reads | writes | params | what it does |", "|---|---|---|---|---|---|"]
     for stage in STAGES:
         rows.append(f"| `{stage.name}`{'' if stage.per_iteration else ' (final)'} | `{stage.notebook}` | "

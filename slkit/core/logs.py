@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from slkit.running.layout import log_path
+from slkit.core.layout import log_path
 
 LOGGER = "slkit"
 LINE_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(message)s"
