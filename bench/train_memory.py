@@ -40,6 +40,10 @@ SHAPES = {  # the published configs' dimensions
     "qwen2.5-3b": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, rope_theta=1e6,
                        max_position_embeddings=32768, tie_word_embeddings=True),
+    # the 1.5B builtin's shape (bench/train_speed.py: training speed at the growth recipe's lengths)
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
     "tiny-llama": dict(model_type="llama", vocab_size=1024, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=4096, tie_word_embeddings=False),
