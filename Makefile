@@ -69,6 +69,10 @@ lessons: $(VENV)/installed-demo
 test: $(VENV)/installed-demo,dev
 	$(BIN)/python -m pytest -q -ra
 
+# The tier a developer runs while working: unit and tiny-model tests, no pipelines, servers or scripts (README, Tests).
+test-fast: $(VENV)/installed-demo,dev
+	$(BIN)/python -m pytest -q -ra -m "not slow and not server"
+
 lab: $(VENV)/installed-lab
 	$(BIN)/jupyter lab notebooks/
 

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 
 def _run(args, tmp_path):

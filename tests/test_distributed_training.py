@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
 from slkit.core.params import load_params
 from slkit.training.adapters import train_adapter
 from slkit.training.distributed import accelerate_config_path
 
-from conftest import REPO
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 
 @pytest.mark.slow

@@ -11,16 +11,18 @@ import sys
 import time
 
 import pytest
-
 from conftest import FAKE_VLLM, REPO
+from test_length_control import longen_accepts
+
 from slkit.core.layout import adapter_dir, iter_dir, stage_done
-from slkit.engines.base import stable_seed
-from slkit.method.training_sets import resample_by_length
-from slkit.stages.length_control import COLLECTION, PHASES, ChildPhaseError, length_control_stage
 from slkit.core.params import dump_params, load_params
 from slkit.core.records import read_json, read_jsonl
+from slkit.engines.base import stable_seed
 from slkit.method.textstats import count_words
-from test_length_control import longen_accepts
+from slkit.method.training_sets import resample_by_length
+from slkit.stages.length_control import COLLECTION, PHASES, ChildPhaseError, length_control_stage
+
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 VOCAB = ("river mountain garden lantern harbor meadow orchard valley canyon forest island desert glacier village "
          "market bridge castle temple library museum theater factory railway airport station stadium college "

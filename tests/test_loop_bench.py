@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import loop  # noqa: E402
+
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 STAGES = ["queries", "drafts", "extensions", "training", "evaluation"]
 

@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, slkit_message
+
 from slkit.core.layout import iter_dir
-from slkit.core.registry import ITERATION_STAGES
-from slkit.stages.drafts import drafts_stage
 from slkit.core.params import dump_params
+from slkit.core.registry import ITERATION_STAGES
 from slkit.core.runlock import TOKEN_ENV, RunLock, RunLockedError
+from slkit.stages.drafts import drafts_stage
+
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 HOLD = "import sys, time\nfrom slkit.core.runlock import hold_run_dir\nwith hold_run_dir(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(600)\n"
@@ -198,8 +200,8 @@ def test_a_stage_lock_from_another_machine_stops_no_process_here(tmp_path):
     """A run directory carried to another machine (tools/device) holds <stage>.lock files naming PIDs of
     the machine it came from; here the same number can be any process, the resumed `slkit run` itself
     included. Only a lock written on this boot may stop the process it names."""
-    from slkit.running.pipeline import stop_orphaned_stage
     from slkit.core.runlock import boot_id
+    from slkit.running.pipeline import stop_orphaned_stage
 
     kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "slkit-kernel-stand-in"])
     try:

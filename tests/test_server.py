@@ -33,7 +33,8 @@ from slkit.engines.server import (
 sys.path.insert(0, str(FAKE_VLLM))
 from vllm.entrypoints.cli.main import serve_parser  # noqa: E402  the fake's flags: vLLM 0.25.1's names
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc: Linux")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc: Linux"),
+              pytest.mark.slow]  # servers and pipelines in processes: the full suite, not `make test-fast`
 
 
 def _params(tmp_path, **overrides):

@@ -10,11 +10,13 @@ import threading
 import time
 
 import pytest
-
 from conftest import REPO
-from slkit.running.cli import main
+
 from slkit.core.params import ParamsError, parse_overrides
+from slkit.running.cli import main
 from slkit.running.sweep import parse_gpus, parse_grid, plan_sweep, run_command, run_sweep
+
+pytestmark = pytest.mark.slow  # runs scripts, pipelines or processes: the full suite, not `make test-fast`
 
 SMOKE = REPO / "params" / "smoke.yaml"
 
