@@ -14,6 +14,7 @@ own, so each starts with the GPU empty:
 
     BxA        batch_size B, gradient_accumulation A (B x A = 8: the reference's global batch)
     BxA+ckpt   the same with gradient checkpointing
+    BxA+group  the same with samples of like length batched together (training.group_by_length)
     BxA+two    two adapters trained at once (the Generator's and the Extender's, as the training stage could),
                in two processes side by side: the row's seconds are the pair's wall time
 
@@ -38,16 +39,17 @@ sys.path.insert(0, str(REPO / "bench"))
 from train_memory import SHAPES, build_checkpoint  # bench/ is not a package: its folder is on sys.path
 
 RECIPE = REPO / "params" / "growth-qwen2.5-1.5b.yaml"
-CONFIGS = ["1x8", "2x4", "4x2", "8x1", "4x2+ckpt", "1x8+two", "4x2+two"]
+CONFIGS = ["1x8", "4x2", "8x1", "8x1+group", "8x1+ckpt+group", "1x8+two", "8x1+group+two"]
 
 
-def parse_config(name: str) -> tuple[int, int, bool, bool]:
-    """(batch_size, gradient_accumulation, gradient checkpointing, two at once) of a name such as 4x2+ckpt."""
+def parse_config(name: str) -> tuple[int, int, bool, bool, bool]:
+    """(batch_size, gradient_accumulation, gradient checkpointing, two at once, grouped by length) of a name such
+    as 4x2+ckpt."""
     base, *flags = name.split("+")
     sizes = base.split("x")
-    if len(sizes) != 2 or not all(x.isdigit() and int(x) > 0 for x in sizes) or set(flags) - {"ckpt", "two"}:
-        raise SystemExit(f"--configs: {name!r} is not BxA[+ckpt][+two] (B, A whole numbers from 1)")
-    return int(sizes[0]), int(sizes[1]), "ckpt" in flags, "two" in flags
+    if len(sizes) != 2 or not all(x.isdigit() and int(x) > 0 for x in sizes) or set(flags) - {"ckpt", "two", "group"}:
+        raise SystemExit(f"--configs: {name!r} is not BxA[+ckpt][+group][+two] (B, A whole numbers from 1)")
+    return int(sizes[0]), int(sizes[1]), "ckpt" in flags, "two" in flags, "group" in flags
 
 
 def write_samples(path: Path, tokenizer, count: int, median: int, max_tokens: int, seed: int = 0) -> list[int]:
@@ -71,10 +73,10 @@ def child(args: argparse.Namespace) -> None:
     from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
 
-    batch, accumulation, ckpt, _ = parse_config(args.child)
+    batch, accumulation, ckpt, _, group = parse_config(args.child)
     params = load_params(RECIPE, {
         "model.path": str(args.model_dir), "training.batch_size": batch, "training.gradient_accumulation": accumulation,
-        "training.gradient_checkpointing": ckpt, "training.epochs": args.epochs, "training.save_steps": 0,
+        "training.gradient_checkpointing": ckpt, "training.group_by_length": group, "training.epochs": args.epochs, "training.save_steps": 0,
         "training.max_length": args.max_tokens + 64})
     summary = train_adapter(params, args.data, Path(args.adapter))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

@@ -95,6 +95,9 @@ def test_slkit_imports_form_no_cycle():
 # line, which imports the module of the command it runs (its docstring says why).
 LOCAL_IMPORTS_ALLOWED = {"vllm", "bitsandbytes", "liger_kernel", "gguf", "fcntl"}
 COMMAND_LINE = PACKAGE / "running" / "cli.py"
+# load_engine imports only the backend it picks: a notebook kernel on the run's server does not pay for peft,
+# bitsandbytes and vLLM at every stage's start (test_a_stage_on_the_server_imports_no_other_backend).
+BACKEND_CHOOSER = PACKAGE / "engines" / "__init__.py"
 
 
 def local_imports(path):
@@ -114,8 +117,20 @@ def test_local_imports_are_found(tmp_path):
 def test_imports_are_at_the_top_of_modules_but_the_optional_ones():
     found = [f"{path.relative_to(REPO)}:{line}: {package}" for path in sorted(PACKAGE.rglob("*.py"))
              for line, package in local_imports(path)
-             if package not in LOCAL_IMPORTS_ALLOWED and not (path == COMMAND_LINE and package == "slkit")]
+             if package not in LOCAL_IMPORTS_ALLOWED and not (path in (COMMAND_LINE, BACKEND_CHOOSER) and package == "slkit")]
     assert found == []
+
+
+def test_a_stage_on_the_server_imports_no_other_backend():
+    """What a stage's notebook imports (lessons, method, stages) leaves the transformers and vLLM backends, peft,
+    bitsandbytes and TRL unimported: each was seconds of every kernel's start on the GPU machine."""
+    code = ("import sys, slkit.lessons, slkit.stages.queries, slkit.stages.drafts, slkit.stages.extensions, "
+            "slkit.stages.evaluation, slkit.method.drafts, slkit.engines\n"
+            "print(sorted(m for m in ('peft', 'bitsandbytes', 'trl', 'vllm', 'slkit.engines.transformers', "
+            "'slkit.engines.vllm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 CONTRACTS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]

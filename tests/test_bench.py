@@ -97,7 +97,7 @@ def test_small_card_bench_dry_run(tmp_path):
 def test_train_speed_bench_tiny(tmp_path):
     """The same samples at the same global batch cut two ways, one of them two adapters side by side."""
     stdout = _run(["bench/train_speed.py", "--shape", "tiny-llama", "--samples", "8", "--median", "40",
-                   "--max-tokens", "96", "--configs", "1x8", "2x4+two", "--out", str(tmp_path / "rows.jsonl")], tmp_path)
+                   "--max-tokens", "96", "--configs", "1x8", "2x4+group+two", "--out", str(tmp_path / "rows.jsonl")], tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["config"] for r in rows] == ["1x8", "2x4+two"] and not any("error" in r for r in rows)
     one, two = rows

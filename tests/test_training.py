@@ -238,3 +238,57 @@ def test_the_default_global_batch_is_8_and_accumulation_trains_as_one_batch(smok
     assert accumulated["losses"] == pytest.approx(batched["losses"], rel=1e-4)
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("accumulated", "batched"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_group_by_length_batches_like_lengths_together(smoke_params, tiny_model_path, tmp_path):
+    """training.group_by_length gives Trainer transformers' length-grouped sampler: the longest sample comes first
+    and batches of 3 hold neighbours in length, so they pad less than the default random order's batches."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from slkit.models.loading import load_tokenizer
+    from slkit.training.adapters import build_lora_model
+    from slkit.training.trainer import sft_trainer
+
+    tok = load_tokenizer(smoke_params.model)
+    features = [tokenize_example(tok, "Write.", "word " * (1 + (7 * i) % 24), max_length=512) for i in range(24)]
+    lengths = [len(f["input_ids"]) for f in features]
+
+    def order(group):
+        params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+            update={"group_by_length": group, "batch_size": 3, "gradient_accumulation": 1})})
+        trainer, _ = sft_trainer(params, build_lora_model(params, None), tok, features, tmp_path / str(group), "t")
+        sampler = trainer._get_train_sampler()
+        return isinstance(sampler, LengthGroupedSampler), list(sampler)
+
+    def padded_tokens(indices):
+        return sum(3 * max(lengths[i] for i in indices[k:k + 3]) for k in range(0, len(indices), 3))
+
+    (grouped, by_length), (random_kind, shuffled) = order(True), order(False)
+    assert grouped and not random_kind and sorted(by_length) == sorted(shuffled) == list(range(24))
+    assert lengths[by_length[0]] == max(lengths)
+    assert padded_tokens(by_length) < padded_tokens(shuffled)
+
+
+@pytest.mark.slow
+def test_adapters_at_once_train_as_they_would_one_after_the_other(smoke_params, tiny_model_path, tmp_path):
+    """training.adapters_at_once: two processes train both adapters at the same time; each adapter is the one
+    train_adapter makes in this process (same seed, same data), and its summary is returned by role."""
+    from safetensors.torch import load_file
+
+    from slkit.training.distributed import train_at_once
+
+    params = smoke_params.model_copy(update={"training": smoke_params.training.model_copy(
+        update={"lora_dropout": 0.0, "epochs": 1.0, "learning_rate": 1e-2})})
+    data = {role: _examples(tmp_path / f"{role}.jsonl", n=3, completion=text)
+            for role, text in (("generator", "river town bridge."), ("extender", "long long longer text."))}
+    summaries = train_at_once(params, {role: (data[role], tmp_path / "at_once" / role, None) for role in data})
+    assert set(summaries) == set(data) and all(s["trained"] for s in summaries.values())
+    assert not list((tmp_path / "at_once").glob(".*-params.yaml"))  # the params files handed over are removed
+    for role in data:
+        alone = train_adapter(params, data[role], tmp_path / "alone" / role)
+        assert summaries[role]["losses"] == pytest.approx(alone["losses"], rel=1e-4)
+        a, b = (load_file(tmp_path / d / role / "adapter_model.safetensors") for d in ("at_once", "alone"))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    broken = {"generator": (tmp_path / "missing.jsonl", tmp_path / "broken" / "generator", None)}
+    with pytest.raises(RuntimeError, match="generator"):
+        train_at_once(params, broken)

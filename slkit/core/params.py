@@ -99,6 +99,10 @@ class VLLMParams(_Section):
                                         reference=NO_REFERENCE, ge=1)
     enforce_eager: bool = setting(False, "True skips CUDA graphs: starts ~1 min faster, decodes slower.",
                                   unit="none", reference=NO_REFERENCE)
+    compilation_config: dict[str, Any] | None = setting(
+        None, "vLLM's compilation config, handed over as it is (LLM(compilation_config=...), `vllm serve "
+        "--compilation-config JSON`); e.g. fewer cudagraph_capture_sizes and cudagraph_specialize_lora: false capture "
+        "fewer CUDA graphs, so the engine starts sooner. None: vLLM's defaults.", unit="none", reference=NO_REFERENCE)
     tensor_parallel_size: int | None = setting(
         None, "GPUs one copy of the model is split over (tensor parallel). None: 1 when the model fits one GPU's "
         "share (gpu_memory_utilization), else the fewest GPUs that hold it.", unit="GPUs", reference=NO_REFERENCE, ge=1)
@@ -341,6 +345,14 @@ class TrainingParams(_Section):
         "memory; with num_processes N, 8 / N does.", unit="steps", reference=8, ge=1)
     max_length: int = setting(16384, "Samples are cut here; memory grows with it.", unit="tokens", reference=16384,
                               ge=16)
+    group_by_length: bool = setting(False, "Batch samples of like length together, so batch_size > 1 pads little "
+                                           "(transformers' LengthGroupedSampler: random groups of up to 50 batches, "
+                                           "each sorted by length; the longest batch first). Off: random order, as "
+                                           "the reference.", unit="none", reference=NO_REFERENCE)
+    adapters_at_once: bool = setting(False, "Train the Generator and the Extender at the same time, in two "
+                                            "processes on the same GPU (twice the training memory): a small model "
+                                            "leaves a large GPU mostly idle at batch 1.", unit="none",
+                                     reference=NO_REFERENCE)
     gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (non-reentrant): "
                                                  "trades ~30% speed for activation memory.", unit="none",
                                            reference=NO_REFERENCE)

@@ -17,20 +17,25 @@ from __future__ import annotations
 
 from slkit.core.params import Params
 from slkit.engines.base import Engine, Request, stable_seed
-from slkit.engines.endpoint import EndpointEngine
-from slkit.engines.server import server_engine
-from slkit.engines.transformers import TransformersEngine
-from slkit.engines.vllm import VLLMEngine
 
 __all__ = ["Engine", "Request", "load_engine", "stable_seed"]
 
 
 def load_engine(params: Params, adapters: dict[str, str | None] | None = None) -> Engine:
-    """The engine of params.engine.backend with each role's adapter (None: that role uses the base model)."""
+    """The engine of params.engine.backend with each role's adapter (None: that role uses the base model).
+
+    Each backend is imported here, when it is picked: a stage that reaches the run's server never imports
+    peft, bitsandbytes or vLLM (seconds of every notebook kernel's start)."""
     if params.engine.backend == "transformers":
+        from slkit.engines.transformers import TransformersEngine
         return TransformersEngine(params, adapters)
     if params.engine.backend == "vllm":
-        return server_engine(params, adapters) or VLLMEngine(params, adapters)
+        from slkit.engines.server import server_engine
+        if engine := server_engine(params, adapters):
+            return engine
+        from slkit.engines.vllm import VLLMEngine
+        return VLLMEngine(params, adapters)
     if params.engine.backend == "openai":
+        from slkit.engines.endpoint import EndpointEngine
         return EndpointEngine(params, adapters)
     raise ValueError(f"engine.backend: unknown backend {params.engine.backend!r}")

@@ -16,6 +16,7 @@ from slkit.engines.server import asleep_for_training
 from slkit.method.training_sets import extender_examples, generator_examples, resample_by_length
 from slkit.stages.common import skip_when_done
 from slkit.training.adapters import train_adapter
+from slkit.training.distributed import train_at_once
 
 
 @skip_when_done("training")
@@ -41,7 +42,11 @@ def training_stage(run_dir: str | Path, iteration: int, params: Params) -> dict[
     to_train = [role for role in ROLES if role not in trained]
     # The run's vLLM server (slkit.engines.server) sleeps while both adapters train, when the params say so.
     with asleep_for_training(params, run_dir, "training") if to_train else contextlib.nullcontext():
-        for role in to_train:
+        if params.training.adapters_at_once and len(to_train) > 1 and params.training.num_processes == 1:
+            trained.update(train_at_once(params, {role: (out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
+                                                         previous.get(role)) for role in to_train}))
+            progress.advance(len(to_train))
+        for role in [role for role in to_train if role not in trained]:
             trained[role] = train_adapter(params, out / f"{role}_sft.jsonl", adapter_dir(run_dir, iteration, role),
                                           init_adapter=previous.get(role))
             progress.advance()

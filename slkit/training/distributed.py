@@ -1,5 +1,6 @@
-"""Training on several GPUs of one host: `accelerate launch` runs slkit.training.adapters once per process
-(ddp; fsdp and zero3 configs shipped untested); rank 0 writes the adapter."""
+"""Training in other processes: on several GPUs of one host, `accelerate launch` runs slkit.training.adapters once
+per process (ddp; fsdp and zero3 configs shipped untested; rank 0 writes the adapter); on one GPU, both adapters
+can train at the same time, one process each (training.adapters_at_once)."""
 from __future__ import annotations
 
 import subprocess
@@ -24,6 +25,34 @@ def accelerate_config_path(name_or_path: str) -> Path:
     return path
 
 
+def _command(params_file: Path, examples_path: str | Path, output_dir: Path, init_adapter: str | None) -> list[str]:
+    return (["-m", "slkit.training.adapters", "--params", str(params_file), "--examples", str(examples_path),
+             "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else []))
+
+
+def train_at_once(params: Params, jobs: dict[str, tuple[str | Path, str | Path, str | None]]) -> dict[str, Any]:
+    """Train several adapters at the same time, one process each: jobs maps a role to (examples, output dir,
+    init adapter). Waits for all; a failed one raises with its role and exit status (the others still finish,
+    so their adapters are kept for a rerun). Returns each role's summary."""
+    started = {}
+    for role, (examples_path, output_dir, init_adapter) in jobs.items():
+        output_dir = Path(output_dir)
+        params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
+        params_file.parent.mkdir(parents=True, exist_ok=True)
+        dump_params(params, params_file)
+        command = [sys.executable, *_command(params_file, examples_path, output_dir, init_adapter)]
+        started[role] = (subprocess.Popen(command), params_file, output_dir, command)
+    failed = []
+    for role, (process, params_file, _, command) in started.items():
+        if process.wait():
+            failed.append(f"{role} (exit {process.returncode}): {' '.join(command)}")
+        params_file.unlink(missing_ok=True)
+    if failed:
+        raise RuntimeError("training at once failed for " + "; ".join(failed))
+    return {role: read_document(output_dir / "slkit-train.json", AdapterTrainingSummary)
+            for role, (_, _, output_dir, _) in started.items()}
+
+
 def launch_distributed(params: Params, examples_path: str | Path, output_dir: str | Path,
                        init_adapter: str | None) -> dict[str, Any]:
     """Run train_adapter under `accelerate launch` with training.num_processes processes; its summary."""
@@ -31,11 +60,11 @@ def launch_distributed(params: Params, examples_path: str | Path, output_dir: st
     output_dir = Path(output_dir)
     config = accelerate_config_path(params.training.accelerate_config)
     params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
+    params_file.parent.mkdir(parents=True, exist_ok=True)
     dump_params(params, params_file)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(params.training.num_processes),
-               "-m", "slkit.training.adapters", "--params", str(params_file), "--examples", str(examples_path),
-               "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else [])
+               *_command(params_file, examples_path, output_dir, init_adapter)]
     done = subprocess.run(command)
     if done.returncode:
         raise RuntimeError(f"distributed training failed (exit {done.returncode}): {' '.join(command)}")

@@ -69,6 +69,7 @@ def sft_config(params: Params, checkpoints: Path, run_name: str, on_gpu: bool) -
         bf16=on_gpu and params.model.dtype in ("bfloat16", "auto"), fp16=on_gpu and params.model.dtype == "float16",
         use_cpu=not on_gpu, dataloader_pin_memory=on_gpu,
         max_length=tp.max_length, packing=False, loss_type="nll",
+        train_sampling_strategy="group_by_length" if tp.group_by_length else "random",
         activation_offloading=tp.activation_offload and on_gpu,  # TRL's offloading overlaps copies on CUDA streams
         use_liger_kernel=tp.liger_kernels, liger_kernel_config=LIGER_KERNELS if tp.liger_kernels else None,
         **checkpointing_args(SFTConfig, tp.gradient_checkpointing),
