@@ -90,7 +90,9 @@ def test_the_server_command_carries_the_recipes_engine_settings(tmp_path):
     params = _params(tmp_path, **{"engine.vllm.max_model_len": 4096, "engine.vllm.enforce_eager": True,
                                   "engine.vllm.enable_prefix_caching": False, "engine.vllm.gpu_memory_utilization": 0.4,
                                   "engine.vllm.max_num_seqs": 64, "model.load_in_4bit": True, "training.lora_r": 24,
-                                  "model.dtype": "bfloat16", "seed": 7, "macro_iterations": 3})
+                                  "model.dtype": "bfloat16", "seed": 7, "macro_iterations": 3,
+                                  "engine.vllm.compilation_config": {"cudagraph_capture_sizes": [1, 8, 64],
+                                                                     "cudagraph_specialize_lora": False}})
     argv = server_command(params, "/models/m", 8123, dp=2, tp=1)
     assert argv[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/models/m"]
     args = serve_parser().parse_args(argv[3:])  # every flag is one vLLM 0.25.1 takes
@@ -102,6 +104,7 @@ def test_the_server_command_carries_the_recipes_engine_settings(tmp_path):
     assert args.max_cpu_loras >= 2 * 3 + 2  # every adapter of the run stays loaded: unloading frees no slot
     assert args.enable_sleep_mode and args.enforce_eager and not args.enable_prefix_caching
     assert args.stream_interval > 1 and args.disable_uvicorn_access_log  # streamed requests in chunks, a quiet log
+    assert args.compilation_config == {"cudagraph_capture_sizes": [1, 8, 64], "cudagraph_specialize_lora": False}
     env = server_environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and env["VLLM_SERVER_DEV_MODE"] == "1"
 
@@ -142,6 +145,7 @@ def test_one_server_serves_base_and_adapters_sleeps_for_training_and_leaves_noth
                 base, tuned = engine.generate([Request(engine.render("Write about rivers."), role, 30, seed=1)
                                                for role in (None, "generator")], params.sampling)
                 assert base and tuned and base != tuned  # each request went to its own model
+                tokens = len(base.split()) + len(tuned.split())
         with asleep_for_training(params, params.run_dir, "training") as slept:
             assert slept and httpx.get(info["url"] + "/is_sleeping").json() == {"is_sleeping": True}
         assert httpx.get(info["url"] + "/is_sleeping").json() == {"is_sleeping": False}
@@ -150,8 +154,12 @@ def test_one_server_serves_base_and_adapters_sleeps_for_training_and_leaves_noth
     assert [e["event"] for e in _events(fake_serve) if e["event"] in ("load_lora_adapter", "sleep", "wake")] == [
         "load_lora_adapter", "sleep", "wake"]
     timings = [json.loads(line) for line in (params.run_dir / "engine_timings.jsonl").read_text().splitlines()]
-    assert [t["event"] for t in timings] == ["server_start", "sleep", "wake", "server_stop"]
-    assert timings[0]["start_s"] > 0 and timings[1]["seconds"] >= 0 and timings[1]["reason"] == "training"
+    assert [t["event"] for t in timings] == ["server_start", "served", "served", "sleep", "wake", "server_stop"]
+    assert timings[0]["start_s"] > 0 and timings[3]["seconds"] >= 0 and timings[3]["reason"] == "training"
+    # each stage's engine logs the tokens the server generated while it was open (the server's /metrics)
+    served = [t for t in timings if t["event"] == "served"]
+    assert all(t["pid"] == os.getpid() and t["generate_s"] >= 0 for t in served)
+    assert [t["generated_tokens"] for t in served] == [tokens, tokens]
 
 
 @pytest.mark.parametrize("mode, share, sleeps", [("auto", 0.85, True), ("auto", 0.4, False), ("never", 0.85, False),

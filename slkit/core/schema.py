@@ -131,8 +131,9 @@ class ConstrainedRecord(Record):
 
 
 class EngineTiming(Record):
-    event: Literal["ready", "closed", "server_start", "server_stop", "sleep", "wake"] = Field(
-        description="an in-process engine started (ready) or closed; the run's server answered /health "
+    event: Literal["ready", "closed", "served", "server_start", "server_stop", "sleep", "wake"] = Field(
+        description="an in-process engine started (ready) or closed; a stage's engine on the run's server closed "
+                    "(served: what the server generated meanwhile); the run's server answered /health "
                     "(server_start), was stopped (server_stop), went to sleep for training or woke after it")
     at: float = Field(description="Unix time of the event")
     pid: int = Field(description="the process the engine ran in (the run's server: its process group)")
@@ -142,9 +143,11 @@ class EngineTiming(Record):
     data_parallel_size: int | None = Field(None, description="server_start: copies of the model it serves")
     tensor_parallel_size: int | None = Field(None, description="server_start: GPUs each copy is split over")
     reason: str | None = Field(None, description="sleep: why (the stage that trains); server_stop: why it stopped")
-    generate_s: float | None = Field(None, description="closed: seconds spent generating")
+    generate_s: float | None = Field(None, description="closed: seconds spent generating; served: seconds the stage's "
+                                                       "engine was open")
     requests: int | None = Field(None, description="closed: requests it answered")
-    generated_tokens: int | None = Field(None, description="closed: tokens it generated")
+    generated_tokens: int | None = Field(None, description="closed: tokens it generated; served: tokens the server "
+                                                           "generated while the stage's engine was open")
     sleep_s: float | None = Field(None, description="closed: seconds sleep mode took (runs before sleep mode was removed)")
     gpu_free_gib: float | None = Field(None, description="closed: GPU memory free after it, GiB")
     gpu_total_gib: float | None = Field(None, description="closed: the GPU's memory, GiB")

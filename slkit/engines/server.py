@@ -171,6 +171,8 @@ def server_command(params: Params, model_dir: str, port: int, dp: int, tp: int) 
         argv += ["--max-model-len", str(kw["max_model_len"])]
     if "quantization" in kw:
         argv += ["--quantization", kw["quantization"]]
+    if "compilation_config" in kw:
+        argv += ["--compilation-config", json.dumps(kw["compilation_config"])]
     if kw["trust_remote_code"]:
         argv.append("--trust-remote-code")
     return argv
@@ -394,6 +396,7 @@ class ServerEngine(EndpointEngine):
 
     def __init__(self, params: Params, adapters: dict[str, str | None] | None, info: dict[str, Any]):
         self.info, self.run_dir = info, params.run_dir
+        self._opened = (time.monotonic(), server_counters(info["url"]))
         endpoint = EndpointParams(base_urls=[f"{info['url']}/v1"], api="completions", model=info["served_model"],
                                   adapters="load", vllm_sampling=True, timeout_s=REQUEST_TIMEOUT_S, max_retries=1,
                                   concurrency=info["max_num_seqs"] * info["data_parallel_size"])
@@ -419,6 +422,32 @@ class ServerEngine(EndpointEngine):
     def close(self) -> None:
         for client in self.clients:  # the adapters stay loaded: the next stage may use them again
             client.close()
+        opened, before = self._opened
+        after = server_counters(self.info["url"])
+        if "generation_tokens" in before and "generation_tokens" in after:  # one stage at a time uses the server
+            log_engine_timing(self.run_dir, "served", os.getpid(), generate_s=round(time.monotonic() - opened, 1),
+                              generated_tokens=int(after["generation_tokens"] - before["generation_tokens"]))
+
+
+# vLLM's Prometheus counters (GET /metrics) a stage's tokens are read from, and the names slkit gives them
+COUNTERS = {"vllm:generation_tokens_total": "generation_tokens", "vllm:prompt_tokens_total": "prompt_tokens",
+            "vllm:request_success_total": "requests"}
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's COUNTERS now, each summed over its label sets (models, finish reasons); {} when it does not
+    answer: a measurement only."""
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=5.0).raise_for_status().text
+    except httpx.HTTPError:
+        return {}
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        name = COUNTERS.get(line.split("{", 1)[0].split(" ", 1)[0])
+        if name:
+            with contextlib.suppress(ValueError):
+                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counters
 
 
 def server_engine(params: Params, adapters: dict[str, str | None] | None) -> ServerEngine | None:

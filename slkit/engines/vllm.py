@@ -81,6 +81,8 @@ def engine_kwargs(params: Params, model_dir: str, with_lora: bool = True) -> dic
                       max_lora_rank=supported_lora_rank(vp.max_lora_rank or params.training.lora_r))
     if vp.max_model_len:
         kwargs["max_model_len"] = vp.max_model_len
+    if vp.compilation_config:
+        kwargs["compilation_config"] = dict(vp.compilation_config)
     if params.model.load_in_4bit:
         kwargs["quantization"] = "bitsandbytes"
     return kwargs

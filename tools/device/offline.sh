@@ -13,6 +13,9 @@
 #   offline.sh loop-bench ARGS...         start bench/loop.py run --workdir $W ARGS detached, like start
 #   offline.sh loop-collect OUT_DIR       bench/loop.py's rows so far and the runs' small files -> OUT_DIR
 #   offline.sh watch SECONDS              wait that long, or until the run ends, and show where it is
+#   offline.sh train-speed ARGS...        start bench/train_speed.py ARGS detached (GPU idle while pieces arrive)
+#   offline.sh results RUN_NAME OUT_DIR   the run's small files so far (no adapters, checkpoints, training sets)
+#                                         packed into OUT_DIR in pieces, the run left running
 #   offline.sh bundle RUN_NAME OUT_DIR [MIB]  stop the run, pack runs/RUN_NAME (no checkpoints) into pieces
 #   offline.sh unbundle DIR RUN_NAME      put a bundled run directory back under runs/ (to resume it)
 set -uo pipefail
@@ -21,7 +24,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$W/pieces" "$W/runs"
 export PYTHONPATH=$W/code:$W/site:${VLLM_SITE:-/tmp/vsite}${PYTHONPATH:+:$PYTHONPATH} SLKIT_CACHE=$W/cache \
   PYTHONUNBUFFERED=1 VLLM_ATTENTION_BACKEND=FLASH_ATTN VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
+# The machine reaches nothing: whatever would ask the hub or send usage statistics must not wait on a timeout.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 step=${1:-}; shift || true
+preflight() {
+  # What a run imports only at its training stage or server start: missing here, it would fail minutes in.
+  local imports=${SLKIT_PREFLIGHT_IMPORTS:-trl,slkit.training.trainer,vllm.entrypoints.openai.api_server,model_hosting_container_standards}
+  python3 -c "import $imports" 2>&1 | grep -v Warning | tail -n 3; return "${PIPESTATUS[0]}"
+}
 case "$step" in
   setup)
     rm -rf "$W/code" && cp -r "$1" "$W/code" || exit 3
@@ -56,6 +66,7 @@ case "$step" in
   start)
     cd "$W" || exit 3
     if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
+    preflight || exit 3
     setsid nohup python3 -m slkit run "$@" --no-progress >> run.log 2>&1 < /dev/null &
     echo $! > run.pid; echo "started pid $!: slkit run $*"
     ;;
@@ -63,9 +74,7 @@ case "$step" in
     # bench/loop.py (issue 24): one macro-iteration per variant, one after the other, in one detached process.
     cd "$W" || exit 3
     if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
-    # What the runs import only at their training stage or server start: missing here, it would fail minutes in.
-    imports=${SLKIT_PREFLIGHT_IMPORTS:-trl,slkit.training.trainer,vllm.entrypoints.openai.api_server,model_hosting_container_standards}
-    python3 -c "import $imports" 2>&1 | grep -v Warning | tail -n 3; [ "${PIPESTATUS[0]}" = 0 ] || exit 3
+    preflight || exit 3
     setsid nohup python3 "$W/code/bench/loop.py" run --workdir "$W" "$@" >> run.log 2>&1 < /dev/null &
     echo $! > run.pid; echo "started pid $!: bench/loop.py run --workdir $W $*"
     ;;
@@ -73,6 +82,19 @@ case "$step" in
     # Small enough for any call's $OUT (the records and adapters stay here): rows.jsonl, logs, summaries, timings.
     ( cd "$W" && python3 "$W/code/bench/loop.py" collect --workdir "$W" --out "$1" ) || exit 3
     cp "$W/run.log" "$1/run.log" 2>/dev/null; true
+    ;;
+  train-speed)
+    cd "$W" || exit 3
+    setsid nohup python3 "$W/code/bench/train_speed.py" "$@" > train-speed.log 2>&1 < /dev/null &
+    echo "started pid $!: bench/train_speed.py $* (log: $W/train-speed.log)"
+    ;;
+  results)
+    run=$1 out=$2
+    mkdir -p "$out"
+    tar -C "$W/runs" --exclude='adapters' --exclude='.*-checkpoints' --exclude='checkpoint-*' --exclude='*_sft.jsonl' \
+      --exclude='tensorboard' --exclude='*.lock' -czf "$W/$run-results.tgz" "$run" || exit 3
+    bash "$here/pieces.sh" split "$W/$run-results.tgz" "$out" 15 && rm -f "$W/$run-results.tgz"
+    cp "$W/run.log" "$out/run.log" 2>/dev/null; ls -la "$out"
     ;;
   watch)
     end=$((SECONDS + $1))
