@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -181,3 +182,33 @@ def stage_label(iteration: int, stage: str) -> str:
     if stage == "length_control":
         return f"length_control (after iteration {iteration})"
     return "baseline evaluation" if iteration == 0 else f"iteration {iteration} {stage}"
+
+
+# What the log says of each stage: "<label>: start" and "<label>: done in <s> s: ..." lines (stage_label's names).
+_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \w+ \[pid (\d+)\] (.*)$")
+_STAGE = re.compile(r"^(baseline evaluation|iteration (\d+) (\w+)|length_control \(after iteration (\d+)\))"
+                    r": (start|done in ([\d.]+) s)")
+
+
+def stage_runs(run_dir: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """Per (iteration, stage) the log holds (the final stage as (its iteration, "length_control")): "pids", the
+    processes that ran it (a resumed stage ran in several), "attempts" (its "start" lines) and "seconds", the
+    last attempt's "done in" time (None while it has not finished). {} without a log."""
+    path = log_path(run_dir)
+    runs: dict[tuple[int, str], dict[str, Any]] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    for line in lines:
+        m = _LINE.match(line)
+        s = _STAGE.match(m[2]) if m else None
+        if not s:
+            continue
+        key = (0, "evaluation") if s[1] == "baseline evaluation" else \
+            (int(s[2]), s[3]) if s[3] else (int(s[4]), "length_control")
+        run = runs.setdefault(key, {"pids": [], "attempts": 0, "seconds": None})
+        if int(m[1]) not in run["pids"]:
+            run["pids"].append(int(m[1]))
+        if s[5] == "start":
+            run["attempts"] += 1
+        else:
+            run["seconds"] = float(s[6])
+    return runs

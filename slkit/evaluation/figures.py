@@ -88,3 +88,15 @@ def plot_distinct(table, path: str | Path) -> Path:
         ax.set(ylim=(0, 1.02), ylabel="distinct n-grams / all n-grams")
         ax.set_xticks(sorted(t["iteration"].unique()))
     return _draw(table, draw, "repetition drift (distinct-n)", path)
+
+
+def plot_growth(table, path: str | Path) -> Path:
+    """Median words per column (baseline, iter_<k>, length_control): the benchmark answers the model ended itself,
+    and the loop's drafts and extensions, per language (slkit.evaluation.growth.GrowthReport.growth_table)."""
+    def draw(t, ax):
+        sns.lineplot(data=t, x="position", y="median", hue="language", style="series", markers=True, dashes=True,
+                     ax=ax, hue_order=sorted(t["language"].unique()))
+        ticks = t.drop_duplicates("position").sort_values("position")
+        ax.set_xticks(ticks["position"], ticks["column"])
+        ax.set(xlabel="", ylabel="median words", ylim=(0, None))
+    return _draw(table, draw, "growth: median words per iteration", path, width=7.5)

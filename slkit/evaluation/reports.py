@@ -21,7 +21,7 @@ Metric definitions (also in the README's "Evaluation" section):
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Any
 
 import pandas as pd
@@ -39,7 +39,7 @@ from slkit.evaluation.figures import (
     plot_lengths,
     plot_required_vs_produced,
 )
-from slkit.method.textstats import distinct_n
+from slkit.method.textstats import distinct_n, ngram_units
 
 
 def iterations(run_dir: str | Path, upto: int | None = None) -> list[int]:
@@ -322,3 +322,53 @@ def evaluation_report(metrics: dict[str, Any]) -> str:
     if metrics.get("figures"):
         lines += ["## Figures", ""] + [f"![{name}]({name})" for name in metrics["figures"]] + [""]
     return "\n".join(lines)
+
+
+# Length-matched repetition and the lengths of answers the model ended itself (the growth report, issue 25).
+
+# The prefix per-text distinct-n is measured on, in n-gram units (textstats.ngram_units): the first 300 English
+# words or 600 Chinese units (characters). Pooled distinct-n falls with length by itself (a longer text repeats
+# more function words); prefixes of one length compare texts of different lengths fairly.
+PREFIX_UNITS = {"en": 300, "zh": 600}
+
+
+def text_prefix(text: str, language: str, units: int) -> str | None:
+    """The first `units` n-gram units of `text` (words in English, characters in Chinese: textstats.ngram_units)
+    as text that splits into exactly those units; None when the text is shorter."""
+    parts = ngram_units(text, language)
+    if len(parts) < units:
+        return None
+    return " ".join(parts[:units]) if language != "zh" else "".join(parts[:units])
+
+
+def prefix_distinct(texts: list[str], n: int, language: str, units: int | None = None) -> dict[str, Any]:
+    """Per-text distinct-n on length-matched prefixes: each text's first `units` units (PREFIX_UNITS of the
+    language by default) scored alone with textstats.distinct_n; texts shorter than the prefix are left out.
+    Returns mean and median over the texts measured (None when none is long enough), "texts" measured and
+    "of" texts given."""
+    units = PREFIX_UNITS.get(language, PREFIX_UNITS["en"]) if units is None else units
+    prefixes = [p for p in (text_prefix(t, language, units) for t in texts) if p is not None]
+    values = [distinct_n([p], n, language) for p in prefixes]
+    return {"mean": round(mean(values), 4) if values else None, "median": round(median(values), 4) if values else None,
+            "texts": len(values), "of": len(texts), "units": units}
+
+
+def finished_lengths(outputs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Words of the benchmark answers the model ended itself (not cut by max_new_tokens), per language and "all":
+    outputs, cut (None where no record says), finished, median and mean words of the finished ones, and the cut
+    share (cut / outputs that record it). An output whose "cut" is None (written before slkit recorded it)
+    counts as finished, and "cut_recorded" says how many outputs record it."""
+    groups: dict[str, list[dict]] = {"all": list(outputs)}
+    for r in outputs:
+        groups.setdefault(r["language"], []).append(r)
+    table = {}
+    for language in ["all"] + sorted(k for k in groups if k != "all"):
+        rows = groups[language]
+        recorded = [r for r in rows if r.get("cut") is not None]
+        cut = sum(1 for r in recorded if r["cut"])
+        words = [r["words"] for r in rows if not r.get("cut")]
+        table[language] = {"outputs": len(rows), "cut_recorded": len(recorded), "cut": cut if recorded else None,
+                           "cut_share": round(cut / len(recorded), 4) if recorded else None,
+                           "finished": len(words), "median": median(words) if words else None,
+                           "mean": round(mean(words), 1) if words else None}
+    return table
