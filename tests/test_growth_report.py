@@ -151,8 +151,9 @@ def make_run(root, iterations=2, expected=2, length_control=True):
             pid = 100 * k
             log += [f"2026-12-03 12:0{k}:00,000 INFO [pid {pid}] iteration {k} drafts: start",
                     f"2026-12-03 12:0{k}:30,000 INFO [pid {pid}] iteration {k} drafts: done in 30.5 s: drafts=3"]
-            events.append(EngineTiming(event="closed", at=1.0, pid=pid, generate_s=20.0, requests=9,
-                                       generated_tokens=5000 * k))
+            # iteration 1 as an in-process engine reports its tokens, iteration 2 as an engine on the run's server
+            events.append(EngineTiming(event="closed" if k == 1 else "served", at=1.0, pid=pid, generate_s=20.0,
+                                       requests=9 if k == 1 else None, generated_tokens=5000 * k))
         metrics = evaluation(k, "synthetic", records)
         write_json_atomic(d / "evaluation.json", metrics)
         mark_done(d, "evaluation", metrics)

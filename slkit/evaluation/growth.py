@@ -175,13 +175,16 @@ def loop_numbers(run_dir: Path, column: Column, filters: pd.DataFrame, runs: dic
     return numbers
 
 
+TOKEN_EVENTS = ("closed", "served")  # engine_timings.jsonl events that carry a stage's generated tokens
+
+
 def stage_numbers(run: dict | None, events: list[dict]) -> dict[str, Any]:
-    """A stage's seconds (slkit.log's "done in") and the tokens its in-process engines generated
-    (engine_timings.jsonl's "closed" events of its processes; None where none closed there, as with the run's
-    server, which reports no tokens per stage)."""
+    """A stage's seconds (slkit.log's "done in") and the tokens its engines generated (engine_timings.jsonl's
+    "closed" events of its in-process engines and "served" events of its engines on the run's server, from the
+    stage's processes; None where there is none)."""
     if run is None:
         return {"seconds": None, "generated_tokens": None, "attempts": 0}
-    closed = [e for e in events if e["event"] == "closed" and e["pid"] in run["pids"]
+    closed = [e for e in events if e["event"] in TOKEN_EVENTS and e["pid"] in run["pids"]
               and e.get("generated_tokens") is not None]
     return {"seconds": run["seconds"], "attempts": run["attempts"],
             "generated_tokens": sum(e["generated_tokens"] for e in closed) if closed else None}
@@ -403,7 +406,7 @@ def growth_report(run_dir: str | Path) -> GrowthReport:
         else:
             c.numbers["stages"] = {"evaluation": stage_numbers(runs.get((BASELINE, "evaluation")), events)}
     pids = {pid for run in runs.values() for pid in run["pids"]}
-    stray = [e["generated_tokens"] for e in events if e["event"] == "closed" and e["pid"] not in pids
+    stray = [e["generated_tokens"] for e in events if e["event"] in TOKEN_EVENTS and e["pid"] not in pids
              and e.get("generated_tokens")]
     return GrowthReport(run_dir, params, columns, missing_parts(run_dir, params, columns), sum(stray) if stray else None)
 
@@ -585,8 +588,8 @@ def readme_markdown(report: GrowthReport, published: dict[str, list[str]], top: 
               "done-markers (rate = count / candidates the check saw). Training: training.done.json "
               "(length_control: length_control.json, the final Generator).",
               "- Seconds: slkit.log's \"done in\" of each stage (the last attempt of a resumed one). Generated "
-              "tokens: engine_timings.jsonl's `closed` events of the stage's processes; blank where none closed "
-              "there (the run's vLLM server reports no tokens per stage)."
+              "tokens: engine_timings.jsonl's `closed` (in-process engine) and `served` (the run's server, its "
+              "counters while the stage's engine was open) events of the stage's processes; blank where none."
               + (f" Tokens of engines outside the stages' processes: {report.unattributed_tokens:,}."
                  if report.unattributed_tokens else ""), "",
               "## Targets (issue 25)", "", report.targets_markdown(), "## Files", ""]
