@@ -202,7 +202,8 @@ def rows_of_run(run_dir: str | Path, variant: str, metrics: str | Path | None = 
         # a server started just before a stage is the run's; engine_timings' times are rounded to 0.1 s
         inside = [e for e in events if t0 <= e["at"] <= t1 + 0.1]
         starts = [e for e in inside if e.get("event") in STARTS]
-        closed = [e for e in inside if e.get("event") == "closed"]
+        # an in-process engine's tokens (closed), or what the run's server generated for the stage (served)
+        closed = [e for e in inside if e.get("event") in ("closed", "served")]
         row: dict[str, Any] = {
             "variant": variant, "stage": stage, "iteration": iteration,
             "status": "done" if "done" in t else "unfinished", "start": round(t0, 2), "end": round(t1, 2),
@@ -239,7 +240,7 @@ def rows_of_run(run_dir: str | Path, variant: str, metrics: str | Path | None = 
                  "end": round(end, 2), "seconds": round(end - start, 1), "engine_starts": len(starts),
                  "engine_start_s": round(sum(float(e.get("start_s") or 0) for e in starts), 1),
                  "generated_tokens": sum(generated) if generated else None,
-                 "events_skipped": sum(e.get("event") not in STARTS | {"closed", "server_stop", "sleep", "wake"}
+                 "events_skipped": sum(e.get("event") not in STARTS | {"closed", "served", "server_stop", "sleep", "wake"}
                                        for e in events),
                  "engine_lane": engine_lane(events, samples, end), "training_lane": training_lane})
     return rows

@@ -72,6 +72,8 @@ def test_engine_events_and_server_metrics_are_attributed_to_their_stages(bench_r
         # engine_timings rounds to 0.1 s: an engine closed as its stage ended may read a little after the end
         {"event": "closed", "at": ext["end"] + 0.04, "pid": 8, "start_s": 2.5, "generate_s": 4.0, "requests": 9,
          "generated_tokens": 1200},
+        # the drafts stage's engine on the run's server: what the server generated while it was open
+        {"event": "served", "at": rows["drafts"]["end"] - 0.5, "pid": 9, "generate_s": 5.0, "generated_tokens": 2500},
         {"event": "sleep", "at": train["start"] + 1, "pid": 7, "seconds": 0.5, "reason": "training"},
         {"event": "wake", "at": train["end"] - 1, "pid": 7, "seconds": 0.2},
         {"event": "compile_cache_hit", "at": ev["start"] + 1, "pid": 7},
@@ -92,7 +94,8 @@ def test_engine_events_and_server_metrics_are_attributed_to_their_stages(bench_r
     assert (got["evaluation"]["generated_tokens"], got["evaluation"]["generate_s"]) == (1000, 2.0)
     assert got["evaluation"]["tokens_per_s"] == 500
     assert got["run"]["engine_starts"] == 2 and got["run"]["engine_start_s"] == 32.5
-    assert got["run"]["events_skipped"] == 1 and got["run"]["generated_tokens"] == 2200
+    assert (got["drafts"]["generated_tokens"], got["drafts"]["tokens_per_s"]) == (2500, 500)
+    assert got["run"]["events_skipped"] == 1 and got["run"]["generated_tokens"] == 4700
     kinds = {kind for _, _, kind in got["run"]["engine_lane"]}
     assert kinds == {"start", "up", "generating", "asleep"}
     asleep = [(a, b) for a, b, kind in got["run"]["engine_lane"] if kind == "asleep"]
