@@ -1,6 +1,6 @@
 """python bench/join_replay.py DRAFTS.jsonl      # lines of {"language": "en"|"zh", "text": a real draft}
 
-Item 4 of issue 27: the verdicts of stage-2 texts joined as slkit joins them (kept head, a blank line, the
+Item 4 of issue 27: the verdicts of phase-2 texts joined as slkit joins them (kept head, a blank line, the
 continuation stripped of its leading breaks) against the reference's raw join (kept head + raw continuation),
 on real drafts cut at every paragraph boundary and inside paragraphs."""
 import json
@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from slkit.method.extensions import stage2_text
+from slkit.method.extensions import phase2_text
 from slkit.method.quality import quality_failure
 from slkit.core.params import QualityParams
 
@@ -23,7 +23,7 @@ for line in Path(sys.argv[1]).read_text(encoding="utf-8").splitlines():
         head, raw = text[:i], text[i:]
         if not head.strip() or not raw.strip():
             continue
-        ours = stage2_text(head, raw.lstrip("\n").strip())   # the engines strip a continuation's ends
+        ours = phase2_text(head, raw.lstrip("\n").strip())   # the engines strip a continuation's ends
         ref = head + raw
         a, b = quality_failure(ours, lang, rules), quality_failure(ref, lang, rules)
         kind = "paragraph" if raw.startswith("\n") else "inside"

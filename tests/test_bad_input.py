@@ -134,6 +134,42 @@ def test_the_retired_loss_keys_are_read_away_at_any_value(tmp_path):
     assert "loss" not in load_params(recipe).to_dict()["training"]
 
 
+def test_a_renamed_key_still_loads_under_its_new_name(tmp_path):
+    """extensions.stage1/stage2_max_new_tokens are now phase1/phase2_max_new_tokens (slkit.core.params.RENAMED_KEYS):
+    a recipe, a --set or a run directory's params.yaml that says the old name loads as the new one, with a warning
+    naming the file and both keys; the run resumes and its snapshot is written under the new name."""
+    import yaml
+
+    _, run_dir = _prepare(tmp_path, **{"extensions.phase1_max_new_tokens": 64})
+    snapshot = run_dir / "params.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    older["extensions"]["stage1_max_new_tokens"] = older["extensions"].pop("phase1_max_new_tokens")
+    older["extensions"]["stage2_max_new_tokens"] = older["extensions"].pop("phase2_max_new_tokens")
+    snapshot.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.warns(FutureWarning, match=rf"{snapshot}: extensions.stage1_max_new_tokens is now called "
+                                           r"extensions.phase1_max_new_tokens"):
+        _prepare(tmp_path, **{"extensions.phase1_max_new_tokens": 64})
+    assert not (run_dir / "params_changes.log").exists()  # the same params: nothing changed
+    saved = yaml.safe_load(snapshot.read_text())["extensions"]
+    assert saved["phase1_max_new_tokens"] == 64 and "stage1_max_new_tokens" not in saved
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.warns(FutureWarning, match=r"old.yaml: extensions.stage1_max_new_tokens is now called "
+                                           r"extensions.phase1_max_new_tokens"):
+        assert load_params(recipe).extensions.phase1_max_new_tokens == 64
+    with pytest.warns(FutureWarning, match=r"--set: extensions.stage2_max_new_tokens is now called "
+                                           r"extensions.phase2_max_new_tokens"):
+        params = load_params(recipe, {"extensions.stage2_max_new_tokens": 32})
+    assert (params.extensions.phase1_max_new_tokens, params.extensions.phase2_max_new_tokens) == (64, 32)
+    older["extensions"]["phase1_max_new_tokens"] = 128  # both names of one key
+    recipe.write_text(yaml.safe_dump(older, sort_keys=False))
+    line = recipe.read_text().splitlines().index("  stage1_max_new_tokens: 64") + 1
+    with pytest.raises(ParamsError, match=rf"old.yaml:{line}: extensions.stage1_max_new_tokens: the old name of "
+                                          r"extensions.phase1_max_new_tokens, which is set too"):
+        load_params(recipe)
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     exemplars = tmp_path / "exemplars.jsonl"
     exemplars.write_text("not json\n")
@@ -169,7 +205,7 @@ def test_out_of_memory_names_the_params_to_lower(tmp_path, monkeypatch):
     (run_dir / "iter_1").mkdir()
     (run_dir / "iter_1" / "extensions.jsonl").write_text(
         '{"id": "a-x0", "draft_id": "a", "sample": 0, "query_id": "q0", "query": "q", "language": "en", "draft": "d.", '
-        '"draft_words": 1, "extended": "dd.", "words": 2, "ratio": 2.0, "attempts": 1, "rounds_accepted": 1}\n')
+        '"draft_words": 1, "extended": "dd.", "words": 2, "ratio": 2.0, "tries": 1, "micro_iterations_accepted": 1}\n')
     with pytest.raises(MemoryError, match=r"lower training.max_length \(now 256\).*activation_offload.*resume"):
         training_stage(run_dir, 1)
     assert not lock_path(run_dir, 1, "training").exists()

@@ -116,8 +116,8 @@ def test_extensions_at_their_own_pace_are_the_lockstep_extensions(tmp_path):
             results.append((sorted(writer.finish(), key=lambda r: r["id"]), counts))
     assert results[0] == results[1]
     records, counts = results[0]
-    assert records and counts["retried"] > 0 and counts["round_rejected_repetition"] > 0
-    assert all(len(r["rounds"]) == 2 * r["attempts"] for r in records)
+    assert records and counts["retried"] > 0 and counts["micro_iteration_rejected_repetition"] > 0
+    assert all(len(r["micro_iterations"]) == 2 * r["tries"] for r in records)
 
 
 def test_the_judge_at_its_own_pace_writes_the_lockstep_judgements(tmp_path):
@@ -230,11 +230,11 @@ def test_the_early_stop_fires_on_loops_and_never_changes_a_verdict(language):
     assert any(quality_failure(postprocess(t, sampling), language, rules) is None for t in texts)
 
 
-def test_an_extension_round_stopped_early_is_rejected_with_its_kept_head():
-    """Stage 2's check reads the kept head and the continuation as the round joins them."""
+def test_an_extension_micro_iteration_stopped_early_is_rejected_with_its_kept_head():
+    """Phase 2's check reads the kept head and the continuation as the micro-iteration joins them."""
     rules, sampling = QualityParams(), SamplingParams()
     head = "A garden at dawn holds more than flowers and stone.\n\nThe river runs past the old mill wheel."
-    prefill = head  # slkit.method.extensions.stage2_prefill
+    prefill = head  # slkit.method.extensions.phase2_prefill
     continuation = "The river runs past the old mill wheel and the garden at dawn holds more.\n" * 3
     watch = RepetitionWatch("en", rules, sampling, head, prefill)
     assert watch(prefill + continuation)

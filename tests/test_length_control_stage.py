@@ -56,7 +56,7 @@ def _iteration(run_dir, k):
     extensions = [
         {"id": f"{r['id']}-x", "draft_id": r["id"], "sample": 0, "query_id": r["query_id"], "query": r["query"],
          "language": r["language"], "draft": r["draft"], "draft_words": r["words"], "extended": _text(k * 20 + i, 70),
-         "words": 70, "ratio": round(70 / r["words"], 3), "attempts": 1, "rounds_accepted": 1}
+         "words": 70, "ratio": round(70 / r["words"], 3), "tries": 1, "micro_iterations_accepted": 1}
         for i, r in enumerate(drafts[:2])]
     _jsonl(d / "extensions.jsonl", extensions + [{**extensions[0], "id": f"it{k}-q0-d0-y", "sample": 1}])
     _jsonl(d / "resampled_extensions.jsonl", extensions)

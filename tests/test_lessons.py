@@ -1,5 +1,5 @@
 """The lessons' showing functions on records with known content, and the records they need: every extension
-round in extensions.jsonl, the prompt and verdicts of every query; the source they show, the "try this"
+micro-iteration in extensions.jsonl, the prompt and verdicts of every query; the source they show, the "try this"
 commands of every notebook (each checked as `slkit check` reads it, on the demo and the smoke recipe), the
 length-rule figure, and the lessons' markdown. The notebooks themselves run in tests/test_pipeline.py (the smoke
 run)."""
@@ -31,7 +31,7 @@ from slkit.method.training_sets import drop_lines, extender_examples
 from slkit.core.params import ParamsError, dump_params, load_params, params_from_dict
 from slkit.core.records import RecordWriter
 from slkit.running.cli import main as slkit_main
-from test_extensions import StagedEngine
+from test_extensions import PhasedEngine
 
 
 def _params(**sections):
@@ -47,17 +47,17 @@ CONTINUATIONS = ["one two three four.", "and then it never ends", " ".join(f"c{i
 
 
 def _scripted_extension(tmp_path):
-    """One job of two rounds and two attempts: attempt 1 accepts round 1, rejects round 2 (unfinished) and ends
-    below the length rule; attempt 2 accepts round 1 and rejects round 2 as not longer, and is kept."""
-    stage1_calls = {"n": 0}
+    """One job of two micro-iterations and two tries: try 1 accepts micro-iteration 1, rejects 2 (unfinished) and
+    ends below the length rule; try 2 accepts micro-iteration 1 and rejects 2 as not longer, and is kept."""
+    phase1_calls = {"n": 0}
     continuations = iter(CONTINUATIONS)
 
-    def stage1(request):
-        stage1_calls["n"] += 1
-        n = stage1_calls["n"]
+    def phase1(request):
+        phase1_calls["n"] += 1
+        n = phase1_calls["n"]
         return f"Head {n} alpha.\n\nHead {n} beta.\n\nHead {n} gamma."  # 3 paragraphs: 2 kept
 
-    engine = StagedEngine(stage1, lambda request: next(continuations))
+    engine = PhasedEngine(phase1, lambda request: next(continuations))
     params = _params(extensions={"micro_iterations": 2, "max_tries": 2, "samples_per_draft": 1, "min_ratio": 2.0})
     writer = RecordWriter(tmp_path / "extensions.jsonl")
     extend_drafts(engine, [DRAFT], params, 1, writer, params.quality)
@@ -65,47 +65,65 @@ def _scripted_extension(tmp_path):
     return engine, params, record
 
 
-def test_an_extension_record_holds_every_round_the_engine_wrote(tmp_path):
+def test_an_extension_record_holds_every_micro_iteration_the_engine_wrote(tmp_path):
     engine, _, record = _scripted_extension(tmp_path)
-    stage1 = [f"Head {n} alpha.\n\nHead {n} beta.\n\nHead {n} gamma." for n in range(1, 5)]
-    assert [(r["attempt"], r["round"]) for r in record["rounds"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
-    assert [r["stage1"] for r in record["rounds"]] == stage1
-    assert [r["continuation"] for r in record["rounds"]] == CONTINUATIONS
-    assert [r["kept_paragraphs"] for r in record["rounds"]] == [2, 2, 2, 2]
-    assert [r["verdict"] for r in record["rounds"]] == ["accepted", "unfinished", "accepted", "not_longer"]
+    phase1 = [f"Head {n} alpha.\n\nHead {n} beta.\n\nHead {n} gamma." for n in range(1, 5)]
+    trace = record["micro_iterations"]
+    assert [(r["try_index"], r["micro_iteration"]) for r in trace] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [r["phase1"] for r in trace] == phase1
+    assert [r["continuation"] for r in trace] == CONTINUATIONS
+    assert [r["kept_paragraphs"] for r in trace] == [2, 2, 2, 2]
+    assert [r["verdict"] for r in trace] == ["accepted", "unfinished", "accepted", "not_longer"]
     # words of kept head (6 words) + continuation
-    assert [r["words"] for r in record["rounds"]] == [10, 11, 21, 7]
-    assert record["attempts"] == 2 and record["words"] == 21 and record["rounds_accepted"] == 1
+    assert [r["words"] for r in trace] == [10, 11, 21, 7]
+    assert record["tries"] == 2 and record["words"] == 21 and record["micro_iterations_accepted"] == 1
+
+
+def test_an_extension_record_of_an_older_run_reads_under_todays_names(tmp_path):
+    """extensions.jsonl written before the renames (attempts, rounds, rounds_accepted; attempt, round, stage1 in
+    each entry): the training stage and the lessons read it as if written today."""
+    _, _, record = _scripted_extension(tmp_path)
+    renamed = ("tries", "micro_iterations_accepted", "micro_iterations", "try_index", "micro_iteration", "phase1")
+    old = {k: v for k, v in record.items() if k not in renamed}
+    old.update(attempts=record["tries"], rounds_accepted=record["micro_iterations_accepted"],
+               rounds=[{"attempt": e["try_index"], "round": e["micro_iteration"], "stage1": e["phase1"],
+                        **{k: v for k, v in e.items() if k not in renamed}} for e in record["micro_iterations"]])
+    (tmp_path / "extensions.jsonl").write_text(json.dumps(old) + "\n")
+    assert extensions_lesson.kept_extensions(tmp_path) == [record]
 
 
 def test_replay_rebuilds_the_prompts_and_prefills_the_extender_saw(tmp_path):
     engine, _, record = _scripted_extension(tmp_path)
-    rounds = extensions_lesson.replay(record)
-    for r, request in zip(rounds, engine.by_stage[1]):
-        assert request.prompt == engine.render(r["stage1_prompt"])
-    for r, request in zip(rounds, engine.by_stage[2]):
-        assert request.prompt == engine.render(r["stage2_prompt"]) and request.prefill == r["prefill"]
-    # each attempt starts from the draft; an accepted round's text is the next round's input
-    assert [r["input"] for r in rounds] == [DRAFT["draft"], rounds[0]["new_text"], DRAFT["draft"], rounds[2]["new_text"]]
-    assert rounds[0]["kept"] == "Head 1 alpha.\n\nHead 1 beta."
-    assert [r["best_before"] for r in rounds] == [7, 10, 7, 21]
-    table = extensions_lesson.rounds_table(record)
+    shown = extensions_lesson.replay(record)
+    for r, request in zip(shown, engine.by_phase[1]):
+        assert request.prompt == engine.render(r["phase1_prompt"])
+    for r, request in zip(shown, engine.by_phase[2]):
+        assert request.prompt == engine.render(r["phase2_prompt"]) and request.prefill == r["prefill"]
+    # each try starts from the draft; an accepted micro-iteration's text is the next one's input
+    assert [r["input"] for r in shown] == [DRAFT["draft"], shown[0]["new_text"], DRAFT["draft"], shown[2]["new_text"]]
+    assert shown[0]["kept"] == "Head 1 alpha.\n\nHead 1 beta."
+    assert [r["best_before"] for r in shown] == [7, 10, 7, 21]
+    table = extensions_lesson.micro_iterations_table(record)
     assert list(table["verdict"]) == ["accepted", "unfinished", "accepted", "not_longer"]
     assert list(table["kept paragraphs"]) == ["2 of 3"] * 4
 
 
-def test_the_extension_walkthrough_shows_each_round_and_the_length_rule(tmp_path):
+def test_the_extension_walkthrough_shows_each_micro_iteration_and_the_length_rule(tmp_path):
     _, params, record = _scripted_extension(tmp_path)
     text = extensions_lesson.walkthrough(record, params).data
     assert f"Record `{record['id']}`" in text
-    for r in record["rounds"]:
-        assert r["stage1"] in text and r["continuation"] in text
+    for r in record["micro_iterations"]:
+        assert r["phase1"] in text and r["continuation"] in text
     assert "verdict: unfinished" in text and "verdict: not_longer" in text
     assert "21 words > 2.0 x 7 = 14.0: kept" in text
     summary = {"drafts": 3, "resampled_drafts": 2, "jobs": 2, "extensions": 1,
-               "counts": {"gave_up": 1, "retried": 3, "round_accepted": 2, "round_rejected_repetition": 5}}
+               "counts": {"gave_up": 1, "retried": 3, "micro_iteration_accepted": 2,
+                          "micro_iteration_rejected_repetition": 5}}
     assert "1 gave up" in extensions_lesson.jobs_summary(summary).data
-    assert extensions_lesson.round_verdicts(summary)["rounds"].to_dict() == {"rejected_repetition": 5, "accepted": 2}
+    verdicts = {"rejected_repetition": 5, "accepted": 2}
+    assert extensions_lesson.micro_iteration_verdicts(summary)["micro-iterations"].to_dict() == verdicts
+    older = {**summary, "counts": {"gave_up": 1, "retried": 3, "round_accepted": 2, "round_rejected_repetition": 5}}
+    assert extensions_lesson.micro_iteration_verdicts(older)["micro-iterations"].to_dict() == verdicts
 
 
 def test_a_query_record_holds_its_prompt_completion_and_judge_answer(tmp_path):
@@ -227,7 +245,7 @@ def test_show_source_shows_slkit_code_as_it_is_in_its_file():
     excerpt = show_source(extend_drafts, start="if best_words > ep.min_ratio", end="counts[\"accepted\"] += 1").data
     code = excerpt.split("```python\n")[1].split("\n```")[0]
     assert code.startswith('if best_words > ep.min_ratio * d["words"]:') and code.endswith('counts["accepted"] += 1')
-    assert "for attempt" not in code  # only the lines asked for, dedented
+    assert "for try_index" not in code  # only the lines asked for, dedented
     with pytest.raises(ValueError, match="no line"):
         show_source(keep_head, start="no such line")
     assert show_source(keep_head, extend_drafts).data.count("```python") == 2
@@ -256,11 +274,11 @@ def _check(command, capsys):
 
 def test_try_this_shows_a_command_that_slkit_check_accepts(run_dirs, capsys):
     run_dir = run_dirs["demo"]
-    shown = try_this(run_dir, "more-rounds", {"extensions.micro_iterations": 2,
+    shown = try_this(run_dir, "more-micro-iterations", {"extensions.micro_iterations": 2,
                                               "length_control.proportions": {"about": 0.7, "range": 0.1, "above": 0.1,
                                                                              "below": 0.1}}).data
     command = re.fullmatch(r"```bash\n(.+)\n```", shown).group(1)
-    assert command.startswith(f"slkit run {run_dir / 'params.yaml'} --set run_name=demo-more-rounds ")
+    assert command.startswith(f"slkit run {run_dir / 'params.yaml'} --set run_name=demo-more-micro-iterations ")
     assert "--set extensions.micro_iterations=2 " in command
     assert _check(command, capsys) == 0
     assert shlex.split(command).count("--set") == 3
@@ -306,20 +324,21 @@ def test_symbols_show_each_symbols_param_this_runs_value_and_the_reference():
     assert table.loc["K", "this run"] == table.loc["K", "reference"] == "16384"
 
 
-def test_the_length_rule_figure_draws_every_attempt_against_the_line():
-    def record(id_, draft, words, rounds):
+def test_the_length_rule_figure_draws_every_try_against_the_line():
+    def record(id_, draft, words, trace):
         return {"id": id_, "language": "en", "draft_words": draft, "words": words,
-                "attempts": max(a for a, _, _ in rounds),
-                "rounds": [{"attempt": a, "round": 1, "words": w, "verdict": v} for a, w, v in rounds]}
+                "tries": max(t for t, _, _ in trace),
+                "micro_iterations": [{"try_index": t, "micro_iteration": 1, "words": w, "verdict": v}
+                                     for t, w, v in trace]}
 
     records = [record("a", 100, 150, [(1, 110, "accepted"), (2, 150, "accepted")]),  # 110 < 1.2 x 100: again
-               record("b", 50, 70, [(1, 90, "repetition"), (2, 70, "accepted")]),  # attempt 1 kept nothing
+               record("b", 50, 70, [(1, 90, "repetition"), (2, 70, "accepted")]),  # try 1 kept nothing
                record("c", 80, 120, [(1, 120, "accepted")])]
-    table = extensions_lesson.attempts(records)
-    assert table[["id", "attempt", "draft words", "extended words", "outcome"]].values.tolist() == [
+    table = extensions_lesson.tries(records)
+    assert table[["id", "try", "draft words", "extended words", "outcome"]].values.tolist() == [
         ["a", 1, 100, 110, "below the rule: started again"], ["a", 2, 100, 150, "kept"],
         ["b", 1, 50, 50, "below the rule: started again"], ["b", 2, 50, 70, "kept"], ["c", 1, 80, 120, "kept"]]
-    rejected = extensions_lesson.rejected_rounds(records)
+    rejected = extensions_lesson.rejected_micro_iterations(records)
     assert rejected[["id", "draft words", "words", "verdict"]].values.tolist() == [["b", 50, 90, "repetition"]]
     fig = extensions_lesson.length_rule_figure(table, 1.2, rejected)
     [ax] = fig.axes

@@ -234,13 +234,13 @@ def test_every_executed_notebook_is_a_lesson_on_its_own_run(smoke_run):
         records = read_jsonl(path.parent / name)
         walkthrough = _section_outputs(cells, "One item, step by step")
         assert records and any(str(r[field]) in walkthrough for r in records), (path, walkthrough[:500])
-    # the extension walk-through goes round by round through a record's recorded texts
+    # the extension walk-through goes micro-iteration by micro-iteration through a record's recorded texts
     for k in (1, 2):
         cells = _executed(smoke_run / f"iter_{k}" / "02_extensions.ipynb")
         walkthrough = _section_outputs(cells, "One item, step by step")
         shown = [r for r in read_jsonl(smoke_run / f"iter_{k}" / "extensions.jsonl") if f"`{r['id']}`" in walkthrough]
-        assert shown and shown[0]["rounds"]
-        assert all(r["continuation"].strip()[:40] in walkthrough for r in shown[0]["rounds"][:4])
+        assert shown and shown[0]["micro_iterations"]
+        assert all(r["continuation"].strip()[:40] in walkthrough for r in shown[0]["micro_iterations"][:4])
         # the length rule's figure, drawn in the notebook
         looked = [c for c in cells if c["cell_type"] == "code" and "length_rule_figure" in "".join(c["source"])]
         assert looked and any("image/png" in out.get("data", {}) for out in looked[0]["outputs"])
@@ -259,7 +259,7 @@ def test_the_readme_lessons_block_is_made_from_a_run(smoke_run, tmp_path):
     for notebook in ("00_queries", "01_drafts", "02_extensions", "03_training", "04_evaluation", "05_length_control"):
         assert f"**{notebook}**" in text
     ids = {json.loads(line)["id"] for line in (smoke_run / "iter_2" / "extensions.jsonl").read_text().splitlines()}
-    shown = re.search(r"\*\*02_extensions\*\*: the rounds of extension `([^`]+)`", text)
+    shown = re.search(r"\*\*02_extensions\*\*: the micro-iterations of extension `([^`]+)`", text)
     assert shown and shown.group(1) in ids  # a real record of the run's last iteration
     assert (tmp_path / "docs" / "lessons" / "required_vs_produced.png").stat().st_size > 1000
 

@@ -1,5 +1,5 @@
 """Progress a person can read: a stage's progress moves as the engine finishes texts, not only when records are
-done (every extension job of a stage finishes in its last round), and the pipeline's bar shows it."""
+done (every extension job of a stage finishes in its last micro-iteration), and the pipeline's bar shows it."""
 import io
 import json
 
@@ -16,7 +16,7 @@ def _extension(request):
     return "\n\n".join(" ".join(f"s{request.seed}p{p}w{i}" for i in range(60)) + "." for p in range(3))
 
 
-def test_a_multi_round_extension_advances_the_progress_before_the_stage_ends(tmp_path, monkeypatch):
+def test_a_multi_micro_iteration_extension_advances_the_progress_before_the_stage_ends(tmp_path, monkeypatch):
     _, run_dir = prepare_run(REPO / "params" / "smoke.yaml", {"output_dir": str(tmp_path), "drafts.resample": False,
                                                                   "extensions.samples_per_draft": 1})
     out = iter_dir(run_dir, 1)
@@ -35,7 +35,7 @@ def test_a_multi_round_extension_advances_the_progress_before_the_stage_ends(tmp
     monkeypatch.setattr(Progress, "interval_s", 0.0)  # write every change: the test reads each one
     monkeypatch.setattr("slkit.stages.common.load_engine", lambda *args: Watching(_extension))
     summary = extensions_stage(run_dir, 1)
-    # 5 jobs x 2 rounds x 2 stages: 4 calls; every job finishes in the last one
+    # 5 jobs x 2 micro-iterations x 2 phases: 4 calls; every job finishes in the last one
     assert summary["extensions"] == 5 and len(seen) == 4
     assert [(s["done"], s["texts"]) for s in seen] == [(0, 0), (0, 5), (0, 10), (0, 15)]
     assert all(s["total"] == 5 and s["texts_expected"] == 20 for s in seen)

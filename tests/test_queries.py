@@ -71,11 +71,11 @@ def test_synthesis_filters_length_duplicates_and_judge(tmp_path, scripted_engine
     params = params_from_dict({"run_name": "t", "model": {"path": "builtin:tiny-random-llama"},
                                "queries": {"per_language": 2, "languages": ["en"], "max_tries": 5}})
     script = iter([
-        # round 1: slot 0 too short (2 words < 3), slot 1 duplicate of a seed
+        # batch 1: slot 0 too short (2 words < 3), slot 1 duplicate of a seed
         " Write.", " Write a long guide to balcony gardening.",
-        # round 2: two good candidates; the judge says no to the first
+        # batch 2: two good candidates; the judge says no to the first
         " Describe the history of glassmaking in Venice at length.", " Explain how tides work, in depth.",
-        # round 3: slot 0 again
+        # batch 3: slot 0 again
         " Write a long report on bee colonies and pollination.",
     ])
     judge = iter(["no", "yes", "yes"])

@@ -48,9 +48,10 @@ def block(run_dir: Path, figures: Path | None, link: str) -> str:
                      + table(quality_table(draft["draft"], draft["language"], params.quality), "check"))
     extension = extensions.pick(extensions.kept_extensions(out))
     if extension:
-        parts.append(f"**02_extensions**: the rounds of extension `{extension['id']}` ({extension['draft_words']} -> "
-                     f"{extension['words']} words; every round is in its `extensions.jsonl` record, the notebook shows "
-                     "each text).\n\n" + table(extensions.rounds_table(extension), ""))
+        parts.append(f"**02_extensions**: the micro-iterations of extension `{extension['id']}` "
+                     f"({extension['draft_words']} -> {extension['words']} words; every micro-iteration is in its "
+                     "`extensions.jsonl` record, the notebook shows each text).\n\n"
+                     + table(extensions.micro_iterations_table(extension), ""))
     parts.append(f"**03_training**: both adapters of iteration {k}.\n\n"
                  + table(training.training_table(stage_summary(run_dir, k, "training")).drop(columns=["started from"]), "adapter"))
     figure = stage_dir(run_dir, k, "evaluation") / "required_vs_produced.png"

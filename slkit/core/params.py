@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,7 +134,7 @@ class EndpointParams(_Section):
     base_urls: list[str] = setting(["http://localhost:8000/v1"], "The servers' URLs; requests are spread over them.",
                                    unit="none", reference=NO_REFERENCE)
     api: Literal["completions", "chat"] = setting(
-        "completions", "Which API is called. completions: prompts are rendered here, so pre-fills (extension stage "
+        "completions", "Which API is called. completions: prompts are rendered here, so pre-fills (extension phase "
         "2) work; chat: the server renders them.", unit="none", reference=NO_REFERENCE)
     model: str | None = setting(None, "The served name of the base model. None: model.path.", unit="none",
                                 reference=NO_REFERENCE)
@@ -276,7 +277,7 @@ class QueryParams(_Section):
 class DraftParams(_Section):
     """Drafts: the Generator answers each query; answers that fail the quality check are retried."""
     samples_per_query: int = setting(2, "Drafts per query.", unit="samples", reference=2, ge=1)
-    max_tries: int = setting(20, "Quality-check retries per sample.", unit="tries", reference=20, ge=1)
+    max_tries: int = setting(20, "Tries per sample to pass the quality check.", unit="tries", reference=20, ge=1)
     max_new_tokens: int | None = setting(None, "Cap on a draft. None: sampling.max_new_tokens.", unit="tokens",
                                          reference=None)
     resample: bool = setting(
@@ -290,20 +291,22 @@ class DraftParams(_Section):
 
 
 class ExtensionParams(_Section):
-    """Extension: the Extender lengthens a draft in two stages per round, kept when min_ratio times longer."""
-    micro_iterations: int = setting(3, "Extension rounds per try; each extends the best text so far.",
-                                    unit="rounds", reference=3, ge=1)
-    min_ratio: float = setting(1.2, "Keep the result only if words(best) > min_ratio x words(draft); else retry.",
+    """Extension: the Extender lengthens a draft in two phases per micro-iteration, kept when min_ratio times
+    longer."""
+    micro_iterations: int = setting(3, "Micro-iterations per try; each extends the best text so far.",
+                                    unit="micro-iterations", reference=3, ge=1)
+    min_ratio: float = setting(1.2, "Keep the result only if words(best) > min_ratio x words(draft); else try again.",
                                unit="ratio", reference=1.2, gt=1)
-    keep_fraction: float = setting(2 / 3, "Stage 1 keeps floor(n x this) of its n paragraphs (pieces between blank "
+    keep_fraction: float = setting(2 / 3, "Phase 1 keeps floor(n x this) of its n paragraphs (pieces between blank "
                                           "lines; none of one), verbatim: its tail drifts.", unit="ratio",
                                    reference=2 / 3, gt=0, le=1)
-    max_tries: int = setting(20, "Whole-extension retries per job.", unit="tries", reference=20, ge=1)
+    max_tries: int = setting(20, "Tries per job: each try extends the draft afresh.", unit="tries", reference=20,
+                             ge=1)
     samples_per_draft: int = setting(2, "Independent extension jobs per draft, each with its own max_tries.",
                                      unit="samples", reference=2, ge=1)
-    stage1_max_new_tokens: int | None = setting(None, "Cap on stage 1 (the enriched former half). None: "
+    phase1_max_new_tokens: int | None = setting(None, "Cap on phase 1 (the enriched former half). None: "
                                                       "sampling.max_new_tokens.", unit="tokens", reference=None)
-    stage2_max_new_tokens: int | None = setting(None, "Cap on stage 2 (the continuation after the pre-fill). None: "
+    phase2_max_new_tokens: int | None = setting(None, "Cap on phase 2 (the continuation after the pre-fill). None: "
                                                       "sampling.max_new_tokens.", unit="tokens", reference=None)
     finish_share: float = setting(
         0.95, "The stage ends once this share of its jobs have ended, kept or out of tries; the few still running "
@@ -484,7 +487,7 @@ class Params(_Section):
     """A recipe: the run's name, the model, and one section per stage and concern."""
     run_name: str = setting(..., "The run is written to output_dir/run_name: one directory name.", unit="none",
                             reference=NO_REFERENCE)
-    macro_iterations: int = setting(3, "Rounds of queries -> drafts -> extensions -> training -> evaluation.",
+    macro_iterations: int = setting(3, "Macro-iterations of queries -> drafts -> extensions -> training -> evaluation.",
                                     unit="iterations", reference=3, ge=1)
     seed: int = setting(0, "The RNG seed: every random choice (sampling, resampling, line dropping) is derived "
                            "from it and the item, so a resumed stage makes the same ones.", unit="none",
@@ -576,13 +579,51 @@ def _without_retired_keys(data: dict[str, Any], source: str, text: str | None) -
     return data
 
 
+# Keys slkit renamed, old -> new (one word per concept: docs/method.md). A recipe or a run directory's params.yaml
+# that still says the old key loads as if it said the new one, with a warning naming the file and both keys.
+RENAMED_KEYS = {
+    "extensions.stage1_max_new_tokens": "extensions.phase1_max_new_tokens",
+    "extensions.stage2_max_new_tokens": "extensions.phase2_max_new_tokens",
+}
+
+
+def _warn_renamed(source: str, old: str, new: str) -> None:
+    warnings.warn(f"{source}: {old} is now called {new}; read as {new} (rename it there)", FutureWarning,
+                  stacklevel=2)
+
+
+def _with_renamed_keys(data: dict[str, Any], source: str, text: str | None) -> dict[str, Any]:
+    """`data` with each of RENAMED_KEYS under its new name (the caller's mapping stays as it was); a file
+    holding both names of one key is an error."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, last = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        new_last = new.split(".")[-1]  # a rename within its section
+        if new_last in node:
+            line = _key_lines(text).get(tuple(old.split("."))) if text else None
+            raise ParamsError(f"{source}{f':{line}' if line else ''}: {old}: the old name of {new}, which is set "
+                              "too; keep only " + new)
+        _warn_renamed(source, old, new)
+        data = {**data}
+        copy = data
+        for part in parents:
+            copy[part] = {**copy[part]}
+            copy = copy[part]
+        copy[new_last] = copy.pop(last)
+    return data
+
+
 def params_from_dict(data: Any, source: str = "<dict>", text: str | None = None,
                      overridden: tuple[str, ...] = ()) -> Params:
     """Validate `data`; errors name source:line and the key, or `--set KEY` for a key in `overridden` (dotted keys
     set on the command line, which the file's lines would misplace)."""
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: the file must hold a mapping of parameters, got {type(data).__name__}")
-    data = _without_retired_keys(data, source, text)
+    data = _with_renamed_keys(_without_retired_keys(data, source, text), source, text)
     try:
         return Params.model_validate(data)
     except ValidationError as err:
@@ -613,6 +654,10 @@ def load_params(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ParamsError(f"{path}:{mark.line + 1 if mark else '?'}: malformed YAML: {err.problem}") from None
     overrides = overrides or {}
     if isinstance(data, dict):  # else params_from_dict says why
+        data = _with_renamed_keys(data, str(path), text)  # the file's old names first, so --set NEW replaces them
+        for old in set(overrides) & set(RENAMED_KEYS):
+            _warn_renamed("--set", old, RENAMED_KEYS[old])
+        overrides = {RENAMED_KEYS.get(k, k): v for k, v in overrides.items()}
         apply_overrides(data, overrides)
     return params_from_dict(data, str(path), text, tuple(overrides))
 

@@ -205,9 +205,10 @@ def mark_done(iter_dir: str | os.PathLike, stage: str, summary: Record | dict[st
 class Progress:
     """What the running stage has done, in a small json file the pipeline's progress bar polls: records ("done"
     of "total") and texts the engine finished ("texts" of "texts_expected"). Texts move as the engine finishes
-    them, where records may wait for several: an extension job is 2 texts per round for several rounds, and
-    every job of a stage finishes in its last round. `texts_per_item` is the texts one record is expected to
-    take (retries take more: the expected count then grows with what was generated)."""
+    them, where records may wait for several: an extension job is 2 texts per micro-iteration for several
+    micro-iterations, and every job of a stage finishes in its last micro-iteration. `texts_per_item` is the
+    texts one record is expected to take (more tries take more: the expected count then grows with what was
+    generated)."""
 
     interval_s = 0.5  # at most two writes a second, and one at each end
 

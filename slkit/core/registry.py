@@ -38,7 +38,7 @@ STAGES: tuple[Stage, ...] = (
           summary="the Generator answers each query; answers that fail the quality check are retried"),
     Stage("extensions", "02_extensions.ipynb", reads=("drafts.jsonl",),
           writes=("resampled_drafts.jsonl", "extensions.jsonl"), params=("extensions", "resampling", "quality", "sampling"),
-          summary="drafts resampled by length; the Extender lengthens each in two stages, kept when 1.2x longer"),
+          summary="drafts resampled by length; the Extender lengthens each in two phases, kept when 1.2x longer"),
     Stage("training", "03_training.ipynb", reads=("extensions.jsonl",),
           writes=("resampled_extensions.jsonl", "generator_sft.jsonl", "extender_sft.jsonl", "adapters/"),
           params=("training", "resampling"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Record(BaseModel):
@@ -66,13 +66,31 @@ class ExtensionRecord(Record):
     language: str = Field(description="the query's language")
     draft: str = Field(description="the draft it started from")
     draft_words: int = Field(description="words of the draft")
-    extended: str = Field(description="the longest text the job's rounds accepted")
+    extended: str = Field(description="the longest text the job's micro-iterations accepted")
     words: int = Field(description="words of the extended text")
     ratio: float = Field(description="words / draft_words, to 3 decimals (kept when > extensions.min_ratio)")
-    attempts: int = Field(description="jobs run until one met the length rule (at most extensions.max_tries)")
-    rounds_accepted: int = Field(description="rounds of the kept attempt whose text was accepted")
-    rounds: list[dict[str, Any]] = Field(default_factory=list,
-                                         description="one entry per extension round of every attempt of the job, in order")
+    tries: int = Field(description="tries until one met the length rule (at most extensions.max_tries)")
+    micro_iterations_accepted: int = Field(description="micro-iterations of the kept try whose text was accepted")
+    micro_iterations: list[dict[str, Any]] = Field(
+        default_factory=list, description="one entry per micro-iteration of every try of the job, in order "
+                                          "(slkit.method.extensions.micro_iteration_trace)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """A record written before the renames (one word per concept) is read under today's names."""
+        if not isinstance(data, dict) or not OLD_EXTENSION_FIELDS.keys() & data.keys():
+            return data
+        data = {OLD_EXTENSION_FIELDS.get(k, k): v for k, v in data.items()}
+        data["micro_iterations"] = [{OLD_TRACE_FIELDS.get(k, k): v for k, v in e.items()} if isinstance(e, dict)
+                                    else e for e in data.get("micro_iterations", [])]
+        return data
+
+
+# ExtensionRecord's fields and those of its micro-iteration entries under their names before the renames.
+OLD_EXTENSION_FIELDS = {"attempts": "tries", "rounds_accepted": "micro_iterations_accepted",
+                        "rounds": "micro_iterations"}
+OLD_TRACE_FIELDS = {"attempt": "try_index", "round": "micro_iteration", "stage1": "phase1"}
 
 
 class TrainingExample(Record):
@@ -241,13 +259,22 @@ class ExtensionsSummary(Record):
     drafts: int = Field(description="drafts read")
     resampled_drafts: int = Field(description="drafts the length-biased resampling kept")
     jobs: int = Field(description="extension jobs: resampled drafts x extensions.samples_per_draft")
-    counts: dict[str, int] = Field(description="round and job outcomes (round_accepted, round_rejected_<why>, "
+    counts: dict[str, int] = Field(description="micro-iteration and job outcomes (micro_iteration_accepted, "
+                                               "micro_iteration_rejected_<why>, "
                                                "accepted, retried, gave_up, dropped: jobs still running when "
                                                "finish_share of them had ended)")
     finish_share: float | None = Field(None, description="extensions.finish_share: the share of jobs that had to end "
                                                           "before the rest were dropped; None: an older run (1)")
     capped: CappedByCap | None = Field(None, description="texts max_new_tokens cut in this stage's last process, "
                                                          "per cap; None: not recorded (an older run)")
+
+
+def micro_iteration_verdict_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The micro-iteration verdicts among an ExtensionsSummary's counts (micro_iteration_<verdict>), by verdict
+    ("accepted", "rejected_<why>"); an older run's summary names them round_<verdict>."""
+    prefixes = ("micro_iteration_", "round_")
+    return {next(k.removeprefix(p) for p in prefixes if k.startswith(p)): n for k, n in counts.items()
+            if k.startswith(prefixes)}
 
 
 class TrainingSummary(Record):

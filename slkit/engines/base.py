@@ -27,7 +27,7 @@ class Request:
     role: str | None  # "generator", "extender" or None for the base model
     max_new_tokens: int
     seed: int = 0
-    prefill: str = ""  # the answer so far: generation continues it (extension stage 2)
+    prefill: str = ""  # the answer so far: generation continues it (extension phase 2)
     # A JSON schema the answer must follow (the judge's scores): backends with structured outputs (vLLM, most
     # servers) constrain decoding to it; the others ignore it and their callers check and retry.
     json_schema: dict | None = field(default=None, compare=False)

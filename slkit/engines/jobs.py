@@ -1,5 +1,5 @@
-"""Jobs that each go at their own pace: a draft with its retries, an extension job with its rounds and
-retries, a judged answer with its tries.
+"""Jobs that each go at their own pace: a draft with its tries, an extension job with its micro-iterations and
+tries, a judged answer with its tries.
 
     def draft_job(query):             # a job is a generator:
         text = yield request, sampling  # it yields the call it needs and receives the engine's text,

@@ -4,7 +4,7 @@ Any slkit engine runs it (evaluation.judge.engine): the run's base model by defa
 model, or an OpenAI-compatible endpoint whose key is read from an environment variable. Where the
 backend has structured outputs (vLLM; servers that take response_format) the reply is constrained to
 JUDGEMENT_SCHEMA, so it is the JSON asked for. A reply that is not (other backends, or a reply cut
-by judge.max_new_tokens) is retried (greedy first, then sampled); after judge.max_tries it is
+by judge.max_new_tokens) is asked again (the first try greedy, the next sampled); after judge.max_tries tries it is
 recorded as failed with its last reply, and failures are counted in the summary.
 """
 from __future__ import annotations
@@ -90,21 +90,21 @@ def judge_responses(engine: Engine, items: list[dict], jp: JudgeParams, seed: in
     (slkit.engines.jobs) that asks again as soon as its reply was not the JSON asked for."""
 
     def judge_job(it: dict) -> Job:
-        for attempt in range(1, jp.max_tries + 1):
+        for try_index in range(1, jp.max_tries + 1):
             # Asked again each try: an endpoint that refused the schema stops offering structured outputs.
             structured = getattr(engine, "structured_outputs", False)
             # A schema-constrained reply starts the object itself, so it gets no pre-filled start.
             prefill = "" if engine.is_chat or structured else BASE_MODEL_PREFILL
-            sampling = SamplingParams(temperature=0.0 if attempt == 1 else 0.7, top_p=0.95, top_k=0,
+            sampling = SamplingParams(temperature=0.0 if try_index == 1 else 0.7, top_p=0.95, top_k=0,
                                       repetition_penalty=1.0, max_new_tokens=jp.max_new_tokens, stop=[])
             reply = yield (Request(engine.render(JUDGE_PROMPT.format(query=it["query"], response=it["output"])), None,
-                                   jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], attempt),
+                                   jp.max_new_tokens, stable_seed(seed, "judge", it["index"], it["sample"], try_index),
                                    prefill=prefill, json_schema=JUDGEMENT_SCHEMA if structured else None), sampling)
             scores = parse_judgement(prefill + reply)
-            if scores is not None or attempt == jp.max_tries:
+            if scores is not None or try_index == jp.max_tries:
                 break
         writer.write(Judgement(index=it["index"], sample=it["sample"], scores=scores,
-                               mean=round(mean(scores.values()), 4) if scores else None, tries=attempt,
+                               mean=round(mean(scores.values()), 4) if scores else None, tries=try_index,
                                failed=scores is None, last_reply=None if scores else (prefill + reply)[:500]))
         if on_done:
             on_done(1)

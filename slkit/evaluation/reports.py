@@ -29,7 +29,7 @@ from IPython.display import Image, display
 
 from slkit.core.layout import BASELINE, environment_path, iter_dir, stage_summary
 from slkit.core.records import read_document, read_json, read_records
-from slkit.core.schema import BenchmarkOutput, EvaluationSummary, record_type
+from slkit.core.schema import BenchmarkOutput, EvaluationSummary, micro_iteration_verdict_counts, record_type
 from slkit.evaluation.benchmarks import length_stability
 from slkit.evaluation.figures import (
     plot_distinct,
@@ -101,9 +101,9 @@ def filter_table(run_dir: str | Path, upto: int | None = None):
             for reason, n in sorted(rejected.items()):
                 add(k, stage, f"rejected: {reason}", n, candidates)
         extend = stage_summary(run_dir, k, "extensions")
-        rounds = {r: n for r, n in extend.get("counts", {}).items() if r.startswith("round_")}
-        for reason, n in sorted(rounds.items()):
-            add(k, "extension round", reason.removeprefix("round_").replace("_", " ", 1), n, sum(rounds.values()))
+        verdicts = micro_iteration_verdict_counts(extend.get("counts", {}))
+        for reason, n in sorted(verdicts.items()):
+            add(k, "extension micro-iteration", reason.replace("_", " ", 1), n, sum(verdicts.values()))
         if extend:
             add(k, "draft resampling", "kept", extend["resampled_drafts"], extend["drafts"])
             add(k, "extension job", "accepted", extend["extensions"], extend["jobs"])

@@ -1,5 +1,5 @@
-"""Stage 1, drafts: the Generator answers each query `samples_per_query` times; each sample is
-retried up to `max_tries` times until it passes the quality check.
+"""Step 1, drafts: the Generator answers each query `samples_per_query` times; each sample gets up to
+`max_tries` tries to pass the quality check.
 
 Each (query, sample) is a job (slkit.engines.jobs) that retries at its own pace; its record is written when
 it passes. A draft that already repeats an n-gram stops generating there (its request's stop_early check):
@@ -33,8 +33,8 @@ def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration:
     rejected: Counter = Counter()
 
     def draft_job(query: dict, sample: int, prompt: str) -> Job:
-        for attempt in range(dp.max_tries):
-            seed = stable_seed(params.seed, iteration, query["id"], sample, attempt)
+        for try_index in range(dp.max_tries):
+            seed = stable_seed(params.seed, iteration, query["id"], sample, try_index)
             text = yield (Request(prompt, "generator", max_new, seed,
                                   stop_early=repetition_watch(query["language"], rules, params.sampling)),
                           params.sampling)
@@ -42,7 +42,7 @@ def write_drafts(engine: Engine, queries: list[dict], params: Params, iteration:
             if failure is None:
                 writer.write(DraftRecord(id=draft_id(query["id"], sample), query_id=query["id"], query=query["query"],
                                          language=query["language"], sample=sample, draft=text,
-                                         words=count_words(text), tries=attempt + 1))
+                                         words=count_words(text), tries=try_index + 1))
                 break
             rejected[failure] += 1
         else:

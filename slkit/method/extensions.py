@@ -1,19 +1,20 @@
-"""Stage 2, two-stage extension (docs/method.md, "Extension").
+"""Step 2, extension (docs/method.md, "Extension").
 
-Each draft gets `samples_per_draft` independent jobs. A job runs up to `micro_iterations` rounds:
-stage 1 shows the Extender the extension template (prompts.EXTENSION) with the query and the former
-half of the current text, and keeps the first n*2//3 of the n paragraphs it returns; stage 2 shows it
+Each draft gets `samples_per_draft` independent jobs. A job runs up to `micro_iterations` micro-iterations:
+phase 1 shows the Extender the extension template (prompts.EXTENSION) with the query and the former
+half of the current text, and keeps the first n*2//3 of the n paragraphs it returns; phase 2 shows it
 the same template with the query and the whole current text, pre-fills its answer with the kept part
-and lets it continue. A round is accepted when the new text passes the quality check and is longer
+and lets it continue. A micro-iteration is accepted when the new text passes the quality check and is longer
 than the best so far. The job's result is kept only if words(best) > 1.2 x words(draft); otherwise
-the whole job is retried, up to `max_tries` times. Each job goes at its own pace (slkit.engines.jobs): on a
-server its next request leaves as soon as its last one returned; on a batching engine all jobs advance
-together, one batch per stage of a round. A stage-2 continuation that already repeats an n-gram stops there
-(its request's stop_early check): the round would be rejected whatever it wrote next.
+the job tries again from the draft, up to `max_tries` tries. Each job goes at its own pace (slkit.engines.jobs): on
+a server its next request leaves as soon as its last one returned; on a batching engine all jobs advance
+together, one batch per phase of a micro-iteration. A phase-2 continuation that already repeats an n-gram stops
+there (its request's stop_early check): the micro-iteration would be rejected whatever it wrote next.
 
-A kept job's record lists every round it ran, of every attempt (`rounds`, see `round_trace`), so a
-reader can follow one draft through the stage; the texts that follow from these (the round's input,
-the stage-1 prompt, the kept head, the pre-fill) are rebuilt by slkit.lessons.extensions.
+A kept job's record lists every micro-iteration it ran, of every try (`micro_iterations`, see
+`micro_iteration_trace`), so a reader can follow one draft through the stage; the texts that follow from these
+(the micro-iteration's input, the phase-1 prompt, the kept head, the pre-fill) are rebuilt by
+slkit.lessons.extensions.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from slkit.method.textstats import count_words
 def former_part(text: str) -> str:
     """The first half, rounded down, of the text's parts, as the reference cuts it: the parts are the pieces
     between blank lines ("\n\n"), or the lines when there are at most 2 such pieces; they are joined again with
-    a blank line. A text of one line has no former part (its stage-1 prompt shows an empty text)."""
+    a blank line. A text of one line has no former part (its phase-1 prompt shows an empty text)."""
     parts = text.split("\n\n")
     if len(parts) <= 2:
         parts = text.split("\n")
@@ -42,7 +43,7 @@ def former_part(text: str) -> str:
 
 
 def kept_paragraphs(text: str, fraction: float) -> int:
-    """How many paragraphs keep_head keeps of a stage-1 output of n pieces between blank lines: floor(n x
+    """How many paragraphs keep_head keeps of a phase-1 output of n pieces between blank lines: floor(n x
     fraction), which is none of one paragraph."""
     n = len(text.split("\n\n"))
     # The epsilon keeps a product such as 0.29 x 100 = 28.999999999999996 at 29.
@@ -55,31 +56,31 @@ def first_paragraphs(text: str, paragraphs: int) -> str:
 
 
 def keep_head(text: str, fraction: float) -> str:
-    """The first floor(n x fraction) of the n paragraphs of a stage-1 output, verbatim (its tail tends to
+    """The first floor(n x fraction) of the n paragraphs of a phase-1 output, verbatim (its tail tends to
     drift). With 2/3: 1, 2, 4, 5, 8 paragraphs keep 0, 1, 2, 3, 5, as the reference's n*2//3."""
     return first_paragraphs(text, kept_paragraphs(text, fraction))
 
 
-def stage2_prefill(kept: str) -> str:
-    """The start of stage 2's answer: the kept head itself, with nothing added, as in the reference."""
+def phase2_prefill(kept: str) -> str:
+    """The start of phase 2's answer: the kept head itself, with nothing added, as in the reference."""
     return kept
 
 
-def stage2_text(kept: str, continuation: str) -> str:
-    """The round's new text: the kept head, then the continuation. The reference joins the two raw; slkit's
+def phase2_text(kept: str, continuation: str) -> str:
+    """The micro-iteration's new text: the kept head, then the continuation. The reference joins the two raw; slkit's
     engines strip a continuation's leading line breaks, so a blank line puts them back (the break the model
     writes after a kept head that ends a paragraph)."""
     return "\n\n".join(p for p in (kept, continuation) if p)
 
 
-def round_trace(attempt: int, round_: int, stage1: str, kept: int, continuation: str, words: int,
-                verdict: str) -> dict:
-    """What one round leaves in its job's record: the attempt and round (from 1), the Extender's stage-1
-    output, how many of its paragraphs were kept (the kept head is first_paragraphs(stage1, kept)), its
-    continuation after the pre-fill, the words of kept head + continuation, and the verdict ('accepted', a
-    quality failure, or 'not_longer'). The round's input text, the prompts
+def micro_iteration_trace(try_index: int, micro_iteration: int, phase1: str, kept: int, continuation: str,
+                          words: int, verdict: str) -> dict:
+    """What one micro-iteration leaves in its job's record: the try and the micro-iteration (from 1), the
+    Extender's phase-1 output, how many of its paragraphs were kept (the kept head is first_paragraphs(phase1,
+    kept)), its continuation after the pre-fill, the words of kept head + continuation, and the verdict
+    ('accepted', a quality failure, or 'not_longer'). The micro-iteration's input text, the prompts
     and the pre-fill follow from these and the record's draft (slkit.lessons.extensions)."""
-    return {"attempt": attempt, "round": round_, "stage1": stage1, "kept_paragraphs": kept,
+    return {"try_index": try_index, "micro_iteration": micro_iteration, "phase1": phase1, "kept_paragraphs": kept,
             "continuation": continuation, "words": words, "verdict": verdict}
 
 
@@ -94,47 +95,48 @@ def extend_drafts(engine: Engine, drafts: list[dict], params: Params, iteration:
     still running when extensions.finish_share of them had ended). Jobs whose record is already in `writer` (a
     resumed stage) are not run again."""
     ep = params.extensions
-    max1 = ep.stage1_max_new_tokens or params.sampling.max_new_tokens
-    max2 = ep.stage2_max_new_tokens or params.sampling.max_new_tokens
+    max1 = ep.phase1_max_new_tokens or params.sampling.max_new_tokens
+    max2 = ep.phase2_max_new_tokens or params.sampling.max_new_tokens
     counts: Counter = Counter()
 
     def extension_job(d: dict, sample: int) -> Job:
-        """Rounds of stage 1 and stage 2 on the best text so far, the whole job retried until the length rule
-        holds or max_tries is spent; the record is written when the job is kept."""
-        id_, rounds = job_id(d["id"], sample), []
-        for attempt in range(1, ep.max_tries + 1):
+        """Micro-iterations of phase 1 and phase 2 on the best text so far, tried again from the draft until the
+        length rule holds or max_tries is spent; the record is written when the job is kept."""
+        id_, trace = job_id(d["id"], sample), []
+        for try_index in range(1, ep.max_tries + 1):
             current, best_words, accepted = d["draft"], d["words"], 0
-            for round_ in range(ep.micro_iterations):
-                seed = stable_seed(params.seed, iteration, id_, attempt, round_)
-                stage1 = yield (Request(engine.render(extension_prompt(d["query"], former_part(current), d["language"])),
+            for micro_iteration in range(ep.micro_iterations):
+                seed = stable_seed(params.seed, iteration, id_, try_index, micro_iteration)
+                phase1 = yield (Request(engine.render(extension_prompt(d["query"], former_part(current), d["language"])),
                                         "extender", max1, seed), params.sampling)
-                kept = keep_head(stage1, ep.keep_fraction)
-                prefill = stage2_prefill(kept)
+                kept = keep_head(phase1, ep.keep_fraction)
+                prefill = phase2_prefill(kept)
                 continuation = yield (Request(
                     engine.render(extension_prompt(d["query"], current, d["language"])), "extender", max2, seed + 1,
                     prefill=prefill, stop_early=repetition_watch(d["language"], rules, params.sampling, kept, prefill)),
                     params.sampling)
-                new_text = stage2_text(kept, continuation)
+                new_text = phase2_text(kept, continuation)
                 words = count_words(new_text)
                 failure = quality_failure(new_text, d["language"], rules,
                                           getattr(continuation, "stopped_early", False))
                 if failure is None and words > best_words:
                     current, best_words, accepted, verdict = new_text, words, accepted + 1, "accepted"
-                    counts["round_accepted"] += 1
+                    counts["micro_iteration_accepted"] += 1
                 else:
                     verdict = failure or "not_longer"
-                    counts[f"round_rejected_{verdict}"] += 1
-                rounds.append(round_trace(attempt, round_ + 1, stage1, kept_paragraphs(stage1, ep.keep_fraction),
-                                          continuation, words, verdict))
+                    counts[f"micro_iteration_rejected_{verdict}"] += 1
+                trace.append(micro_iteration_trace(try_index, micro_iteration + 1, phase1,
+                                                   kept_paragraphs(phase1, ep.keep_fraction), continuation, words,
+                                                   verdict))
             if best_words > ep.min_ratio * d["words"]:
                 writer.write(ExtensionRecord(
                     id=id_, draft_id=d["id"], sample=sample, query_id=d["query_id"], query=d["query"],
                     language=d["language"], draft=d["draft"], draft_words=d["words"], extended=current,
-                    words=best_words, ratio=round(best_words / max(1, d["words"]), 3), attempts=attempt,
-                    rounds_accepted=accepted, rounds=rounds))
+                    words=best_words, ratio=round(best_words / max(1, d["words"]), 3), tries=try_index,
+                    micro_iterations_accepted=accepted, micro_iterations=trace))
                 counts["accepted"] += 1
                 break
-            if attempt < ep.max_tries:
+            if try_index < ep.max_tries:
                 counts["retried"] += 1
         else:
             counts["gave_up"] += 1

@@ -2,7 +2,7 @@
 
 Each is written in slkit's own words after the reference's (docs/method.md). A chat model gets them as a user
 turn rendered by slkit.models.chat; self-instruct then pre-fills the answer with the numbered examples, and
-stage 2 of the extension pre-fills it with the kept head, and the model continues. A model without a chat
+phase 2 of the extension pre-fills it with the kept head, and the model continues. A model without a chat
 template gets the plain forms below (a header and few-shot examples), which a base model can complete.
 """
 from __future__ import annotations
@@ -53,8 +53,8 @@ JUDGE_YES = {"en": "yes", "zh": "是"}
 JUDGE_NO = {"en": "no", "zh": "否"}
 
 # One extension template per language, holding the request and a text, in the reference's terms: the text
-# is an "original outline" to expand, not to continue. It serves extension stage 1 (with the former part of
-# the text), stage 2 (with the whole text, answer pre-filled) and the Extender's training set, so the trained
+# is an "original outline" to expand, not to continue. It serves extension phase 1 (with the former part of
+# the text), phase 2 (with the whole text, answer pre-filled) and the Extender's training set, so the trained
 # Extender always sees its own training prompt. As in the reference, only the English one asks for a text as
 # long, rich and engaging as possible. The quality check rejects its nouns ("outline", "enriched", 大纲, ...)
 # at a text's edges: an Extender that talks about the task instead of doing it (quality.meta_words).

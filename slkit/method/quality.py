@@ -68,7 +68,7 @@ class RepetitionWatch:
     """A request's stop_early check (slkit.engines.base.Request): True once the text generated so far holds a
     repeated n-gram that the quality check will find in the final text, so generating on is wasted. The text
     checked is `head` plus what the engines will make of the generation (settled_text) joined as an extension
-    round joins them (slkit.method.extensions), whose n-gram units, but the last, are those the final text
+    micro-iteration joins them (slkit.method.extensions), whose n-gram units, but the last, are those the final text
     starts with: the verdict is the check's own. The units seen so far are kept, so each call reads only the
     new ones."""
 
@@ -83,7 +83,7 @@ class RepetitionWatch:
         settled = settled_text(text[len(self.prefill):], self.sampling)
         if not settled:
             return False
-        # joined as slkit.method.extensions.stage2_text joins a kept head and its continuation
+        # joined as slkit.method.extensions.phase2_text joins a kept head and its continuation
         units = ngram_units("\n\n".join(p for p in (self.head, settled) if p), self.language)[:-1]
         for i in range(max(0, len(self.units) - self.n + 1), len(units) - self.n + 1):  # the new n-grams
             gram = tuple(units[i:i + self.n])

@@ -1,4 +1,4 @@
-"""Stage 0, query synthesis (self-instruct): new long-writing queries from a pool of exemplars.
+"""Step 0, query synthesis (self-instruct): new long-writing queries from a pool of exemplars.
 
 Each slot shows the model `examples_per_prompt` pool instructions of its language, numbered, as the
 start of its answer to a chat turn that asks for long-writing instructions (a plain header for a model
@@ -130,7 +130,7 @@ def synthesize_queries(engine: Engine, pool: list[dict], seen: list[str], params
             elif index.is_duplicate(query):
                 rejected["duplicate"] += 1
             else:
-                index.add(query)  # later candidates of this round must not repeat it either
+                index.add(query)  # later candidates of this batch must not repeat it either
                 candidates[s] = query
         answers, verdicts = {}, {}
         if qp.judge and candidates:

@@ -1,4 +1,4 @@
-"""Stage 3 and 4: length-biased resampling (of the drafts and of the extensions) and the Generator /
+"""Steps 3 and 4: length-biased resampling (of the drafts and of the extensions) and the Generator /
 Extender training sets.
 
 Training records are {"id", "prompt", "completion"} with the prompt as an unrendered user

@@ -111,13 +111,14 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
-def with_current_defaults(snapshot: Any) -> Any:
+def with_current_defaults(snapshot: Any, source: str = "<dict>") -> Any:
     """A run's params.yaml as this slkit reads it: keys added to slkit after the run started take their
     defaults, which is what the run did before they existed (a new key's default keeps the old behaviour).
     Without this, a run moved to a newer slkit is refused for keys that nobody changed. A snapshot this
-    slkit cannot read (a key renamed or removed) is compared as written, so those keys show as changed."""
+    slkit cannot read (a key removed) is compared as written, so those keys show as changed; a renamed key
+    (slkit.core.params.RENAMED_KEYS) is read under its new name."""
     try:
-        return params_from_dict(snapshot).to_dict()
+        return params_from_dict(snapshot, source).to_dict()
     except ParamsError:
         return snapshot
 
@@ -126,7 +127,7 @@ def changes_since(snapshot: Path, params: Params) -> tuple[list[str], list[str]]
     """(every key that differs, the keys among them a resume may not change) between a params snapshot written
     earlier (a run's params.yaml, an evaluation's evaluate.yaml) and `params`; keys added to slkit since the
     snapshot count as their defaults (with_current_defaults)."""
-    old = with_current_defaults(yaml.safe_load(snapshot.read_text(encoding="utf-8")))
+    old = with_current_defaults(yaml.safe_load(snapshot.read_text(encoding="utf-8")), str(snapshot))
     changed = changed_keys(old, params.to_dict())
     return changed, [k for k in changed if k not in RESUMABLE_KEYS]
 

@@ -1,4 +1,4 @@
-"""The extensions stage: drafts resampled by length, then lengthened by the Extender in two stages
+"""The extensions stage: drafts resampled by length, then lengthened by the Extender in two phases
 -> resampled_drafts.jsonl, extensions.jsonl."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def extensions_stage(run_dir: str | Path, iteration: int, params: Params) -> dic
     are extended: the dropped ones are those of drafts.jsonl not in it, and the summary counts both
     ("drafts", "resampled_drafts"). The draw is seeded by (seed, iteration) over the drafts in id order,
     so a resumed stage extends the same drafts. Each kept draft then gets extensions.samples_per_draft
-    two-stage extension jobs ("jobs"), each kept when > min_ratio x draft.
+    two-phase extension jobs ("jobs"), each kept when > min_ratio x draft.
     """
     out = iter_dir(run_dir, iteration)
     # In id order: files hold records in completion order, which a resumed stage changes.
@@ -40,7 +40,7 @@ def extensions_stage(run_dir: str | Path, iteration: int, params: Params) -> dic
     records, counts = generate_records(
         params, run_dir, iteration, "extensions", out / "extensions.jsonl", jobs,
         lambda engine, writer, on_done: extend_drafts(engine, kept, params, iteration, writer, params.quality, on_done),
-        caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two stages a round
+        caps=caps, texts_per_item=2 * params.extensions.micro_iterations)  # two phases a micro-iteration
     summary = ExtensionsSummary(extensions=len(records), drafts=len(drafts), resampled_drafts=len(kept), jobs=jobs,
                                 counts=dict(counts), finish_share=params.extensions.finish_share,
                                 capped=caps.summary()).model_dump()
