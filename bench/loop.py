@@ -44,8 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "params/growth-qwen2.5-1.5b.yaml"
 OVERRIDES = {"queries.per_language": 50, "drafts.max_tries": 5, "extensions.max_tries": 2,
-             "drafts.max_new_tokens": 4096, "extensions.stage1_max_new_tokens": 4096,
-             "extensions.stage2_max_new_tokens": 4096, "queries.judge": False, "evaluation.judge.enabled": False,
+             "drafts.max_new_tokens": 4096, "extensions.phase1_max_new_tokens": 4096,
+             "extensions.phase2_max_new_tokens": 4096, "queries.judge": False, "evaluation.judge.enabled": False,
              "macro_iterations": 1, "length_control.enabled": False, "evaluation.baseline": False}
 STAGES = ("queries", "drafts", "extensions", "training", "evaluation", "length_control")
 STARTS = {"ready", "server_start"}  # engine_timings events that mean an engine started
@@ -167,7 +167,7 @@ def engine_lane(events: list[dict[str, Any]], samples: list[dict[str, float]], e
         elif kind == "closed":
             since = up_since.pop(e.get("pid"), at - float(e.get("generate_s") or 0.0))
             lane.append([since, at, "up"])
-            if e.get("generate_s"):  # in-process engines generate in one call per round: shown as one block
+            if e.get("generate_s"):  # in-process engines generate in one call per batch: shown as one block
                 lane.append([at - float(e["generate_s"]), at, "generating"])
         elif kind == "server_stop":
             for pid in list(up_since):
