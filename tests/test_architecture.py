@@ -123,11 +123,12 @@ def test_imports_are_at_the_top_of_modules_but_the_optional_ones():
 
 def test_a_stage_on_the_server_imports_no_other_backend():
     """What a stage's notebook imports (lessons, method, stages) leaves the transformers and vLLM backends, peft,
-    bitsandbytes and TRL unimported: each was seconds of every kernel's start on the GPU machine."""
+    bitsandbytes, TRL and transformers' modeling code unimported: each was seconds of every kernel's start on the
+    GPU machine."""
     code = ("import sys, slkit.lessons, slkit.stages.queries, slkit.stages.drafts, slkit.stages.extensions, "
             "slkit.stages.evaluation, slkit.method.drafts, slkit.engines\n"
             "print(sorted(m for m in ('peft', 'bitsandbytes', 'trl', 'vllm', 'slkit.engines.transformers', "
-            "'slkit.engines.vllm') if m in sys.modules))")
+            "'slkit.engines.vllm', 'transformers.modeling_utils') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

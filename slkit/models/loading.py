@@ -22,14 +22,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from torch.ao.quantization import per_channel_dynamic_qconfig
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+# Model classes are reached as transformers.<Name> where they are used: importing one imports the modeling
+# code (seconds), and a stage on the run's vLLM server only needs the tokenizer.
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from slkit.core.builtins import BUILTIN_MODELS, BUILTIN_PREFIX, is_builtin
 from slkit.core.exemplars import load_shipped_exemplars
@@ -144,11 +139,11 @@ def _build_tiny_random_llama(out: Path) -> None:
     """A 2-layer Llama with a 600-token tokenizer: the smoke recipe's and the tests' model."""
     tok = train_small_tokenizer(out)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out))
 
 
 def load_tokenizer(model_params: Any):
@@ -193,7 +188,7 @@ def load_model(model_params: Any, device: str = "auto", for_training: bool = Fal
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ImportError("model.load_in_4bit needs the bitsandbytes package: pip install 'slkit[gpu]'") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
         kwargs["device_map"] = {"": device}
