@@ -43,10 +43,16 @@ def train_at_once(params: Params, jobs: dict[str, tuple[str | Path, str | Path, 
         command = [sys.executable, *_command(params_file, examples_path, output_dir, init_adapter)]
         started[role] = (subprocess.Popen(command), params_file, output_dir, command)
     failed = []
-    for role, (process, params_file, _, command) in started.items():
-        if process.wait():
-            failed.append(f"{role} (exit {process.returncode}): {' '.join(command)}")
-        params_file.unlink(missing_ok=True)
+    try:
+        for role, (process, params_file, _, command) in started.items():
+            if process.wait():
+                failed.append(f"{role} (exit {process.returncode}): {' '.join(command)}")
+            params_file.unlink(missing_ok=True)
+    finally:  # interrupted (Ctrl-C, a stopped kernel): no training is left holding the GPU
+        for process, *_ in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     if failed:
         raise RuntimeError("training at once failed for " + "; ".join(failed))
     return {role: read_document(output_dir / "slkit-train.json", AdapterTrainingSummary)
