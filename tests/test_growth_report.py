@@ -131,8 +131,8 @@ def make_run(root, iterations=2, expected=2, length_control=True):
             write_jsonl_atomic(d / "drafts.jsonl", drafts)
             extensions = [ExtensionRecord(id=f"{x.id}-x0", draft_id=x.id, sample=0, query_id=x.query_id, query="q",
                                           language=x.language, draft=x.draft, draft_words=x.words,
-                                          extended=en_text(2 * x.words), words=2 * x.words, ratio=2.0, attempts=1,
-                                          rounds_accepted=1) for x in drafts[:2]]
+                                          extended=en_text(2 * x.words), words=2 * x.words, ratio=2.0, tries=1,
+                                          micro_iterations_accepted=1) for x in drafts[:2]]
             write_jsonl_atomic(d / "extensions.jsonl", extensions)
             for name in ("generator_sft.jsonl", "extender_sft.jsonl"):
                 (d / name).write_text('{"id": "x", "prompt": "p", "completion": "c"}\n')
@@ -143,7 +143,8 @@ def make_run(root, iterations=2, expected=2, length_control=True):
             mark_done(d, "drafts", DraftsSummary(drafts=3, rejected={"repetition": 6, "too_short": 1, "gave_up": 1}))
             mark_done(d, "extensions", ExtensionsSummary(
                 extensions=2, drafts=3, resampled_drafts=2, jobs=4,
-                counts={"round_accepted": 2, "round_rejected_not_longer": 6, "accepted": 2, "gave_up": 2}))
+                counts={"micro_iteration_accepted": 2, "micro_iteration_rejected_not_longer": 6, "accepted": 2,
+                        "gave_up": 2}))
             adapter = {"samples": 2, "trained": True, "steps": 1, "seconds": 5.0, "tokens": 900,
                        "first_loss": 2.0, "final_loss": 1.25}
             mark_done(d, "training", TrainingSummary(extensions=2, resampled_extensions=2, generator=adapter,
@@ -223,7 +224,7 @@ def test_publishes_a_whole_run(tmp_path):
     assert rows["extension ratio (extension / its draft, median)"][1] == "2.00x"
     assert rows["extension acceptance (accepted / jobs)"][1] == "50.0% (2/4)"
     assert rows["filter: drafts rejected: repetition"][1] == "60.0% (6/10)"
-    assert rows["filter: extension round rejected not_longer"][1] == "75.0% (6/8)"
+    assert rows["filter: extension micro-iteration rejected not_longer"][1] == "75.0% (6/8)"
     assert rows["training generator: loss first -> final"] == ["", "2.000 -> 1.250", "2.000 -> 1.250",
                                                                "1.500 -> 0.750"]
     assert rows["seconds: drafts"][1:3] == ["30.5", "30.5"]

@@ -192,7 +192,7 @@ _STAGE = re.compile(r"^(baseline evaluation|iteration (\d+) (\w+)|length_control
 
 def stage_runs(run_dir: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
     """Per (iteration, stage) the log holds (the final stage as (its iteration, "length_control")): "pids", the
-    processes that ran it (a resumed stage ran in several), "attempts" (its "start" lines) and "seconds", the
+    processes that ran it (a resumed stage ran in several), "starts" (its "start" lines) and "seconds", the
     last attempt's "done in" time (None while it has not finished). {} without a log."""
     path = log_path(run_dir)
     runs: dict[tuple[int, str], dict[str, Any]] = {}
@@ -204,11 +204,11 @@ def stage_runs(run_dir: str | Path) -> dict[tuple[int, str], dict[str, Any]]:
             continue
         key = (0, "evaluation") if s[1] == "baseline evaluation" else \
             (int(s[2]), s[3]) if s[3] else (int(s[4]), "length_control")
-        run = runs.setdefault(key, {"pids": [], "attempts": 0, "seconds": None})
+        run = runs.setdefault(key, {"pids": [], "starts": 0, "seconds": None})
         if int(m[1]) not in run["pids"]:
             run["pids"].append(int(m[1]))
         if s[5] == "start":
-            run["attempts"] += 1
+            run["starts"] += 1
         else:
             run["seconds"] = float(s[6])
     return runs

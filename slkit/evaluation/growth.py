@@ -183,10 +183,10 @@ def stage_numbers(run: dict | None, events: list[dict]) -> dict[str, Any]:
     "closed" events of its in-process engines and "served" events of its engines on the run's server, from the
     stage's processes; None where there is none)."""
     if run is None:
-        return {"seconds": None, "generated_tokens": None, "attempts": 0}
+        return {"seconds": None, "generated_tokens": None, "starts": 0}
     closed = [e for e in events if e["event"] in TOKEN_EVENTS and e["pid"] in run["pids"]
               and e.get("generated_tokens") is not None]
-    return {"seconds": run["seconds"], "attempts": run["attempts"],
+    return {"seconds": run["seconds"], "starts": run["starts"],
             "generated_tokens": sum(e["generated_tokens"] for e in closed) if closed else None}
 
 
@@ -587,7 +587,7 @@ def readme_markdown(report: GrowthReport, published: dict[str, list[str]], top: 
               "ratio is an extension's words over its draft's. Filters: reports.filter_table over the stages' "
               "done-markers (rate = count / candidates the check saw). Training: training.done.json "
               "(length_control: length_control.json, the final Generator).",
-              "- Seconds: slkit.log's \"done in\" of each stage (the last attempt of a resumed one). Generated "
+              "- Seconds: slkit.log's \"done in\" of each stage (the last start of a resumed one). Generated "
               "tokens: engine_timings.jsonl's `closed` (in-process engine) and `served` (the run's server, its "
               "counters while the stage's engine was open) events of the stage's processes; blank where none."
               + (f" Tokens of engines outside the stages' processes: {report.unattributed_tokens:,}."
