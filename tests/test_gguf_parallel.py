@@ -140,3 +140,19 @@ def test_the_worker_count_defaults_to_the_cpus_and_the_environment_overrides_it(
     with pytest.raises(ValueError, match="SLKIT_CONVERT_WORKERS"):
         gguf_parallel.conversion_workers()
     assert gguf_parallel.unavailable_reason("unused.gguf", 1).startswith("1 worker process")
+
+
+def test_a_pool_that_cannot_start_leaves_the_conversion_to_transformers(quantized_gguf, sequential, monkeypatch,
+                                                                       tmp_path, caplog):
+    import gguf
+
+    def no_pool(*args, **kwargs):
+        raise OSError("cannot fork")
+
+    monkeypatch.setattr(gguf_parallel, "ProcessPoolExecutor", no_pool)
+    real_reader, real_dequantize = gguf.GGUFReader, gguf.dequantize
+    with caplog.at_level(logging.WARNING):
+        loading.convert_gguf(quantized_gguf, tmp_path, workers=2)
+    assert "the worker pool could not start (cannot fork)" in caplog.text
+    assert (gguf.GGUFReader, gguf.dequantize) == (real_reader, real_dequantize)
+    assert_same_checkpoint(sequential, tmp_path)

@@ -8,6 +8,7 @@ smoke recipe and the tests use it). Any other value is a local directory or a hu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -114,7 +115,14 @@ def convert_gguf(gguf: Path, out: Path, workers: int | None = None) -> None:
         _convert_gguf(gguf, out)
         return
     print(f"converting {gguf.name} to bf16 safetensors, {workers} processes dequantising", flush=True)
-    with parallel_gguf_loading(gguf, workers) as hook:
+    with contextlib.ExitStack() as stack:
+        try:
+            hook = stack.enter_context(parallel_gguf_loading(gguf, workers))
+        except OSError as err:  # no memory for the shared map, no processes to fork: the old way still works
+            log.warning("converting %s without parallel dequantisation: the worker pool could not start (%s)",
+                        gguf.name, err)
+            _convert_gguf(gguf, out)
+            return
         _convert_gguf(gguf, out)
     if hook.problem is not None or hook.served < len(hook.slots):
         log.warning("parallel dequantisation answered %d of %d quantized tensors of %s (%s); transformers "
