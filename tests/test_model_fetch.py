@@ -19,15 +19,18 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 
 
-def write_tiny_qwen2_gguf(path: Path) -> dict[str, np.ndarray]:
-    """A 1-layer qwen2 GGUF (f32 tensors, byte-level BPE tokenizer, a chat template); returns its tensors."""
+def write_tiny_qwen2_gguf(path: Path, quantized: bool = False) -> dict[str, np.ndarray]:
+    """A 1-layer qwen2 GGUF (f32 tensors, byte-level BPE tokenizer, a chat template); returns its tensors.
+
+    quantized: wider (hidden 256, the K-quants' block), and the matrices stored as Q4_K, Q6_K and Q8_0 like
+    a Q4_K_M file's (the returned tensors are then their dequantized values)."""
     import gguf
 
     tok = train_small_tokenizer(path.parent / "tokenizer")
     spec = json.loads((path.parent / "tokenizer" / "tokenizer.json").read_text())
     tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    hidden, inter, heads, kv_heads = 32, 64, 4, 2
+    hidden, inter, heads, kv_heads = (256, 512, 4, 2) if quantized else (32, 64, 4, 2)
     head_dim = hidden // heads
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_context_length(256)
@@ -58,13 +61,39 @@ def write_tiny_qwen2_gguf(path: Path) -> dict[str, np.ndarray]:
     tensors = {name: (rng.standard_normal(shape) * 0.02).astype(np.float32) for name, shape in shapes.items()}
     tensors |= {name: np.ones(hidden, np.float32)
                 for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight")}
+    qtypes = {"token_embd.weight": "Q4_K", "output.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+              "blk.0.attn_q.weight": "Q8_0", "blk.0.attn_k.weight": "Q8_0", "blk.0.attn_v.weight": "Q4_K",
+              "blk.0.attn_output.weight": "Q4_K", "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q4_K"}
     for name, array in tensors.items():
-        w.add_tensor(name, array)
+        if quantized and name in qtypes:
+            qtype = gguf.GGMLQuantizationType[qtypes[name]]
+            blocks = _quantized_blocks(array, qtype, rng)
+            tensors[name] = gguf.quants.dequantize(blocks, qtype)
+            w.add_tensor(name, blocks, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return tensors
+
+
+def _quantized_blocks(array: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    """`array` in gguf blocks of `qtype`: gguf-py quantizes Q8_0; the K-quants, which it only dequantizes,
+    get random blocks with small float16 scales (their values are what the test compares, not `array`)."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        return gguf.quants.quantize(array, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (array.size // block, size), dtype=np.uint8)
+    scales = (rng.uniform(1e-4, 1e-3, (len(blocks), 2))).astype(np.float16).view(np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin first
+        blocks[:, :4] = scales
+    else:  # Q6_K: d last
+        blocks[:, -2:] = scales[:, :2]
+    return blocks.reshape(array.shape[0], -1)
 
 
 @pytest.fixture(scope="module")

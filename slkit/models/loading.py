@@ -8,7 +8,9 @@ smoke recipe and the tests use it). Any other value is a local directory or a hu
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +40,9 @@ from slkit.models.builtin import (
     fetch_gguf,
     require_gguf,
 )
+from slkit.models.gguf_parallel import conversion_workers, parallel_gguf_loading, unavailable_reason
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(path: str) -> str:
@@ -86,13 +91,41 @@ def _build_into_cache(path: str, build: Callable[[Path], None]) -> str:
     return str(target)
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path, workers: int | None = None) -> None:
     """A GGUF file -> bf16 safetensors checkpoint and tokenizer (chat template included) in `out`.
 
     transformers dequantises GGUF weights on load; save_pretrained refuses a model still marked as
-    GGUF-quantized, so the markers are cleared first."""
+    GGUF-quantized, so the markers are cleared first. The dequantisation runs in `workers` processes
+    (default $SLKIT_CONVERT_WORKERS, else the CPU count; slkit.models.gguf_parallel), with the same bytes
+    as transformers' own one-tensor-after-another loading, which is used where that hook cannot be (the
+    reason is logged) or with one worker."""
     require_gguf()
-    print(f"converting {gguf.name} to bf16 safetensors (about a minute per 0.5B parameters on a CPU)", flush=True)
+    workers = conversion_workers(workers)
+    reason = unavailable_reason(gguf, workers)
+    if reason is not None:
+        (log.warning if workers > 1 else log.info)("converting %s without parallel dequantisation: %s",
+                                                   gguf.name, reason)
+        print(f"converting {gguf.name} to bf16 safetensors, one tensor after another "
+              f"(about a minute per 0.5B parameters on a CPU)", flush=True)
+        _convert_gguf(gguf, out)
+        return
+    print(f"converting {gguf.name} to bf16 safetensors, {workers} processes dequantising", flush=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            hook = stack.enter_context(parallel_gguf_loading(gguf, workers))
+        except OSError as err:  # no memory for the shared map, no processes to fork: the old way still works
+            log.warning("converting %s without parallel dequantisation: the worker pool could not start (%s)",
+                        gguf.name, err)
+            _convert_gguf(gguf, out)
+            return
+        _convert_gguf(gguf, out)
+    if hook.problem is not None or hook.served < len(hook.slots):
+        log.warning("parallel dequantisation answered %d of %d quantized tensors of %s (%s); transformers "
+                    "dequantised the others itself", hook.served, len(hook.slots), gguf.name,
+                    hook.problem or "the loader asked for them in another way")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers >= 5.24 keeps GGUF weights packed unless told to dequantize; older versions always do.
     gguf_config = getattr(transformers, "GgufConfig", None)
