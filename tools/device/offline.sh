@@ -60,7 +60,11 @@ case "$step" in
     bash "$here/pieces.sh" join "$W/pieces" "$2" "$W" || exit 3
     rm -f "$W/pieces/$2".part[0-9]*
     # From $W: `python3 -m` puts the working directory first on sys.path, and a checkout there has its own slkit/.
-    ( cd "$W" && time python3 -m slkit setup --model "$1" --gguf "$W/$2" ) 2>&1 | grep -v Warning || exit 3
+    # The conversion dequantises in one process per core (~40 s expected for the 1.5B); should that pool ever hang,
+    # the one-process path (112 s measured) runs instead of the call waiting out its limit.
+    ( cd "$W" && time timeout 240 python3 -m slkit setup --model "$1" --gguf "$W/$2" ) 2>&1 | grep -v Warning \
+      || ( cd "$W" && time SLKIT_CONVERT_WORKERS=1 python3 -m slkit setup --model "$1" --gguf "$W/$2" ) 2>&1 \
+      | grep -v Warning || exit 3
     rm -f "$W/$2"
     ;;
   start)
