@@ -95,16 +95,18 @@ def test_small_card_bench_dry_run(tmp_path):
 
 
 def test_train_speed_bench_tiny(tmp_path):
-    """The same samples at the same global batch cut two ways, one of them two adapters side by side."""
+    """The same samples at the same global batch cut two ways, one of them grouped by length, two adapters side by
+    side."""
     stdout = _run(["bench/train_speed.py", "--shape", "tiny-llama", "--samples", "8", "--median", "40",
-                   "--max-tokens", "96", "--configs", "1x8", "2x4+group+two", "--out", str(tmp_path / "rows.jsonl")], tmp_path)
+                   "--max-tokens", "96", "--configs", "1x8", "2x4+group+two", "--out", str(tmp_path / "rows.jsonl")],
+                  tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
-    assert [r["config"] for r in rows] == ["1x8", "2x4+two"] and not any("error" in r for r in rows)
+    assert [r["config"] for r in rows] == ["1x8", "2x4+group+two"] and not any("error" in r for r in rows)
     one, two = rows
     assert one["samples"] == two["samples"] == 8 and one["steps"] == two["steps"] == 1  # 8 samples, global batch 8
     assert two["tokens"] == 2 * one["tokens"] > 0  # two adapters on the same samples
     assert one["tokens_per_s"] > 0 and two["tokens_per_s"] > 0
-    assert "| 2x4+two | 8 |" in stdout and "tokens/s vs first" in stdout
+    assert "| 2x4+group+two | 8 |" in stdout and "tokens/s vs first" in stdout
     bad = subprocess.run([sys.executable, "bench/train_speed.py", "--configs", "8by1"], cwd=REPO, capture_output=True,
                          text=True, check=False)
     assert bad.returncode != 0 and "'8by1' is not BxA" in bad.stderr
