@@ -32,12 +32,15 @@ caller then loads the ordinary way.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import math
 import mmap
+import multiprocessing
 import os
 import re
+import struct
 import threading
 import time
 import weakref
@@ -45,6 +48,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,6 @@ def unavailable_reason(gguf_path: str | os.PathLike, workers: int) -> str | None
     """None when the parallel hook can serve transformers' loader for this file, else why not."""
     if workers < 2:
         return f"{workers} worker process (${WORKERS_ENV} or the CPU count)"
-    import multiprocessing
-
     if "fork" not in multiprocessing.get_all_start_methods():
         return "this platform cannot fork worker processes"
     try:
@@ -89,7 +92,8 @@ def unavailable_reason(gguf_path: str | os.PathLike, workers: int) -> str | None
             or not callable(getattr(quants, "dequantize", None)):
         return "the installed gguf package has no gguf.dequantize / gguf.GGUFReader"
     try:
-        from transformers import modeling_gguf_pytorch_utils as legacy
+        # probed by name: the module's place differs between transformers versions
+        legacy = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
         source = inspect.getsource(legacy.load_gguf_checkpoint)
     except (ImportError, AttributeError, OSError, TypeError) as err:
         return f"transformers' load_gguf_checkpoint cannot be inspected ({err})"
@@ -102,8 +106,8 @@ def unavailable_reason(gguf_path: str | os.PathLike, workers: int) -> str | None
     except Exception as err:  # noqa: BLE001 - any unreadable header: the ordinary loader reports it
         return f"the GGUF tensor table could not be read ({err})"
     try:  # transformers >= 5.17 loads some architectures through its own torch path, not load_gguf_checkpoint
-        from transformers.integrations.gguf.utils import is_gguf_arch_supported
-    except ImportError:
+        is_gguf_arch_supported = importlib.import_module("transformers.integrations.gguf.utils").is_gguf_arch_supported
+    except (ImportError, AttributeError):
         is_gguf_arch_supported = None
     if is_gguf_arch_supported is not None and is_gguf_arch_supported(architecture):
         return f"transformers loads {architecture!r} GGUF files with its own dequantizer, not gguf's"
@@ -127,7 +131,6 @@ def read_tensor_table(gguf_path: str | os.PathLike) -> tuple[str, list[TableEntr
     """(general.architecture, the tensor table) of a little-endian GGUF v2/v3 file, without building the
     metadata objects gguf.GGUFReader builds (that takes seconds for a 150k-token vocabulary); the hook
     checks every entry it uses against the reader transformers opens."""
-    import struct
 
     with open(gguf_path, "rb") as f:
         blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -197,7 +200,6 @@ class _Slot:
 def _dequantize_rows(path: str, data_offset: int, row_bytes: int, rows: tuple[int, int], qtype: int,
                      out_offset: int, row_values: int) -> None:
     """In a worker: rows [start, stop) of one tensor's blocks -> float32 values at out_offset of the map."""
-    import numpy as np
     from gguf import quants
 
     start, stop = rows
@@ -217,7 +219,6 @@ def _plain_array_reader(reader_class: Any) -> Any:
     vocabulary); on numpy's memmap subclass each slice runs memmap's Python-level __getitem__ and
     __array_finalize__, which makes up most of a parse (34 s against 9 s here). The bytes, the fields and
     the tensors are the same; only their array type differs."""
-    import numpy as np
 
     class PlainArrayReader(reader_class):
         @property
@@ -267,7 +268,6 @@ class ParallelDequantizer:
 
     def dequantize(self, data: Any, qtype: Any) -> Any:
         """gguf.dequantize: a tensor of the reader's file answered from the shared map, anything else by gguf."""
-        import numpy as np
 
         self._release_consumed()
         slot = self._slot(data, qtype)
@@ -291,7 +291,6 @@ class ParallelDequantizer:
 
     def _slot(self, data: Any, qtype: Any) -> _Slot | None:
         """The slot of `data` if it is a quantized tensor of the cached reader, not answered before."""
-        import numpy as np
 
         if self.problem is not None or self.reader is None or _SHARED is None \
                 or not isinstance(data, np.ndarray) or data.base is not self.reader.data:
@@ -321,7 +320,6 @@ def parallel_gguf_loading(gguf_path: str | os.PathLike, workers: int) -> Iterato
     processes (module docstring); check `unavailable_reason` first. Yields the hook: its `served` counts
     the tensors it answered, `problem` says why it stopped answering, if it did."""
     global _SHARED
-    import multiprocessing
 
     import gguf
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
