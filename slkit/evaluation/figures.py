@@ -99,4 +99,5 @@ def plot_growth(table, path: str | Path) -> Path:
         ticks = t.drop_duplicates("position").sort_values("position")
         ax.set_xticks(ticks["position"], ticks["column"])
         ax.set(xlabel="", ylabel="median words", ylim=(0, None))
-    return _draw(table, draw, "growth: median words per iteration", path, width=7.5)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the lines, not on them
+    return _draw(table, draw, "growth: median words per iteration", path, width=9)
