@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import yaml
 
@@ -17,10 +18,14 @@ def _old_run(tmp_path):
     params = load_params(REPO / "params" / "smoke.yaml").to_dict()
     params["extension"] = params.pop("extensions")
     params["queries"]["seed_files"] = params["queries"].pop("exemplar_files")
+    params["extension"].pop("phase1_max_new_tokens"), params["extension"].pop("phase2_max_new_tokens")
+    params["extension"].update(stage1_max_new_tokens=48, stage2_max_new_tokens=64)
     (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("seed", "generate"):
         (run / "iter_1" / f"{stage}.done.json").write_text(json.dumps({"stage": stage, "summary": {"n": 1}}))
     (run / "iter_1" / "train.done.json").write_text(json.dumps({"stage": "train", "summary": {"resampled": 3}}))
+    (run / "iter_1" / "extend.done.json").write_text(json.dumps(
+        {"stage": "extend", "summary": {"counts": {"round_accepted": 2, "round_rejected_not_longer": 5, "accepted": 1}}}))
     (run / "iter_1" / "extend.lock").write_text("1 boot")
     (run / "iter_1" / "02_extend.ipynb").write_text("{}")
     (run / "iter_1" / "resampled.jsonl").write_text('{"id": "a"}\n')
@@ -40,8 +45,13 @@ def test_an_old_run_directory_gets_todays_names_and_a_second_pass_changes_nothin
     assert (run / "iter_1" / "extensions.lock").exists() and (run / "iter_1" / "02_extensions.ipynb").exists()
     assert (run / "iter_1" / "resampled_extensions.jsonl").exists() and (run / "baseline" / "evaluation.json").exists()
     assert not (run / "iter_1" / "progress.json").exists()  # today's progress file has more fields
-    params = load_params(run / "params.yaml")  # today's schema reads it
-    assert params.extensions.micro_iterations >= 1
+    counts = json.loads((run / "iter_1" / "extensions.done.json").read_text())["summary"]["counts"]
+    assert counts == {"micro_iteration_accepted": 2, "micro_iteration_rejected_not_longer": 5, "accepted": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no renamed key is left to warn about
+        params = load_params(run / "params.yaml")  # today's schema reads it
+    assert (params.extensions.phase1_max_new_tokens, params.extensions.phase2_max_new_tokens) == (48, 64)
+    assert "stage1_max_new_tokens" not in (run / "params.yaml").read_text()
     second = subprocess.run([sys.executable, str(REPO / "tools" / "migrate_run_dir.py"), str(run)],
                             capture_output=True, text=True, check=True)
     assert second.stdout.strip() == "nothing to rename"
