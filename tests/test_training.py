@@ -292,3 +292,36 @@ def test_adapters_at_once_train_as_they_would_one_after_the_other(smoke_params, 
     broken = {"generator": (tmp_path / "missing.jsonl", tmp_path / "broken" / "generator", None)}
     with pytest.raises(RuntimeError, match="generator"):
         train_at_once(params, broken)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_trainer_started_at_once_dies_with_the_process_that_started_it(tmp_path):
+    """train_at_once's children get SIGKILL when their parent (the stage's kernel) dies in any way, SIGKILL
+    included, so no trainer outlives its stage to collide with the resumed one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from slkit.training.distributed import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as stat:
+            if stat.read().split()[2] == "Z":  # killed, waiting to be reaped by init
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")

@@ -353,9 +353,10 @@ class TrainingParams(_Section):
                                            "each sorted by length; the longest batch first). Off: random order, as "
                                            "the reference.", unit="none", reference=NO_REFERENCE)
     adapters_at_once: bool = setting(False, "Train the Generator and the Extender at the same time, in two "
-                                            "processes on the same GPU (twice the training memory): a small model "
-                                            "leaves a large GPU mostly idle at batch 1.", unit="none",
-                                     reference=NO_REFERENCE)
+                                            "processes on the same GPU (twice the training memory; with "
+                                            "num_processes > 1 they train one after the other). The same adapters; "
+                                            "measured no faster for a 1.5B on an H200 (docs/benchmarks.md).",
+                                     unit="none", reference=NO_REFERENCE)
     gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (non-reentrant): "
                                                  "trades ~30% speed for activation memory.", unit="none",
                                            reference=NO_REFERENCE)

@@ -250,7 +250,8 @@ class GrowthReport:
             if c.is_loop and c.numbers["extend"] else None)
         for label in self._filter_labels():
             row(f"filter: {label}", lambda c, lab=label: self._filter_cell(c, lab))
-        for label, key in (("extension jobs retried", "retried"), ("extension jobs given up", "gave_up"),
+        for label, key in (("extension retries (failed tries tried again) per job", "retried"),
+                           ("extension jobs given up", "gave_up"),
                            ("extension jobs dropped (finish_share)", "dropped")):
             row(label, lambda c, key=key: _of(c.numbers["extend"]["counts"].get(key), c.numbers["extend"]["jobs"],
                                               rate=True) if c.is_loop and c.numbers["extend"]

@@ -53,7 +53,8 @@ RESUMABLE_KEYS = {"macro_iterations", "engine.batch_size", "engine.device", "tra
                   "training.batch_size", "training.gradient_accumulation", "training.activation_offload",
                   "training.mlp_tile_tokens", "training.liger_kernels",
                   "training.gradient_checkpointing", "training.save_steps", "training.report_to",
-                  "training.gpu_memory_fraction", "training.num_processes", "engine.vllm.server", "engine.vllm.port",
+                  "training.gpu_memory_fraction", "training.num_processes", "training.adapters_at_once",
+                  "engine.vllm.server", "engine.vllm.port", "engine.vllm.compilation_config",
                   "engine.vllm.start_timeout_s", "engine.vllm.sleep_during_training",
                   "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
                   "engine.vllm.tensor_parallel_size", "engine.vllm.data_parallel_size"}

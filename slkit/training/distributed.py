@@ -3,6 +3,8 @@ per process (ddp; fsdp and zero3 configs shipped untested; rank 0 writes the ada
 can train at the same time, one process each (training.adapters_at_once)."""
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,25 +32,35 @@ def _command(params_file: Path, examples_path: str | Path, output_dir: Path, ini
              "--output", str(output_dir)] + (["--init-adapter", str(init_adapter)] if init_adapter else []))
 
 
+def _die_with_parent() -> None:
+    """In the child before it runs: on Linux, the kernel kills it (SIGKILL) when the process that started it dies
+    in any way (a killed kernel or `slkit run` included), so no trainer outlives its stage; elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
 def train_at_once(params: Params, jobs: dict[str, tuple[str | Path, str | Path, str | None]]) -> dict[str, Any]:
     """Train several adapters at the same time, one process each: jobs maps a role to (examples, output dir,
     init adapter). Waits for all; a failed one raises with its role and exit status (the others still finish,
     so their adapters are kept for a rerun). Returns each role's summary."""
     started = {}
-    for role, (examples_path, output_dir, init_adapter) in jobs.items():
-        output_dir = Path(output_dir)
-        params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
-        params_file.parent.mkdir(parents=True, exist_ok=True)
-        dump_params(params, params_file)
-        command = [sys.executable, *_command(params_file, examples_path, output_dir, init_adapter)]
-        started[role] = (subprocess.Popen(command), params_file, output_dir, command)
     failed = []
     try:
+        for role, (examples_path, output_dir, init_adapter) in jobs.items():
+            output_dir = Path(output_dir)
+            params_file = output_dir.with_name(f".{output_dir.name}-params.yaml")
+            params_file.parent.mkdir(parents=True, exist_ok=True)
+            dump_params(params, params_file)
+            command = [sys.executable, *_command(params_file, examples_path, output_dir, init_adapter)]
+            started[role] = (subprocess.Popen(command, preexec_fn=_die_with_parent), params_file, output_dir, command)
         for role, (process, params_file, _, command) in started.items():
             if process.wait():
                 failed.append(f"{role} (exit {process.returncode}): {' '.join(command)}")
             params_file.unlink(missing_ok=True)
-    finally:  # interrupted (Ctrl-C, a stopped kernel): no training is left holding the GPU
+    finally:  # interrupted (Ctrl-C, an exception): no training is left holding the GPU
         for process, *_ in started.values():
             if process.poll() is None:
                 process.kill()

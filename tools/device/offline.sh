@@ -114,7 +114,7 @@ case "$step" in
     run=$1 out=$2 mib=${3:-15}
     # Stop the stage's kernel (its PID is in <stage>.lock) and the run, so the records are not torn mid-copy;
     # the rerun resumes from them.
-    for lock in "$W/runs/$run"/*/*.lock; do [ -f "$lock" ] && kill -TERM "$(cat "$lock")" 2>/dev/null; done
+    for lock in "$W/runs/$run"/*/*.lock; do [ -f "$lock" ] && kill -TERM "$(cut -d' ' -f1 "$lock")" 2>/dev/null; done
     [ -f "$W/run.pid" ] && kill -TERM "$(cat "$W/run.pid")" 2>/dev/null; sleep 3
     tar -C "$W/runs" --exclude='checkpoint-*' -czf "$W/$run.tgz" "$run" || exit 3
     bash "$here/pieces.sh" split "$W/$run.tgz" "$out" "$mib"
