@@ -17,6 +17,8 @@ own, so each starts with the GPU empty:
     BxA+group  the same with samples of like length batched together (training.group_by_length)
     BxA+two    two adapters trained at once (the Generator's and the Extender's, as the training stage could),
                in two processes side by side: the row's seconds are the pair's wall time
+    BxA+prof   the same, with torch.profiler over optimizer steps 3-4: where a step's time goes (GPU kernels,
+               CPU-side operators, GPU idle share) is written to --workdir/profile-<config>.txt
 
 A row: config, samples, tokens, steps, seconds, tokens/s (both adapters' tokens for +two), peak GiB
 (torch.cuda.max_memory_allocated of the process, the larger for +two) and speed-up over the first config.
@@ -47,8 +49,8 @@ def parse_config(name: str) -> tuple[int, int, bool, bool, bool]:
     as 4x2+ckpt."""
     base, *flags = name.split("+")
     sizes = base.split("x")
-    if len(sizes) != 2 or not all(x.isdigit() and int(x) > 0 for x in sizes) or set(flags) - {"ckpt", "two", "group"}:
-        raise SystemExit(f"--configs: {name!r} is not BxA[+ckpt][+group][+two] (B, A whole numbers from 1)")
+    if len(sizes) != 2 or not all(x.isdigit() and int(x) > 0 for x in sizes) or set(flags) - {"ckpt", "two", "group", "prof"}:
+        raise SystemExit(f"--configs: {name!r} is not BxA[+ckpt][+group][+two][+prof] (B, A whole numbers from 1)")
     return int(sizes[0]), int(sizes[1]), "ckpt" in flags, "two" in flags, "group" in flags
 
 
@@ -66,12 +68,66 @@ def write_samples(path: Path, tokenizer, count: int, median: int, max_tokens: in
     return targets
 
 
+PROFILED_STEPS = (3, 5)  # optimizer steps [3, 5): past the first ones' kernel autotuning and allocator growth
+
+
+def profile_callback(path: Path):
+    """A TrainerCallback that profiles PROFILED_STEPS and writes two tables and the GPU's busy share to `path`."""
+    import torch
+    from transformers import TrainerCallback
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class ProfileSteps(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == PROFILED_STEPS[0]:
+                sync()
+                self.start = time.perf_counter()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step != PROFILED_STEPS[1]:
+                return
+            sync()
+            wall = time.perf_counter() - self.start
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 1e6
+            kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+            text = (f"steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1] - 1}: wall {wall:.2f} s, GPU busy {gpu:.2f} s "
+                    f"({gpu / wall:.0%}), {kernels} GPU ops\n\n"
+                    + events.table(sort_by="self_device_time_total", row_limit=30) + "\n\n"
+                    + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+            path.write_text(text)
+            print(text.splitlines()[0], flush=True)
+            self.prof = None
+
+    return ProfileSteps()
+
+
 def child(args: argparse.Namespace) -> None:
     """Train one adapter with one config; print its summary as a ROW line."""
     import torch
 
+    import slkit.training.adapters as adapters
     from slkit.core.params import load_params
     from slkit.training.adapters import train_adapter
+
+    if "+prof" in args.child:
+        trainer_of = adapters.sft_trainer
+
+        def profiled_trainer(*a, **k):
+            trainer, timer = trainer_of(*a, **k)
+            trainer.add_callback(profile_callback(Path(args.adapter).parent / f"profile-{args.child}.txt"))
+            return trainer, timer
+
+        adapters.sft_trainer = profiled_trainer
 
     batch, accumulation, ckpt, _, group = parse_config(args.child)
     params = load_params(RECIPE, {
