@@ -35,8 +35,9 @@ def scripted_pipeline(monkeypatch):
     monkeypatch.setattr("slkit.stages.length_control.train_adapter", fake_train)
     monkeypatch.setattr("slkit.stages.evaluation.write_iteration_figures", lambda *a: [])
     monkeypatch.setattr("slkit.running.pipeline.ensure_kernel", lambda: "slkit")
+    monkeypatch.setattr("slkit.running.kernels.KernelsAhead.start", lambda self, notebook: None)  # no kernels here
 
-    def run_stage(source, executed, parameters, kernel, socket_dir):
+    def run_stage(source, executed, parameters, kernel, socket_dir, km=None):
         stage = next(s for s in STAGES if s.notebook == Path(source).name)
         getattr(importlib.import_module(stage.module), stage.function)(parameters["run_dir"], parameters["iteration"])
 

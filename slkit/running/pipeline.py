@@ -43,6 +43,7 @@ from slkit.evaluation.benchmarks import load_benchmark, locate_benchmark
 from slkit.method.exemplars import load_exemplars
 from slkit.models.loading import resolve_model_path
 from slkit.running.environment import write_environment
+from slkit.running.kernels import KernelsAhead
 from slkit.training.trainer import unavailable_integrations
 
 KERNEL_NAME = "slkit"
@@ -276,11 +277,17 @@ def kernel_connection(socket_dir: str | Path) -> dict[str, str]:
     return {"transport": "tcp", "ip": "127.0.0.1"}
 
 
+# A kernel started ahead (slkit.running.kernels) answers papermill once the notebook's imports are done.
+AHEAD_START_TIMEOUT_S = 600
+
+
 def run_notebook(source: str | Path, executed: str | Path, parameters: dict[str, Any], kernel: str,
-                 socket_dir: str | Path) -> None:
-    """Execute one notebook with papermill in a fresh kernel connected by `kernel_connection`."""
+                 socket_dir: str | Path, km: Any = None) -> None:
+    """Execute one notebook with papermill in `km`'s kernel (started ahead: slkit.running.kernels), or in a fresh
+    kernel connected by `kernel_connection`."""
+    ahead = {"km": km, "start_timeout": AHEAD_START_TIMEOUT_S} if km is not None else {}
     pm.execute_notebook(str(source), str(executed), parameters=parameters, kernel_name=kernel, progress_bar=False,
-                        cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}))
+                        cwd=str(Path.cwd()), config=Config({"KernelManager": kernel_connection(socket_dir)}), **ahead)
 
 
 @dataclass(frozen=True)
@@ -322,14 +329,18 @@ def run_stages(run: Run, plan: list[tuple[int, str]], show_progress: bool = True
     kernel = ensure_kernel()
     resolve_model_path(run.params.model.path)  # build or convert a builtin model once, before any notebook
     todo = [(k, stage) for k, stage in plan if not stage_done(run.dir, k, stage)]
-    with managed_server(run.params, run.dir, needed=bool(todo), log=run.log) as server:
-        _run_plan(plan, run.dir, run.socket_dir, kernel, server, show_progress, run.log)
+    with KernelsAhead(kernel, kernel_connection(run.socket_dir), Path.cwd()) as kernels:
+        if todo:  # its imports run while the server starts
+            kernels.start(notebooks_dir() / BY_NAME[todo[0][1]].notebook)
+        with managed_server(run.params, run.dir, needed=bool(todo), log=run.log) as server:
+            _run_plan(plan, run.dir, run.socket_dir, kernel, server, show_progress, run.log, kernels)
 
 
 def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kernel: str, server: Any,
-              show_progress: bool, log: logging.Logger) -> None:
+              show_progress: bool, log: logging.Logger, kernels: KernelsAhead) -> None:
     stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
     items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
+    todo = [(k, stage) for k, stage in plan if not stage_done(run_dir, k, stage)]
     for k, stage in stages_bar:
         out = stage_dir(run_dir, k, stage)
         stages_bar.set_postfix_str(f"iter {k} {stage}")
@@ -342,13 +353,19 @@ def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kerne
         stop_orphaned_stage(lock_path(run_dir, k, stage))
         executed = out / BY_NAME[stage].notebook
         log.info("%s: executing %s", stage_label(k, stage), executed.name)
+        km = kernels.take(notebooks_dir() / BY_NAME[stage].notebook)
+        later = todo[todo.index((k, stage)) + 1:]
+        if later:  # the next stage's kernel imports while this one runs
+            kernels.start(notebooks_dir() / BY_NAME[later[0][1]].notebook)
         with ProgressPoller(out, items_bar):
             try:
                 run_notebook(notebooks_dir() / BY_NAME[stage].notebook, executed, {"run_dir": str(run_dir), "iteration": k},
-                             kernel, socket_dir)
+                             kernel, socket_dir, km)
             except pm.PapermillExecutionError as err:
                 raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
                                    f"see the executed notebook {executed}; rerun the same command to resume") from None
+            finally:
+                kernels.stop(km)
         if not stage_done(run_dir, k, stage):
             raise RuntimeError(f"notebook {executed} finished without writing {stage}.done.json")
     items_bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -118,6 +119,11 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
     else:
         if tp.gpu_memory_fraction and torch.cuda.is_available():  # what a smaller card would allow (benchmarks)
             torch.cuda.set_per_process_memory_fraction(tp.gpu_memory_fraction, int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available():
+            # PyTorch picks cuDNN's attention first on Hopper; each call spends ~2.5 ms of CPU on its execution plan,
+            # which starves the GPU at a training set's lengths: FlashAttention's kernel trains the 1.5B 1.5x faster
+            # at batch 1 and leaves it busy (docs/benchmarks.md, "Training speed: where a step's time goes").
+            torch.backends.cuda.enable_cudnn_sdp(False)
         model = build_lora_model(params, init_adapter)
         checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
         run_name = f"{params.run_name}/{output_dir.parent.parent.name}/{output_dir.name}"  # wandb's, mlflow's run
@@ -141,6 +147,9 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
         trainer.processing_class = None  # the adapter alone: the tokenizer is the base model's (7 MB for Qwen)
         trainer.save_model(str(tmp_dir))  # gathers FSDP / ZeRO-3 shards; rank 0 writes
         del trainer, model
+        if on_gpu:  # hand the GPU back before the stage wakes the run's engine (a batch of 4 peaks at ~57 GiB)
+            gc.collect()
+            torch.cuda.empty_cache()
         if not main_process:
             return summary
         shutil.rmtree(args.output_dir, ignore_errors=True)

@@ -3,13 +3,14 @@
 # land in; everything the run needs lives under $SLKIT_OFFLINE (default /tmp/slkit-offline) while the
 # machine is up:  code/ (slkit, notebooks, params, data)  site/ (wheels)  pieces/  cache/ (the model)
 # runs/<run>/ (the run directory)  run.log  run.pid.  vLLM goes to /tmp/vsite (../shared/tools/vllm-device).
-#   offline.sh setup CODE_DIR WHEEL_DIR [VLLM_C4]  copy the code, install the wheels, keep vLLM's c4 folder,
-#                                         print the GPU and packages
-#   offline.sh vllm-piece FILE            keep one of vLLM's wheel pieces (.vllm/cN/partN) in /tmp/vchunks
-#   offline.sh vllm-install               once the 4 pieces are there: install vLLM in the background
+#   offline.sh setup CODE_DIR WHEEL_DIR [VLLM_C4]  copy the code, install the wheels and vLLM's dependencies
+#                                         (VLLM_C4/deps: the gguf package among them), print the GPU and packages
 #   offline.sh keep FILE...               move carried pieces into pieces/ (one transfer at a time)
+#   offline.sh vllm-install               join pieces/vllm-*.whl.part* and install vLLM in the background
 #   offline.sh model BUILTIN GGUF_NAME    join pieces/GGUF_NAME.part*, check, convert it for BUILTIN
-#   offline.sh start RECIPE [--set K=V]   start `slkit run` detached (it outlives this command)
+#   offline.sh model-bg BUILTIN GGUF_NAME  the same, detached (model.log); `start` waits for it
+#   offline.sh start RECIPE [--set K=V]   start `slkit run` detached (it outlives this command), once vLLM's
+#                                         install and a model-bg conversion have ended
 #   offline.sh loop-bench ARGS...         start bench/loop.py run --workdir $W ARGS detached, like start
 #   offline.sh loop-collect OUT_DIR       bench/loop.py's rows so far and the runs' small files -> OUT_DIR
 #   offline.sh watch SECONDS              wait that long, or until the run ends, and show where it is
@@ -22,7 +23,8 @@ set -uo pipefail
 W=${SLKIT_OFFLINE:-/tmp/slkit-offline}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$W/pieces" "$W/runs"
-export PYTHONPATH=$W/code:$W/site:${VLLM_SITE:-/tmp/vsite}${PYTHONPATH:+:$PYTHONPATH} SLKIT_CACHE=$W/cache \
+VSITE=${VLLM_SITE:-/tmp/vsite}
+export PYTHONPATH=$W/code:$W/site:$VSITE${PYTHONPATH:+:$PYTHONPATH} SLKIT_CACHE=$W/cache \
   PYTHONUNBUFFERED=1 VLLM_ATTENTION_BACKEND=FLASH_ATTN VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
 # The machine reaches nothing: whatever would ask the hub or send usage statistics must not wait on a timeout.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -36,24 +38,32 @@ case "$step" in
   setup)
     rm -rf "$W/code" && cp -r "$1" "$W/code" || exit 3
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$2"/*.whl || exit 3
-    if [ -n "${3:-}" ]; then rm -rf /tmp/vc4 && cp -r "$3" /tmp/vc4 || exit 3; fi
+    if [ -n "${3:-}" ]; then
+      # vLLM's dependencies now, its wheel later (vllm-install): the model converts (it needs the gguf package)
+      # while vLLM's pieces are still arriving.
+      rm -rf /tmp/vc4 && cp -r "$3" /tmp/vc4 || exit 3
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$VSITE" \
+        /tmp/vc4/deps/*.whl || exit 3
+    fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|pandas|seaborn|matplotlib|pyyaml|pydantic|tqdm|numpy|datasets|gguf|liger.kernel|bitsandbytes) '
     ;;
-  vllm-piece)
-    mkdir -p /tmp/vchunks && mv -f "$1" /tmp/vchunks/ && ls /tmp/vchunks
-    ;;
   vllm-install)
-    # About 20 s; detached, so the next transfers need not wait. `model` waits for it.
-    (setsid nohup bash /tmp/vc4/install.sh > /tmp/vinstall.log 2>&1 < /dev/null &); echo "installing vLLM (/tmp/vinstall.log)"
+    # The wheel arrives in pieces of pieces.sh (tools/device/README.md); joining, checking and installing take
+    # ~30 s, detached, so the next transfers need not wait. `start` waits for it.
+    wheel=$(ls "$W/pieces" | sed -n 's/\.parts\.sha256$//p' | grep '^vllm-.*\.whl$' | head -n 1)
+    [ -n "$wheel" ] || { echo "no vllm-*.whl.parts.sha256 in $W/pieces: keep the pieces first"; exit 3; }
+    (setsid nohup bash -c "bash '$here/pieces.sh' join '$W/pieces' '$wheel' /tmp && rm -f '$W/pieces/$wheel'.part* \
+      && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '$VSITE' \
+         '/tmp/$wheel' && rm -f '/tmp/$wheel' && python3 -c 'import vllm; print(\"vllm\", vllm.__version__, \"installed in $VSITE\")'" \
+      > /tmp/vinstall.log 2>&1 < /dev/null &)
+    echo "installing $wheel (/tmp/vinstall.log)"
     ;;
   keep)
     mv -f "$@" "$W/pieces/" && echo "pieces: $(ls "$W/pieces" | grep -c 'part[0-9]')"
     ;;
   model)
-    for _ in $(seq 60); do grep -q 'installed in' /tmp/vinstall.log 2>/dev/null && break; sleep 2; done
-    tail -n 1 /tmp/vinstall.log 2>/dev/null
-    # The `gguf` package (in vLLM's dependencies) imports mistral_common, whose language codes need pycountry.
+    # The `gguf` package (in vLLM's dependencies, installed by setup) imports mistral_common, whose language codes need pycountry.
     # From $W, as the run starts: `-c` puts the working directory first on sys.path, and from the transfer's
     # folder (a checkout) this check imported that checkout's slkit instead of $W/code's.
     ( cd "$W" && python3 -c 'import papermill, ipykernel, gguf, slkit; print("papermill", papermill.__version__, "ipykernel", ipykernel.__version__, "slkit from", slkit.__file__)' ) || exit 3
@@ -66,10 +76,23 @@ case "$step" in
       || ( cd "$W" && time SLKIT_CONVERT_WORKERS=1 python3 -m slkit setup --model "$1" --gguf "$W/$2" ) 2>&1 \
       | grep -v Warning || exit 3
     rm -f "$W/$2"
+    echo "model ready"
+    ;;
+  model-bg)
+    (setsid nohup bash "$0" model "$@" > "$W/model.log" 2>&1 < /dev/null &)
+    echo "converting $2 for $1 in the background ($W/model.log)"
     ;;
   start)
     cd "$W" || exit 3
     if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
+    for _ in $(seq 150); do  # vLLM's install and a background conversion, when they are still running
+      installed=$(grep -c 'installed in' /tmp/vinstall.log 2>/dev/null); model=1
+      [ -f model.log ] && { grep -q 'model ready' model.log || model=0; }
+      [ "$installed" = 1 ] && [ $model = 1 ] && break
+      pgrep -f 'offline.sh model|pieces.sh join|pip install' > /dev/null || break; sleep 2
+    done
+    tail -n 1 /tmp/vinstall.log; [ -f model.log ] && grep -v Warning model.log | tail -n 3
+    [ -f model.log ] && ! grep -q 'model ready' model.log && { echo "the model's conversion failed (above)"; exit 3; }
     preflight || exit 3
     setsid nohup python3 -m slkit run "$@" --no-progress >> run.log 2>&1 < /dev/null &
     echo $! > run.pid; echo "started pid $!: slkit run $*"

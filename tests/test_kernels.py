@@ -1,0 +1,103 @@
+"""Kernels started ahead of their notebooks (slkit.running.kernels): the next stage's kernel imports while the
+current stage runs, the notebook then runs in it, and no kernel outlives its notebook or the run."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from slkit.running.kernels import KernelsAhead, import_statements
+from slkit.running.pipeline import ensure_kernel, kernel_connection, run_notebook
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("run_dir = ''", metadata={"tags": ["parameters"]}),
+                *(nbformat.v4.new_code_cell(c) for c in cells), nbformat.v4.new_markdown_cell("import not_code")]
+    nb.metadata["kernelspec"] = {"name": "slkit", "language": "python", "display_name": "Python (slkit)"}
+    nbformat.write(nb, path)
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_import_statements_are_the_notebooks_imports_only(tmp_path):
+    nb = notebook(tmp_path / "a.ipynb", "import os, json\nfrom pathlib import Path as P\nx = 1\n",
+                  "%matplotlib inline\nimport skipped_with_its_cell",
+                  "def f():\n    import inside_a_function\nfrom collections import (\n    Counter)")
+    assert import_statements(nb).splitlines() == ["import os, json", "from pathlib import Path as P",
+                                                  "from collections import Counter"]
+
+
+@pytest.fixture
+def probe(tmp_path, monkeypatch):
+    """A module that notes the pid and time of each import of it, importable from the kernels' working folder."""
+    (tmp_path / "probe_mod.py").write_text(
+        "import os, time\n"
+        "with open('imports.log', 'a') as f:\n"
+        "    f.write(f'{os.getpid()} {time.time()}\\n')\n")
+    monkeypatch.chdir(tmp_path)
+    sockets = tmp_path / "sockets"
+    sockets.mkdir(mode=0o700)
+    return sockets
+
+
+def imports(tmp_path: Path) -> list[tuple[int, float]]:
+    log = tmp_path / "imports.log"
+    return [(int(p), float(t)) for p, t in (line.split() for line in log.read_text().splitlines())] if log.exists() else []
+
+
+def test_a_notebook_runs_in_the_kernel_that_imported_its_modules_ahead_and_the_kernel_goes_after(tmp_path, probe):
+    nb = notebook(tmp_path / "stage.ipynb", "import probe_mod", "import os\nprint(os.getpid())")
+    kernel = ensure_kernel()
+    with KernelsAhead(kernel, kernel_connection(probe), tmp_path) as kernels:
+        kernels.start(nb)
+        deadline = time.time() + 60
+        while not imports(tmp_path) and time.time() < deadline:  # the "current stage" runs meanwhile
+            time.sleep(0.2)
+        [(pid, imported_at)] = imports(tmp_path)
+        km = kernels.take(nb)
+        assert km is not None
+        started = time.time()
+        run_notebook(nb, tmp_path / "stage.out.ipynb", {"run_dir": str(tmp_path)}, kernel, probe, km)
+        kernels.stop(km)
+    assert imported_at < started  # imported before the notebook was run ...
+    [printed] = [c for c in nbformat.read(tmp_path / "stage.out.ipynb", 4).cells if "getpid" in c.source]
+    [output] = printed.outputs
+    assert int(output["text"]) == pid  # ... in the kernel the notebook ran in,
+    assert imports(tmp_path) == [(pid, imported_at)]  # which did not import it again
+    assert not alive(pid)
+
+
+def test_a_kernel_never_taken_is_stopped_with_the_run(tmp_path, probe):
+    nb = notebook(tmp_path / "next.ipynb", "import probe_mod")
+    with KernelsAhead(ensure_kernel(), kernel_connection(probe), tmp_path) as kernels:
+        kernels.start(nb)
+        deadline = time.time() + 60
+        while not imports(tmp_path) and time.time() < deadline:
+            time.sleep(0.2)
+        raise_here = pytest.raises(RuntimeError, match="the current stage failed")
+        with raise_here:
+            with kernels:
+                raise RuntimeError("the current stage failed")
+    [(pid, _)] = imports(tmp_path)
+    assert not alive(pid)
+    assert kernels.take(nb) is None
+
+
+def test_a_kernel_that_cannot_start_ahead_leaves_the_notebook_to_papermill(tmp_path, probe, caplog):
+    nb = notebook(tmp_path / "stage.ipynb", "import probe_mod")
+    kernels = KernelsAhead("no-such-kernel-spec", kernel_connection(probe), tmp_path)
+    kernels.start(nb)
+    assert kernels.take(nb) is None
+    assert "could not start the kernel of stage.ipynb ahead of it" in caplog.text
