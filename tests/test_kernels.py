@@ -3,6 +3,7 @@ current stage runs, the notebook then runs in it, and no kernel outlives its not
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -57,35 +58,62 @@ def imports(tmp_path: Path) -> list[tuple[int, float]]:
     return [(int(p), float(t)) for p, t in (line.split() for line in log.read_text().splitlines())] if log.exists() else []
 
 
-def test_a_notebook_runs_in_the_kernel_that_imported_its_modules_ahead_and_the_kernel_goes_after(tmp_path, probe):
-    nb = notebook(tmp_path / "stage.ipynb", "import probe_mod", "import os\nprint(os.getpid())")
+def wait_for_imports(tmp_path: Path, count: int) -> list[tuple[int, float]]:
+    deadline = time.time() + 60
+    while len(imports(tmp_path)) < count and time.time() < deadline:
+        time.sleep(0.2)
+    return imports(tmp_path)
+
+
+def run_in_time(*args, limit_s: float = 90) -> None:
+    """run_notebook, failed after `limit_s` instead of hanging (two kernels sharing sockets hang papermill)."""
+    done: list[BaseException | None] = []
+
+    def target():
+        try:
+            run_notebook(*args)
+            done.append(None)
+        except BaseException as err:  # handed to the test below
+            done.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert done, f"the notebook did not finish within {limit_s} s"
+    if done[0] is not None:
+        raise done[0]
+
+
+def test_each_notebook_runs_in_the_kernel_that_imported_its_modules_ahead_and_the_kernel_goes_after(tmp_path, probe):
+    """As `slkit run` does it: the second stage's kernel starts (and imports) while the first stage runs."""
+    first = notebook(tmp_path / "first.ipynb", "import probe_mod", "import os\nprint(os.getpid())")
+    second = notebook(tmp_path / "second.ipynb", "import probe_mod", "import os\nprint(os.getpid())")
     kernel = ensure_kernel()
+    pids = []
     with KernelsAhead(kernel, kernel_connection(probe), tmp_path) as kernels:
-        kernels.start(nb)
-        deadline = time.time() + 60
-        while not imports(tmp_path) and time.time() < deadline:  # the "current stage" runs meanwhile
-            time.sleep(0.2)
-        [(pid, imported_at)] = imports(tmp_path)
-        km = kernels.take(nb)
-        assert km is not None
-        started = time.time()
-        run_notebook(nb, tmp_path / "stage.out.ipynb", {"run_dir": str(tmp_path)}, kernel, probe, km)
-        kernels.stop(km)
-    assert imported_at < started  # imported before the notebook was run ...
-    [printed] = [c for c in nbformat.read(tmp_path / "stage.out.ipynb", 4).cells if "getpid" in c.source]
-    [output] = printed.outputs
-    assert int(output["text"]) == pid  # ... in the kernel the notebook ran in,
-    assert imports(tmp_path) == [(pid, imported_at)]  # which did not import it again
-    assert not alive(pid)
+        kernels.start(first)
+        wait_for_imports(tmp_path, 1)
+        for nb, later in ((first, second), (second, None)):
+            km = kernels.take(nb)
+            assert km is not None
+            if later:
+                kernels.start(later)
+                wait_for_imports(tmp_path, 2)  # both kernels up at once
+            started = time.time()
+            run_in_time(nb, nb.with_suffix(".out.ipynb"), {"run_dir": str(tmp_path)}, kernel, probe, km)
+            kernels.stop(km)
+            [printed] = [c for c in nbformat.read(nb.with_suffix(".out.ipynb"), 4).cells if "getpid" in c.source]
+            pids.append(int(printed.outputs[0]["text"]))
+            assert [t for p, t in imports(tmp_path) if p == pids[-1]][0] < started  # imported before it ran,
+    assert [p for p, _ in imports(tmp_path)] == pids  # in the kernel it ran in, once
+    assert len(set(pids)) == 2 and not any(alive(p) for p in pids)
 
 
 def test_a_kernel_never_taken_is_stopped_with_the_run(tmp_path, probe):
     nb = notebook(tmp_path / "next.ipynb", "import probe_mod")
     with KernelsAhead(ensure_kernel(), kernel_connection(probe), tmp_path) as kernels:
         kernels.start(nb)
-        deadline = time.time() + 60
-        while not imports(tmp_path) and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for_imports(tmp_path, 1)
         raise_here = pytest.raises(RuntimeError, match="the current stage failed")
         with raise_here:
             with kernels:
@@ -101,3 +129,17 @@ def test_a_kernel_that_cannot_start_ahead_leaves_the_notebook_to_papermill(tmp_p
     kernels.start(nb)
     assert kernels.take(nb) is None
     assert "could not start the kernel of stage.ipynb ahead of it" in caplog.text
+
+
+def test_kernels_up_at_once_never_share_a_socket(tmp_path, probe):
+    """ipc "ports" are numbered from 1 under one path prefix: two kernels on one prefix bind the same socket files,
+    and the first one's cleanup deletes the second's (a run hung on its second stage that way)."""
+    kernels = KernelsAhead(ensure_kernel(), kernel_connection(probe), tmp_path)
+    try:
+        for name in ("a", "b"):
+            kernels.start(notebook(tmp_path / f"{name}.ipynb", "import os"))
+        paths = [{f"{info['ip']}-{info[key]}" for key in info if key.endswith("_port")}
+                 for info in (km.get_connection_info() for km, _ in kernels.ahead.values())]
+        assert len(paths) == 2 and all(len(p) == 5 for p in paths) and not paths[0] & paths[1]
+    finally:
+        kernels.close()

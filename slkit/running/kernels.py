@@ -49,13 +49,18 @@ class KernelsAhead:
     def __init__(self, kernel_name: str, connection: dict[str, str], cwd: str | Path):
         self.kernel_name, self.connection, self.cwd = kernel_name, dict(connection), str(cwd)
         self.ahead: dict[Path, tuple[AsyncKernelManager, BlockingKernelClient]] = {}
+        self.started: list[Path] = []
 
     def start(self, notebook: str | Path) -> None:
         notebook = Path(notebook).resolve()
         if notebook in self.ahead:
             return
+        connection = dict(self.connection)
+        if connection.get("transport") == "ipc":  # ipc "ports" are numbered 1-5 under the ip prefix: one prefix each
+            connection["ip"] = f"{connection['ip']}-ahead{len(self.started)}"
+        self.started.append(notebook)
         try:
-            km = AsyncKernelManager(kernel_name=self.kernel_name, **self.connection)
+            km = AsyncKernelManager(kernel_name=self.kernel_name, **connection)
             run_sync(km.start_kernel)(cwd=self.cwd)
         except Exception as err:  # papermill will start the kernel itself, and report what is wrong
             log.warning("could not start the kernel of %s ahead of it (%s: %s); it starts with its notebook",

@@ -55,8 +55,8 @@ case "$step" in
     [ -n "$wheel" ] || { echo "no vllm-*.whl.parts.sha256 in $W/pieces: keep the pieces first"; exit 3; }
     (setsid nohup bash -c "bash '$here/pieces.sh' join '$W/pieces' '$wheel' /tmp && rm -f '$W/pieces/$wheel'.part* \
       && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '$VSITE' \
-         '/tmp/$wheel' && rm -f '/tmp/$wheel' && python3 -c 'import vllm; print(\"vllm\", vllm.__version__, \"installed in $VSITE\")'" \
-      > /tmp/vinstall.log 2>&1 < /dev/null &)
+         '/tmp/$wheel' && rm -f '/tmp/$wheel' && python3 -c 'import vllm; print(\"vllm\", vllm.__version__, \"installed in $VSITE\")' \
+      && bash '$0' preflight && echo 'preflight ok'" > /tmp/vinstall.log 2>&1 < /dev/null &)
     echo "installing $wheel (/tmp/vinstall.log)"
     ;;
   keep)
@@ -78,6 +78,9 @@ case "$step" in
     rm -f "$W/$2"
     echo "model ready"
     ;;
+  preflight)
+    preflight
+    ;;
   model-bg)
     (setsid nohup bash "$0" model "$@" > "$W/model.log" 2>&1 < /dev/null &)
     echo "converting $2 for $1 in the background ($W/model.log)"
@@ -86,14 +89,14 @@ case "$step" in
     cd "$W" || exit 3
     if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then echo "already running: pid $(cat run.pid)"; exit 0; fi
     for _ in $(seq 150); do  # vLLM's install and a background conversion, when they are still running
-      installed=$(grep -c 'installed in' /tmp/vinstall.log 2>/dev/null); model=1
+      installed=$(grep -c 'preflight ok' /tmp/vinstall.log 2>/dev/null); model=1
       [ -f model.log ] && { grep -q 'model ready' model.log || model=0; }
       [ "$installed" = 1 ] && [ $model = 1 ] && break
-      pgrep -f 'offline.sh model|pieces.sh join|pip install' > /dev/null || break; sleep 2
+      pgrep -f 'offline.sh (model|preflight)|pieces.sh join|pip install|import vllm' > /dev/null || break; sleep 2
     done
-    tail -n 1 /tmp/vinstall.log; [ -f model.log ] && grep -v Warning model.log | tail -n 3
+    grep -v Warning /tmp/vinstall.log | tail -n 2; [ -f model.log ] && grep -v Warning model.log | tail -n 3
     [ -f model.log ] && ! grep -q 'model ready' model.log && { echo "the model's conversion failed (above)"; exit 3; }
-    preflight || exit 3
+    grep -q 'preflight ok' /tmp/vinstall.log 2>/dev/null || preflight || exit 3  # vllm-install ran it (~25 s)
     setsid nohup python3 -m slkit run "$@" --no-progress >> run.log 2>&1 < /dev/null &
     echo $! > run.pid; echo "started pid $!: slkit run $*"
     ;;
