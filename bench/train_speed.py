@@ -98,10 +98,11 @@ def profile_callback(path: Path):
             wall = time.perf_counter() - self.start
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            gpu = sum(e.self_device_time_total for e in events) / 1e6
-            kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+            on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, not operators
+            gpu = sum(e.self_device_time_total for e in on_gpu) / 1e6
+            kernels = sum(e.count for e in on_gpu)
             text = (f"steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1] - 1}: wall {wall:.2f} s, GPU busy {gpu:.2f} s "
-                    f"({gpu / wall:.0%}), {kernels} GPU ops\n\n"
+                    f"({gpu / wall:.0%}), {kernels} kernels\n\n"
                     + events.table(sort_by="self_device_time_total", row_limit=30) + "\n\n"
                     + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
             path.write_text(text)
