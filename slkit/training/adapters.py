@@ -121,8 +121,8 @@ def train_in_this_process(params: Params, examples_path: str | Path, output_dir:
             torch.cuda.set_per_process_memory_fraction(tp.gpu_memory_fraction, int(os.environ.get("LOCAL_RANK", 0)))
         if torch.cuda.is_available():
             # PyTorch picks cuDNN's attention first on Hopper; each call spends ~2.5 ms of CPU on its execution plan,
-            # which starves the GPU at a training set's lengths: FlashAttention's kernel trains the 1.5B 1.5x faster
-            # at batch 1 and leaves it busy (docs/benchmarks.md, "Training speed: where a step's time goes").
+            # more than the GPU computes at a training set's lengths: FlashAttention's kernel trains the 1.5B 1.5x
+            # faster at 1 x 8 (docs/benchmarks.md, "Where a training step's time goes").
             torch.backends.cuda.enable_cudnn_sdp(False)
         model = build_lora_model(params, init_adapter)
         checkpoints = output_dir.parent / f".{output_dir.name}-checkpoints"
