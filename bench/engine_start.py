@@ -19,7 +19,6 @@ raw samples stay under --workdir for a closer look.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -30,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_memory import SHAPES, build_checkpoint  # bench/ is not a package: its folder is on sys.path
+from rows import emit  # bench/ is not a package: its folder is on sys.path
+from train_memory import SHAPES, build_checkpoint
 
 RECIPE = REPO / "params" / "growth-qwen2.5-1.5b.yaml"
 
@@ -104,14 +104,14 @@ def stretches(samples, interval: float, top: int = 8) -> list[dict]:
 
 
 def summarise(folder: Path, interval: float) -> list[dict]:
-    """Per sampled process: its command line's tail and its longest stretches."""
+    """Per sampled process: the head of its command line and its longest stretches."""
     out = []
     for path in sorted(folder.glob("*.txt")):
         text = path.read_text(errors="replace")
         cmd = text.partition("\n")[0].removeprefix("cmdline ")
         samples = parse_samples(text)
         if samples:
-            out.append({"pid": int(path.stem), "cmd": cmd[-120:], "samples": len(samples),
+            out.append({"pid": int(path.stem), "cmd": cmd[:160], "samples": len(samples),
                         "stretches": stretches(samples, interval)})
     return out
 
@@ -180,11 +180,7 @@ def main() -> None:
     for name, spec in variants:
         row = start_once(name, spec, model_dir, args, workdir)
         rows.append(row)
-        print("ROW " + json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     print(table(rows))
 
 

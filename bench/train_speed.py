@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_memory import SHAPES, build_checkpoint  # bench/ is not a package: its folder is on sys.path
+from rows import emit  # bench/ is not a package: its folder is on sys.path
+from train_memory import SHAPES, build_checkpoint
 
 RECIPE = REPO / "params" / "growth-qwen2.5-1.5b.yaml"
 CONFIGS = ["1x8", "4x2", "8x1", "8x1+group", "8x1+ckpt+group", "1x8+two", "8x1+group+two"]
@@ -211,11 +212,7 @@ def main() -> None:
     for name in args.configs:
         row = {"shape": args.shape, **run_config(name, model_dir, data, args, workdir)}
         rows.append(row)
-        print("ROW " + json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     print(table(rows))
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny CPU model, so they cannot rot. (Their figures
 come from the GPU device: docs/benchmarks.md.)"""
 import json
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,29 @@ def test_train_speed_bench_tiny(tmp_path):
     bad = subprocess.run([sys.executable, "bench/train_speed.py", "--configs", "8by1"], cwd=REPO, capture_output=True,
                          text=True, check=False)
     assert bad.returncode != 0 and "'8by1' is not BxA" in bad.stderr
+
+
+def test_train_speed_profile_writes_where_the_steps_time_went(tmp_path):
+    _run(["bench/train_speed.py", "--shape", "tiny-llama", "--samples", "48", "--median", "40", "--max-tokens", "96",
+          "--configs", "1x2+prof"], tmp_path)
+    text = (tmp_path / "profile-1x2+prof.txt").read_text()
+    assert text.startswith("steps 3-4: wall ") and "aten::mm" in text  # two tables of the profiled steps' operators
+
+
+def test_engine_start_bench_samples_every_server_process(tmp_path):
+    """The server's start through slkit's own ManagedServer (here the fake vLLM of tests/fixtures), its processes'
+    stacks sampled and summarised."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fixtures" / "fake_vllm"), str(REPO)])}
+    out = subprocess.run([sys.executable, "bench/engine_start.py", "--shape", "tiny-llama", "--interval", "0.3",
+                          "--variants", "cold=a", "again=a,SLKIT_PROBE=1", "--workdir", str(tmp_path),
+                          "--out", str(tmp_path / "rows.jsonl")], capture_output=True, text=True, cwd=REPO,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["cache"], r["env"]) for r in rows] == [("cold", "a", {}), ("again", "a", {"SLKIT_PROBE": "1"})]
+    for row in rows:
+        assert row["start_s"] > 0
+        commands = " ".join(p["cmd"] for p in row["processes"])
+        assert "server_guard.py" in commands and "vllm.entrypoints.cli.main serve" in commands  # guard and server
+        assert all(s["seconds"] > 0 and s["frame"] for p in row["processes"] for s in p["stretches"])
+    assert "| cold | a |" in out.stdout and "seconds to /health" in out.stdout

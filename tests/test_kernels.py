@@ -2,7 +2,6 @@
 current stage runs, the notebook then runs in it, and no kernel outlives its notebook or the run."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from slkit.engines.server import _alive as alive
 from slkit.running.kernels import KernelsAhead, import_statements
 from slkit.running.pipeline import ensure_kernel, kernel_connection, run_notebook
 
@@ -21,15 +21,6 @@ def notebook(path: Path, *cells: str) -> Path:
     nb.metadata["kernelspec"] = {"name": "slkit", "language": "python", "display_name": "Python (slkit)"}
     nbformat.write(nb, path)
     return path
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_import_statements_are_the_notebooks_imports_only(tmp_path):
