@@ -110,3 +110,16 @@ def slkit_message(stderr: str) -> str:
     starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     assert starts, f"no `error: ` line in stderr:\n{stderr[-3000:]}"
     return "".join(lines[starts[0]:])
+
+
+def hand_logs_to_caplog(caplog, monkeypatch, *names: str) -> None:
+    """caplog sees these loggers' records even when a test that ran before in the same session (a command line,
+    a notebook kernel's logging set-up) left slkit's loggers disabled, not propagating or at a higher level: each
+    named logger gets caplog's handler alone, at DEBUG (caplog.at_level still filters), until the test ends."""
+    import logging
+
+    for name in names:
+        logger = logging.getLogger(name)
+        for attribute, value in (("handlers", [caplog.handler]), ("disabled", False), ("propagate", False),
+                                 ("level", logging.DEBUG)):
+            monkeypatch.setattr(logger, attribute, value)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import hand_logs_to_caplog
 from test_model_fetch import write_tiny_qwen2_gguf
 
 from slkit.models import gguf_parallel, loading
@@ -18,22 +19,7 @@ from slkit.models import gguf_parallel, loading
 
 @pytest.fixture(autouse=True)
 def module_log_captured(caplog, monkeypatch):
-    """caplog sees the conversion's records even when a test that ran before in the same session (a command line,
-    a notebook kernel's logging set-up) left the `slkit` loggers disabled or not propagating."""
-    for name in ("slkit", gguf_parallel.__name__, loading.__name__):
-        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
-    for module in (gguf_parallel, loading):
-        logger = logging.getLogger(module.__name__)
-        logger.addHandler(caplog.handler)
-        monkeypatch.setattr(logger, "propagate", False)  # each record once, through the handler above
-        level = logger.level
-        logger.setLevel(logging.DEBUG)  # whatever level a parent was left at; caplog.at_level filters
-        monkeypatch.setattr(logger, "_restore_level", level, raising=False)
-    yield
-    for module in (gguf_parallel, loading):
-        logger = logging.getLogger(module.__name__)
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(logger._restore_level)
+    hand_logs_to_caplog(caplog, monkeypatch, gguf_parallel.__name__, loading.__name__)
 
 
 @pytest.fixture(scope="module")

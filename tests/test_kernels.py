@@ -2,13 +2,13 @@
 current stage runs, the notebook then runs in it, and no kernel outlives its notebook or the run."""
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import hand_logs_to_caplog
 
 from slkit.engines.server import _alive as alive
 from slkit.running.kernels import KernelsAhead, import_statements
@@ -118,12 +118,7 @@ def test_a_kernel_never_taken_is_stopped_with_the_run(tmp_path, probe):
 def test_a_kernel_that_cannot_start_ahead_leaves_the_notebook_to_papermill(tmp_path, probe, caplog, monkeypatch):
     nb = notebook(tmp_path / "stage.ipynb", "import probe_mod")
     kernels = KernelsAhead("no-such-kernel-spec", kernel_connection(probe), tmp_path)
-    # An earlier test's run log or kernel may have left slkit's loggers disabled or not propagating: hand this
-    # module's records to caplog directly.
-    logger = logging.getLogger("slkit.running.kernels")
-    for attribute, value in (("handlers", [caplog.handler]), ("disabled", False), ("propagate", False),
-                             ("level", logging.DEBUG)):
-        monkeypatch.setattr(logger, attribute, value)
+    hand_logs_to_caplog(caplog, monkeypatch, "slkit.running.kernels")
     kernels.start(nb)
     assert kernels.take(nb) is None
     assert "could not start the kernel of stage.ipynb ahead of it" in caplog.text

@@ -304,6 +304,8 @@ def test_a_trainer_started_at_once_dies_with_the_process_that_started_it(tmp_pat
     import sys
     import time
 
+    from slkit.engines.server import _alive
+
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
         "from slkit.training.distributed import _die_with_parent\n"
@@ -314,13 +316,8 @@ def test_a_trainer_started_at_once_dies_with_the_process_that_started_it(tmp_pat
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     for _ in range(50):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+        if not _alive(child):  # gone, or killed and waiting to be reaped by init
             break
-        with open(f"/proc/{child}/stat") as stat:
-            if stat.read().split()[2] == "Z":  # killed, waiting to be reaped by init
-                break
         time.sleep(0.1)
     else:
         os.kill(child, signal.SIGKILL)

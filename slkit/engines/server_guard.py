@@ -22,6 +22,14 @@ import sys
 import time
 
 GRACE_S = 20.0  # vLLM's own shutdown (engine cores, workers) takes a few seconds
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(sig: int) -> None:
+    """Have Linux send this process `sig` when the process that started it dies in any way (kill -9 included);
+    elsewhere nothing. Also the trainers' (slkit.training.distributed), run in the child before its command."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def stop_group(child: subprocess.Popen) -> None:
@@ -42,8 +50,7 @@ def stop_group(child: subprocess.Popen) -> None:
 def main(argv: list[str]) -> None:
     parent, separator, command = int(argv[0]), argv[1], argv[2:]
     assert separator == "--" and command, "usage: server_guard.py PARENT_PID -- COMMAND ..."
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the line above: nothing would tell this guard
         sys.exit("slkit server guard: the process that started the server is gone")
     child = subprocess.Popen(command)  # in this guard's process group

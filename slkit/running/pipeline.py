@@ -333,14 +333,14 @@ def run_stages(run: Run, plan: list[tuple[int, str]], show_progress: bool = True
         if todo:  # its imports run while the server starts
             kernels.start(notebooks_dir() / BY_NAME[todo[0][1]].notebook)
         with managed_server(run.params, run.dir, needed=bool(todo), log=run.log) as server:
-            _run_plan(plan, run.dir, run.socket_dir, kernel, server, show_progress, run.log, kernels)
+            _run_plan(plan, todo, run.dir, run.socket_dir, kernel, server, show_progress, run.log, kernels)
 
 
-def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kernel: str, server: Any,
-              show_progress: bool, log: logging.Logger, kernels: KernelsAhead) -> None:
+def _run_plan(plan: list[tuple[int, str]], todo: list[tuple[int, str]], run_dir: Path, socket_dir: str, kernel: str,
+              server: Any, show_progress: bool, log: logging.Logger, kernels: KernelsAhead) -> None:
+    """Run `todo`, the steps of `plan` not done before (those are logged as skipped), in plan order."""
     stages_bar = tqdm(plan, desc="stages", disable=not show_progress, position=0)
     items_bar = tqdm(total=0, desc="  items", disable=not show_progress, position=1, leave=False)
-    todo = [(k, stage) for k, stage in plan if not stage_done(run_dir, k, stage)]
     for k, stage in stages_bar:
         out = stage_dir(run_dir, k, stage)
         stages_bar.set_postfix_str(f"iter {k} {stage}")
@@ -351,16 +351,16 @@ def _run_plan(plan: list[tuple[int, str]], run_dir: Path, socket_dir: str, kerne
             server.check()  # a server that died after the last stage stops the run here, with its log
         out.mkdir(parents=True, exist_ok=True)
         stop_orphaned_stage(lock_path(run_dir, k, stage))
-        executed = out / BY_NAME[stage].notebook
+        source = notebooks_dir() / BY_NAME[stage].notebook
+        executed = out / source.name
         log.info("%s: executing %s", stage_label(k, stage), executed.name)
-        km = kernels.take(notebooks_dir() / BY_NAME[stage].notebook)
+        km = kernels.take(source)
         later = todo[todo.index((k, stage)) + 1:]
         if later:  # the next stage's kernel imports while this one runs
             kernels.start(notebooks_dir() / BY_NAME[later[0][1]].notebook)
         with ProgressPoller(out, items_bar):
             try:
-                run_notebook(notebooks_dir() / BY_NAME[stage].notebook, executed, {"run_dir": str(run_dir), "iteration": k},
-                             kernel, socket_dir, km)
+                run_notebook(source, executed, {"run_dir": str(run_dir), "iteration": k}, kernel, socket_dir, km)
             except pm.PapermillExecutionError as err:
                 raise RuntimeError(f"stage {stage} of iteration {k} failed: {err.ename}: {err.evalue}\n"
                                    f"see the executed notebook {executed}; rerun the same command to resume") from None

@@ -3,7 +3,6 @@ per process (ddp; fsdp and zero3 configs shipped untested; rank 0 writes the ada
 can train at the same time, one process each (training.adapters_at_once)."""
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 from slkit.core.params import Params, dump_params
 from slkit.core.records import read_document
 from slkit.core.schema import AdapterTrainingSummary
+from slkit.engines.server_guard import die_with_parent
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 
@@ -35,11 +35,7 @@ def _command(params_file: Path, examples_path: str | Path, output_dir: Path, ini
 def _die_with_parent() -> None:
     """In the child before it runs: on Linux, the kernel kills it (SIGKILL) when the process that started it dies
     in any way (a killed kernel or `slkit run` included), so no trainer outlives its stage; elsewhere nothing."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2)
+    die_with_parent(signal.SIGKILL)
 
 
 def train_at_once(params: Params, jobs: dict[str, tuple[str | Path, str | Path, str | None]]) -> dict[str, Any]:
